@@ -1,0 +1,174 @@
+"""Self-contained ONNX benchmark runner.
+
+This file is imported locally *and* copied verbatim to remote devices, so it may only depend on the
+Python standard library, numpy and onnxruntime. Run it as a script on the device:
+
+    python3 runner.py --inputs inputs.npz --threads 4 --runs 50 model_a.onnx model_b.onnx
+
+It prints one JSON object on stdout: ``{"device": {...}, "results": [...]}``.
+
+Several models are timed *interleaved* (A B A B …) so slow drift of the device (thermal throttling, a
+background job) hits all of them alike; ratios to the first model stay fair.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import numpy as np
+
+NOISY_CV = 0.15  # a coefficient of variation above this marks a run as noisy
+
+
+def latency_stats(samples_ms: list[float] | np.ndarray) -> dict:
+    """p50/p90/p99/mean/std (ms), coefficient of variation and throughput of one input per run."""
+    a = np.asarray(samples_ms, dtype=np.float64)
+    if a.size == 0:
+        raise ValueError("no latency samples")
+    mean = float(a.mean())
+    std = float(a.std(ddof=1)) if a.size > 1 else 0.0
+    return {
+        "p50": float(np.percentile(a, 50)),
+        "p90": float(np.percentile(a, 90)),
+        "p99": float(np.percentile(a, 99)),
+        "mean": mean,
+        "std": std,
+        "cv": std / mean if mean > 0 else 0.0,
+        "runs": int(a.size),
+        "throughput_per_s": 1000.0 / mean if mean > 0 else 0.0,
+    }
+
+
+def device_facts() -> dict:
+    """What the machine is: enough to tell two benchmark results apart."""
+    import onnxruntime as ort
+
+    facts = {
+        "hostname": platform.node(),
+        "machine": platform.machine(),
+        "uname": " ".join(platform.uname()),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnxruntime": ort.__version__,
+        "cpu_count": os.cpu_count(),
+        "cpu_model": None,
+        "governor": None,
+    }
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                key = line.split(":")[0].strip().lower()
+                if key in ("model name", "cpu model", "hardware") and ":" in line:
+                    facts["cpu_model"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor") as fh:
+            facts["governor"] = fh.read().strip()
+    except OSError:
+        pass
+    return facts
+
+
+def make_session(path: str, threads: int):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, int(threads))
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def accuracy(session, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+    """Top-1 accuracy of an ONNX session on (x, y). Handles models exported with a fixed batch of 1."""
+    name = session.get_inputs()[0].name
+    fixed = session.get_inputs()[0].shape[0]
+    step = fixed if isinstance(fixed, int) and fixed > 0 else batch_size
+    correct = 0
+    for i in range(0, len(x), step):
+        xb = x[i : i + step].astype(np.float32, copy=False)
+        logits = session.run(None, {name: xb})[0]
+        correct += int((logits.argmax(axis=1) == y[i : i + step]).sum())
+    return correct / max(1, len(x))
+
+
+def bench(
+    paths: list[str],
+    sample: np.ndarray,
+    threads: int = 1,
+    warmup: int = 10,
+    runs: int = 50,
+    x: np.ndarray | None = None,
+    y: np.ndarray | None = None,
+) -> list[dict]:
+    """Time each model on ``sample`` (one batch), interleaved; optionally measure accuracy on (x, y)."""
+    sessions = [make_session(p, threads) for p in paths]
+    feeds = [{s.get_inputs()[0].name: sample.astype(np.float32, copy=False)} for s in sessions]
+    for s, f in zip(sessions, feeds):
+        for _ in range(warmup):
+            s.run(None, f)
+    samples: list[list[float]] = [[] for _ in paths]
+    for _ in range(runs):
+        for i, (s, f) in enumerate(zip(sessions, feeds)):
+            t0 = time.perf_counter()
+            s.run(None, f)
+            samples[i].append((time.perf_counter() - t0) * 1000.0)
+    results = []
+    first_p50 = None
+    for path, s, ms in zip(paths, sessions, samples):
+        stats = latency_stats(ms)
+        first_p50 = stats["p50"] if first_p50 is None else first_p50
+        results.append(
+            {
+                "artifact": os.path.basename(path),
+                "bytes": os.path.getsize(path),
+                "latency_ms": {k: stats[k] for k in ("p50", "p90", "p99", "mean")},
+                "cv": stats["cv"],
+                "noisy": stats["cv"] > NOISY_CV,
+                "throughput_per_s": stats["throughput_per_s"],
+                "ratio_to_first": stats["p50"] / first_p50 if first_p50 else None,
+                "accuracy": accuracy(s, x, y) if x is not None and y is not None else None,
+            }
+        )
+    return results
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Benchmark ONNX models with onnxruntime (CPU).")
+    p.add_argument("models", nargs="+")
+    p.add_argument("--inputs", required=True, help=".npz with 'sample' (one batch) and optional 'x', 'y'")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--runs", type=int, default=50)
+    args = p.parse_args(argv)
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        print(json.dumps({"error": "onnxruntime is not installed", "fix": "python3 -m pip install onnxruntime"}))
+        return 4
+    data = np.load(args.inputs)
+    x = data["x"] if "x" in data.files else None
+    y = data["y"] if "y" in data.files else None
+    results = bench(args.models, data["sample"], args.threads, args.warmup, args.runs, x, y)
+    out = {"device": device_facts(), "threads": args.threads, "results": results, "peak_rss_mb": peak_rss_mb()}
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""`edgeprune bench` (stub: filled in by its owner)."""

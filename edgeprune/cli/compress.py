@@ -1,0 +1,1 @@
+"""`edgeprune compress` (stub)."""

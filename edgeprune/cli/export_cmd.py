@@ -1,0 +1,1 @@
+"""`edgeprune export` (stub: filled in by its owner)."""

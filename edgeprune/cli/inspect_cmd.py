@@ -1,0 +1,1 @@
+"""`edgeprune inspect` (stub: filled in by its owner)."""

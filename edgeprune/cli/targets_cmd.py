@@ -1,0 +1,1 @@
+"""`edgeprune targets` (stub: filled in by its owner)."""

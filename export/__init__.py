@@ -1,0 +1,1 @@
+"""edgeprune.export: ONNX export with zeroed or compacted weights, simplified, verified against PyTorch."""
