@@ -9,7 +9,6 @@ from __future__ import annotations
 import sys
 
 from ..errors import EdgepruneError
-from ._app import app
 
 # Importing the modules registers their commands on `app`.
 from . import bench as _bench  # noqa: E402,F401
@@ -17,6 +16,7 @@ from . import compress as _compress  # noqa: E402,F401
 from . import export_cmd as _export  # noqa: E402,F401
 from . import inspect_cmd as _inspect  # noqa: E402,F401
 from . import targets_cmd as _targets  # noqa: E402,F401
+from ._app import app
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,1 +1,106 @@
-"""`edgeprune compress` (stub)."""
+"""`edgeprune compress`: prune, recover, select, export and benchmark in one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..pipeline import METHODS, CompressConfig, compress
+from ..report import Report
+from ..sensitivity import SIGNALS
+from ._app import app
+from .progress import RichProgress
+
+
+@app.command("compress")
+def compress_cmd(
+    model: str = typer.Option(
+        "demo", help="'demo', a timm name (resnet18, timm:vit_tiny_patch16_224) or pkg.mod:factory"
+    ),
+    checkpoint: Path | None = typer.Option(None, help="state_dict to load (torch.load with weights_only=True)"),
+    pretrained: bool = typer.Option(False, help="download timm's pretrained weights (needs internet)"),
+    num_classes: int | None = typer.Option(None, help="classifier outputs (default: from the data)"),
+    in_chans: int | None = typer.Option(None, help="input channels (default: from the data)"),
+    image_size: int | None = typer.Option(None, help="input size in pixels (default: from the data / model)"),
+    data: str = typer.Option("demo", help="'demo', 'fashion-mnist' or 'imagefolder:PATH'"),
+    calib_size: int = typer.Option(1000, help="calibration images (gradients, BN re-calibration, fine-tuning)"),
+    eval_size: int = typer.Option(2000, help="evaluation images (disjoint from calibration)"),
+    target: str = typer.Option("arm64", help="deployment target profile (see `edgeprune targets`)"),
+    sparsity: float = typer.Option(0.8, help="global sparsity to reach, in [0, 1)"),
+    max_drop: float | None = typer.Option(None, help="instead: sparsest candidate within this many accuracy points"),
+    method: str = typer.Option("mix-and-match", help=f"one of: {', '.join(METHODS)}"),
+    signals: str = typer.Option(",".join(SIGNALS), help="sensitivity signals for mix-and-match"),
+    rules: Path | None = typer.Option(None, help="extra architecture rules (JSON, same format as edgeprune/rules)"),
+    granularity: str = typer.Option("unstructured", help="unstructured (zeroed weights)"),
+    bn_recal: bool = typer.Option(True, help="re-calibrate BatchNorm statistics after masking"),
+    finetune_epochs: int = typer.Option(3, help="fine-tuning epochs for the best candidates (0 = none)"),
+    finetune_top: int = typer.Option(2, help="how many screened candidates to fine-tune"),
+    finetune_lr: float = typer.Option(1e-4, help="Adam learning rate for fine-tuning"),
+    out: Path = typer.Option(Path("edgeprune-out"), help="output directory"),
+    threads: int | None = typer.Option(None, help="benchmark threads (default: the target's, capped by local cores)"),
+    bench_runs: int = typer.Option(50, help="timed benchmark runs per artifact"),
+    seed: int = typer.Option(0, help="random seed (data splits, fine-tuning)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """Prune a model with Mix-and-Match (or a baseline), recover, export a verified ONNX and benchmark it."""
+    cfg = CompressConfig(
+        model=model,
+        checkpoint=str(checkpoint) if checkpoint else None,
+        pretrained=pretrained,
+        num_classes=num_classes,
+        in_chans=in_chans,
+        image_size=image_size,
+        data=data,
+        calib_size=calib_size,
+        eval_size=eval_size,
+        target=target,
+        granularity=granularity,
+        method=method,
+        sparsity=sparsity,
+        max_drop=max_drop,
+        signals=tuple(s.strip() for s in signals.split(",") if s.strip()),
+        rules=str(rules) if rules else None,
+        bn_recal=bn_recal,
+        finetune_epochs=finetune_epochs,
+        finetune_top=finetune_top,
+        finetune_lr=finetune_lr,
+        out=str(out),
+        threads=threads,
+        bench_runs=bench_runs,
+        seed=seed,
+    )
+    console = Console(stderr=True)
+    report = compress(cfg, RichProgress(console, quiet=quiet))
+    print_summary(report, Console())
+
+
+def _pct(v: float | None) -> str:
+    return "—" if v is None else f"{v * 100:.2f}"
+
+
+def print_summary(report: Report, console: Console) -> None:
+    d, s = report.dense, report.selected
+    table = Table(title=f"edgeprune: {report.model} → {report.target} ({report.method}, {report.granularity})")
+    for col in ("", "accuracy %", "sparsity %", "ONNX acc %", "ONNX KB", "p50 ms", "p90 ms"):
+        table.add_column(col, justify="right" if col else "left")
+    for label, acc, sp, oacc, size, lat in (
+        ("dense", d.accuracy, 0.0, d.onnx_accuracy, d.onnx_bytes, d.latency_ms),
+        (f"selected: {s.name}", s.accuracy, s.sparsity, s.onnx_accuracy, s.onnx_bytes, s.latency_ms),
+    ):
+        table.add_row(
+            label,
+            _pct(acc),
+            _pct(sp),
+            _pct(oacc),
+            f"{size / 1024:.0f}" if size else "—",
+            f"{lat['p50']:.3f}" if lat else "—",
+            f"{lat['p90']:.3f}" if lat else "—",
+        )
+    console.print(table)
+    console.print(f"selected {s.name}: {s.why}; accuracy drop {s.accuracy_drop:.2f} points")
+    if s.parity_max_abs_diff is not None:
+        console.print(f"ONNX verified: max |ONNX − PyTorch| = {s.parity_max_abs_diff:.2e}, zeros kept: {s.onnx_zeros}")
+    console.print(f"total {report.timings.get('total', 0):.1f} s; artifacts in {Path(report.config['out']).resolve()}")

@@ -1,0 +1,127 @@
+"""Single-criterion baselines. Each turns per-weight scores (or layer shapes) into a *plan*:
+``{layer name: sparsity}`` plus the scores used to pick which weights to mask.
+
+Global-threshold methods (MAG, SNIP, GraSP, LAMP) rank all prunable weights together and prune the lowest
+``sparsity`` fraction; the per-layer sparsity they leave behind is what Phase 1 of Mix-and-Match records.
+Layer-wise allocators (ERK, uniform, random) fix each layer's sparsity from its shape alone.
+
+All functions are pure: tensors and dicts in, dicts out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .inventory import Layer
+from .sensitivity import Sensitivity
+
+Plan = dict[str, float]
+Scores = dict[str, torch.Tensor]
+
+
+def global_threshold_plan(scores: Scores, sparsity: float) -> Plan:
+    """Prune exactly round(sparsity * N) lowest-scoring weights across all layers; return per-layer sparsity."""
+    names = list(scores)
+    flat = torch.cat([scores[n].detach().flatten().float() for n in names])
+    k = int(round(sparsity * flat.numel()))
+    owner = torch.cat([torch.full((scores[n].numel(),), i, dtype=torch.long) for i, n in enumerate(names)])
+    if k == 0:
+        return dict.fromkeys(names, 0.0)
+    lowest = torch.topk(flat, k, largest=False, sorted=False).indices
+    counts = torch.bincount(owner[lowest], minlength=len(names))
+    return {n: counts[i].item() / scores[n].numel() for i, n in enumerate(names)}
+
+
+def lamp_scores(weights: dict[str, torch.Tensor]) -> Scores:
+    """LAMP (Lee et al. 2021): w_i^2 / sum of w_j^2 over the weights of the layer at least as large as w_i."""
+    out = {}
+    for name, w in weights.items():
+        sq = w.detach().flatten().float() ** 2
+        sorted_sq, order = torch.sort(sq)  # ascending
+        tail = torch.flip(torch.cumsum(torch.flip(sorted_sq, [0]), 0), [0])  # sum of >= current
+        score = torch.empty_like(sq)
+        score[order] = sorted_sq / tail.clamp_min(1e-12)
+        out[name] = score.view_as(w)
+    return out
+
+
+def erk_plan(layers: list[Layer], sparsity: float) -> Plan:
+    """Erdős–Rényi-Kernel allocation: density_l ∝ sum(shape)/prod(shape), scaled to the global target."""
+    numel = {layer.name: layer.numel for layer in layers}
+    raw = {layer.name: sum(layer.shape) / layer.numel for layer in layers}
+    budget = (1.0 - sparsity) * sum(numel.values())
+    dense: set[str] = set()
+    while True:
+        free = [n for n in numel if n not in dense]
+        remaining = budget - sum(numel[n] for n in dense)
+        scale = remaining / max(1e-12, sum(raw[n] * numel[n] for n in free))
+        over = [n for n in free if raw[n] * scale > 1.0]
+        if not over:
+            break
+        dense.update(over)
+    return {n: 0.0 if n in dense else max(0.0, 1.0 - raw[n] * scale) for n in numel}
+
+
+def uniform_plan(layers: list[Layer], sparsity: float) -> Plan:
+    return {layer.name: sparsity for layer in layers}
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A baseline method: which per-weight scores it ranks by, and how it allocates sparsity per layer."""
+
+    name: str
+    scores: Callable[[list[Layer], Sensitivity | None, int], Scores]
+    allocate: str  # "global" (one threshold over `scores`) or "erk" / "uniform" (from shapes)
+    needs: str = "weights"  # "weights" | "gradient" | "hessian"
+
+    def plan(self, layers: list[Layer], sens: Sensitivity | None, sparsity: float, seed: int = 0) -> Plan:
+        if self.allocate == "global":
+            return global_threshold_plan(self.scores(layers, sens, seed), sparsity)
+        if self.allocate == "erk":
+            return erk_plan(layers, sparsity)
+        return uniform_plan(layers, sparsity)
+
+
+def _magnitude(layers: list[Layer], sens: Sensitivity | None, seed: int) -> Scores:
+    return {layer.name: layer.weight.detach().abs() for layer in layers}
+
+
+def _snip(layers: list[Layer], sens: Sensitivity | None, seed: int) -> Scores:
+    assert sens is not None
+    return {layer.name: (layer.weight.detach() * sens.abs_grad[layer.name]).abs() for layer in layers}
+
+
+def _grasp(layers: list[Layer], sens: Sensitivity | None, seed: int) -> Scores:
+    # GraSP removes the weights with the largest -w·Hg, i.e. keeps the largest w·Hg.
+    assert sens is not None and sens.hess_grad is not None
+    return {layer.name: layer.weight.detach() * sens.hess_grad[layer.name] for layer in layers}
+
+
+def _lamp(layers: list[Layer], sens: Sensitivity | None, seed: int) -> Scores:
+    return lamp_scores({layer.name: layer.weight for layer in layers})
+
+
+def _random(layers: list[Layer], sens: Sensitivity | None, seed: int) -> Scores:
+    gen = torch.Generator().manual_seed(seed)
+    return {layer.name: torch.rand(layer.shape, generator=gen) for layer in layers}
+
+
+BASELINES: dict[str, Baseline] = {
+    b.name: b
+    for b in (
+        Baseline("mag", _magnitude, "global"),
+        Baseline("snip", _snip, "global", needs="gradient"),
+        Baseline("grasp", _grasp, "global", needs="hessian"),
+        Baseline("lamp", _lamp, "global"),
+        Baseline("erk", _magnitude, "erk"),
+        Baseline("uniform", _magnitude, "uniform"),
+        Baseline("random", _random, "uniform"),
+    )
+}
+
+# Phase 1 of Mix-and-Match: the single-criterion runs whose per-layer sparsities give the ranges.
+RANGE_BASELINES: tuple[str, ...] = ("mag", "snip", "grasp")

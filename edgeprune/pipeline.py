@@ -1,0 +1,459 @@
+"""`compress`: the whole job, stage by stage, in the order the data flows.
+
+load → inventory → dense eval → sensitivity → ranges (Phase 1) → strategies (Phase 2) → screening
+(mask + BN re-calibration) → fine-tune the best few (Phase 3) → select → export + verify → benchmark → report.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .baselines import BASELINES, RANGE_BASELINES, Plan, Scores
+from .errors import DataError, EdgepruneError
+from .evaluation import accuracy, params_and_macs, weight_sparsity
+from .inventory import Layer, build_inventory
+from .masking import apply_masks_, build_masks
+from .ranges import LayerRange, apply_rules, baseline_ranges, load_rules, range_targets
+from .recovery import finetune, has_batchnorm, recalibrate_bn
+from .report import Candidate, DenseSummary, LayerReport, Report, SelectedSummary, versions
+from .selection import Point, pareto_mask, select_index
+from .sensitivity import SIGNALS, Sensitivity, compute_sensitivity, signal_scores
+from .strategies import STRATEGY_NAMES, LayerStats, make_all_plans
+from .targets import get_target
+
+METHODS: tuple[str, ...] = ("mix-and-match", *BASELINES)
+GRANULARITIES: tuple[str, ...] = ("unstructured",)
+
+
+@dataclass
+class CompressConfig:
+    model: str = "demo"
+    checkpoint: str | None = None
+    pretrained: bool = False
+    num_classes: int | None = None
+    in_chans: int | None = None
+    image_size: int | None = None
+    data: str = "demo"
+    calib_size: int = 1000
+    eval_size: int = 2000
+    target: str = "arm64"
+    granularity: str = "unstructured"
+    method: str = "mix-and-match"
+    sparsity: float = 0.8
+    max_drop: float | None = None
+    signals: tuple[str, ...] = SIGNALS
+    rules: str | None = None
+    bn_recal: bool = True
+    finetune_epochs: int = 3
+    finetune_top: int = 2
+    finetune_lr: float = 1e-4
+    gradient_samples: int = 512  # calibration images used for the gradient / GraSP signals
+    batch_size: int = 128
+    out: str = "edgeprune-out"
+    threads: int | None = None  # benchmark threads; default: the target's, capped by this machine's cores
+    bench_runs: int = 50
+    export: bool = True
+    seed: int = 0
+
+    def validate(self) -> None:
+        if not 0.0 <= self.sparsity < 1.0:
+            raise EdgepruneError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+        if self.max_drop is not None and self.max_drop < 0:
+            raise EdgepruneError(f"--max-drop must be >= 0 points, got {self.max_drop}")
+        if self.method not in METHODS:
+            raise EdgepruneError(f"unknown --method '{self.method}'; choose from {', '.join(METHODS)}")
+        if self.granularity not in GRANULARITIES:
+            raise EdgepruneError(f"unknown --granularity '{self.granularity}'; choose from {', '.join(GRANULARITIES)}")
+        bad = [s for s in self.signals if s not in SIGNALS]
+        if bad or not self.signals:
+            raise EdgepruneError(f"unknown signal(s) {bad}; choose from {', '.join(SIGNALS)}")
+        for name in ("calib_size", "eval_size", "batch_size", "bench_runs", "gradient_samples"):
+            if getattr(self, name) < 1:
+                raise EdgepruneError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.finetune_epochs < 0 or self.finetune_top < 0:
+            raise EdgepruneError("--finetune-epochs and --finetune-top must be >= 0")
+
+
+class Progress:
+    """Progress hooks; the CLI supplies a rich implementation, the default is silent."""
+
+    def start(self, stage: str, total: int | None = None) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def finish(self) -> None: ...
+    def log(self, message: str) -> None: ...
+
+
+@dataclass
+class Timings:
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
+@dataclass
+class CandidatePlan:
+    """A candidate before it is evaluated: which scores rank the weights and how sparse each layer gets."""
+
+    candidate: Candidate
+    scores: Scores
+    plan: Plan
+
+
+def prepare_output_dir(out: Path) -> Path:
+    """Create ``out`` and a private staging dir inside it; fail early if it cannot be written."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=".edgeprune-staging-", dir=out))
+    except OSError as exc:
+        raise EdgepruneError(f"cannot write to output directory {out}: {exc.strerror or exc}") from None
+
+
+def publish(staging: Path, out: Path) -> dict[str, str]:
+    """Move every finished artifact from the staging dir into ``out`` (each move is an atomic rename)."""
+    published = {}
+    for f in sorted(staging.iterdir()):
+        os.replace(f, out / f.name)
+        published[f.stem if f.suffix != ".onnx" else f.name] = str(out / f.name)
+    return published
+
+
+def _match_data_to_model(model: nn.Module, data):
+    """Adapt channels if the model wants another count; fail with a clear message if classes disagree."""
+    conv = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
+    want = getattr(conv, "in_channels", None)
+    if want and want != data.in_chans:
+        data = data.with_channels(want)
+    try:
+        with torch.no_grad():
+            logits = model.eval()(data.eval_x[:2])
+    except Exception as exc:  # noqa: BLE001 - any shape error becomes one line
+        raise DataError(
+            f"the model cannot run on the data ({tuple(data.eval_x.shape[1:])} inputs): {str(exc).splitlines()[0]}"
+        ) from None
+    if logits.ndim != 2 or logits.shape[1] < data.num_classes:
+        raise DataError(
+            f"the data has {data.num_classes} classes but the model outputs {tuple(logits.shape[1:])}; "
+            "pass --num-classes or a checkpoint for this data"
+        )
+    return data
+
+
+def _plans(
+    cfg: CompressConfig, prunable: list[Layer], sens: Sensitivity, ranges: dict[str, LayerRange]
+) -> list[CandidatePlan]:
+    if cfg.method != "mix-and-match":
+        b = BASELINES[cfg.method]
+        plan = b.plan(prunable, sens, cfg.sparsity, cfg.seed)
+        cand = Candidate(name=b.name, signal=b.name, strategy="baseline", method=b.name, sparsity=0.0, accuracy=0.0)
+        return [CandidatePlan(cand, b.scores(prunable, sens, cfg.seed), plan)]
+    stats = {
+        layer.name: LayerStats(ranges[layer.name].lo, ranges[layer.name].hi, layer.numel, layer.depth)
+        for layer in prunable
+    }
+    plans = make_all_plans(stats)
+    out = []
+    for signal in cfg.signals:
+        scores = {layer.name: signal_scores(signal, layer.weight, sens.abs_grad[layer.name]) for layer in prunable}
+        for strategy in STRATEGY_NAMES:
+            cand = Candidate(
+                name=f"{signal}/{strategy}",
+                signal=signal,
+                strategy=strategy,
+                method="mix-and-match",
+                sparsity=0.0,
+                accuracy=0.0,
+            )
+            out.append(CandidatePlan(cand, scores, plans[strategy]))
+    return out
+
+
+def compress(cfg: CompressConfig, progress: Progress | None = None) -> Report:
+    """Run the whole job and write ``model.onnx``, ``dense.onnx``, ``report.json|md``, ``pareto.png``."""
+    from .data import load_data
+    from .models import load_model, model_family
+
+    progress = progress or Progress()
+    cfg.validate()
+    target = get_target(cfg.target)
+    out = Path(cfg.out)
+    staging = prepare_output_dir(out)
+    try:
+        report = _compress(cfg, target, staging, progress, load_data, load_model, model_family)
+        (staging / "report.json").write_text(report.to_json())
+        report.artifacts = publish(staging, out)
+        (out / "report.json").write_text(report.to_json())  # now with the final artifact paths
+        return report
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _compress(cfg, target, staging: Path, progress: Progress, load_data, load_model, model_family) -> Report:
+    from .report import plot_pareto, render_markdown
+
+    torch.manual_seed(cfg.seed)
+    t = Timings()
+    threads = cfg.threads or max(1, min(target.threads, os.cpu_count() or 1))
+
+    with t("load"):
+        progress.start("load model and data")
+        data = load_data(
+            cfg.data, calib_size=cfg.calib_size, eval_size=cfg.eval_size, image_size=cfg.image_size, seed=cfg.seed
+        )
+        model = load_model(
+            cfg.model,
+            checkpoint=cfg.checkpoint,
+            pretrained=cfg.pretrained,
+            num_classes=cfg.num_classes or data.num_classes,
+            in_chans=cfg.in_chans or data.in_chans,
+            img_size=data.image_size,
+        )
+        data = _match_data_to_model(model, data)
+        progress.finish()
+    layers = build_inventory(model)
+    prunable = [layer for layer in layers if layer.prunable]
+    if not prunable:
+        raise EdgepruneError(f"model '{cfg.model}' has no Conv or Linear weights to prune")
+    rules = load_rules(model_family(model), cfg.rules)
+    calib_x, calib_y, eval_x, eval_y = data.calib_x, data.calib_y, data.eval_x, data.eval_y
+
+    with t("dense_eval"):
+        progress.start("evaluate dense model")
+        dense_acc = accuracy(model, eval_x, eval_y, cfg.batch_size)
+        params, macs = params_and_macs(model, eval_x[:1])
+        progress.finish()
+    progress.log(f"dense accuracy {dense_acc:.2%}, {params:,} params, {macs / 1e6:.1f} MMACs")
+
+    with t("sensitivity"):
+        progress.start("sensitivity signals (gradients, GraSP)")
+        needs_hessian = cfg.method in ("mix-and-match", "grasp")
+        n = min(cfg.gradient_samples, len(calib_x))
+        sens = compute_sensitivity(model, layers, calib_x[:n], calib_y[:n], cfg.batch_size, with_hessian=needs_hessian)
+        progress.finish()
+
+    with t("ranges"):
+        base = None
+        if cfg.method == "mix-and-match":
+            targets = range_targets(cfg.sparsity)
+            progress.start("Phase 1: baseline ranges", total=len(RANGE_BASELINES) * len(targets))
+            runs = []
+            for b in RANGE_BASELINES:
+                for s in targets:
+                    runs.append(BASELINES[b].plan(prunable, sens, s, cfg.seed))
+                    progress.advance()
+            base = baseline_ranges(runs)
+            progress.finish()
+        ranges = apply_rules(layers, rules, base)
+
+    with t("strategies"):
+        cplans = _plans(cfg, prunable, sens, ranges)
+
+    original = copy.deepcopy(model.state_dict())
+    use_bn = cfg.bn_recal and has_batchnorm(model)
+
+    def materialize(cp: CandidatePlan) -> nn.Module:
+        model.load_state_dict(original)
+        apply_masks_(model, build_masks(cp.scores, cp.plan))
+        return model
+
+    with t("screening"):
+        progress.start(
+            f"screen {len(cplans)} candidates (mask{' + BN re-calibration' if use_bn else ''})", total=len(cplans)
+        )
+        for cp in cplans:
+            materialize(cp)
+            cp.candidate.sparsity = weight_sparsity(model, prunable)[0].sparsity
+            cp.candidate.zero_shot_accuracy = accuracy(model, eval_x, eval_y, cfg.batch_size)
+            if use_bn:
+                recalibrate_bn(model, calib_x, cfg.batch_size)
+                cp.candidate.accuracy = accuracy(model, eval_x, eval_y, cfg.batch_size)
+            else:
+                cp.candidate.accuracy = cp.candidate.zero_shot_accuracy
+            progress.advance()
+        progress.finish()
+
+    cands = [cp.candidate for cp in cplans]
+    finetuned: dict[int, dict] = {}
+    with t("finetune"):
+        if cfg.finetune_epochs > 0 and cfg.finetune_top > 0:
+            pool = [i for i, c in enumerate(cands) if cfg.max_drop is not None or c.sparsity >= cfg.sparsity - 1e-6]
+            pool = pool or list(range(len(cands)))
+            top = sorted(pool, key=lambda i: -cands[i].accuracy)[: cfg.finetune_top]
+            progress.start(
+                f"fine-tune top {len(top)} ({cfg.finetune_epochs} epochs each)", total=len(top) * cfg.finetune_epochs
+            )
+            for i in top:
+                materialize(cplans[i])
+                if use_bn:
+                    recalibrate_bn(model, calib_x, cfg.batch_size)
+                masks = build_masks(cplans[i].scores, cplans[i].plan)
+                finetune(
+                    model,
+                    masks,
+                    calib_x,
+                    calib_y,
+                    epochs=cfg.finetune_epochs,
+                    lr=cfg.finetune_lr,
+                    batch_size=cfg.batch_size,
+                    seed=cfg.seed,
+                    on_epoch=lambda e, v: progress.advance(),
+                )
+                cands[i].finetuned_accuracy = accuracy(model, eval_x, eval_y, cfg.batch_size)
+                finetuned[i] = copy.deepcopy(model.state_dict())
+            progress.finish()
+
+    points = [Point(c.final_accuracy, c.sparsity) for c in cands]
+    for c, on_front in zip(cands, pareto_mask(points)):
+        c.pareto = on_front
+    idx, why = select_index(points, sparsity=cfg.sparsity, max_drop=cfg.max_drop, dense_accuracy=dense_acc)
+    chosen = cands[idx]
+    chosen.selected = True
+    if idx in finetuned:
+        model.load_state_dict(finetuned[idx])
+    else:
+        materialize(cplans[idx])
+        if use_bn:
+            recalibrate_bn(model, calib_x, cfg.batch_size)
+    model.eval()
+    _, per_layer = weight_sparsity(model, prunable)
+
+    selected = SelectedSummary(
+        name=chosen.name,
+        signal=chosen.signal,
+        strategy=chosen.strategy,
+        sparsity=chosen.sparsity,
+        accuracy=chosen.final_accuracy,
+        why=why,
+        accuracy_drop=(dense_acc - chosen.final_accuracy) * 100,
+    )
+    dense = DenseSummary(accuracy=dense_acc, params=params, macs=macs)
+
+    if cfg.export:
+        _export_and_bench(
+            cfg, target, model, original, data, staging, dense, selected, chosen, per_layer, threads, t, progress
+        )
+
+    layer_reports = [
+        LayerReport(
+            name=layer.name,
+            role=layer.role,
+            shape=list(layer.shape),
+            params=layer.numel,
+            range=[ranges[layer.name].lo, ranges[layer.name].hi],
+            sparsity=per_layer.get(layer.name, 0.0),
+            baseline_range=list(ranges[layer.name].baseline) if ranges[layer.name].baseline else None,
+            rules=ranges[layer.name].rules,
+        )
+        for layer in layers
+    ]
+    cfg_dict = asdict(cfg)
+    cfg_dict["signals"] = list(cfg.signals)
+    report = Report(
+        model=cfg.model,
+        data=data.name,
+        target=target.name,
+        granularity=cfg.granularity,
+        method=cfg.method,
+        sparsity_target=cfg.sparsity,
+        dense=dense,
+        strategies=cands,
+        selected=selected,
+        layers=layer_reports,
+        timings={k: round(v, 3) for k, v in t.seconds.items()},
+        versions=versions(),
+        config=cfg_dict,
+    )
+    report.timings["total"] = round(sum(t.seconds.values()), 3)
+    (staging / "report.md").write_text(render_markdown(report))
+    plot_pareto(report, staging / "pareto.png")
+    return report
+
+
+def _export_and_bench(
+    cfg,
+    target,
+    model,
+    original,
+    data,
+    staging,
+    dense,
+    selected,
+    chosen,
+    per_layer,
+    threads,
+    t: Timings,
+    progress: Progress,
+) -> None:
+    """Export dense and selected models, verify them, and benchmark both through onnxruntime."""
+    from .benchmarks.runner import bench
+    from .export import export_onnx
+
+    example = data.eval_x[:1]
+    check = data.eval_x[:64]
+    with t("export"):
+        progress.start("export + verify ONNX", total=2)
+        metadata = {
+            "source_model": cfg.model,
+            "strategy": chosen.strategy,
+            "signal": chosen.signal,
+            "global_sparsity": f"{chosen.sparsity:.6f}",
+            "target": target.name,
+            "calibration_size": str(len(data.calib_x)),
+            "layer_sparsity": __import__("json").dumps({k: round(v, 6) for k, v in per_layer.items()}),
+        }
+        res = export_onnx(
+            model, example, staging / "model.onnx", check_inputs=check, opset=target.opset, metadata=metadata
+        )
+        progress.advance()
+        dense_model = copy.deepcopy(model)
+        dense_model.load_state_dict(original)
+        dres = export_onnx(
+            dense_model,
+            example,
+            staging / "dense.onnx",
+            check_inputs=check,
+            opset=target.opset,
+            metadata={"source_model": cfg.model, "strategy": "dense", "target": target.name},
+        )
+        progress.advance()
+        progress.finish()
+    selected.onnx = "model.onnx"
+    selected.onnx_zeros = res.zeros_onnx
+    selected.onnx_sparsity = res.sparsity_onnx
+    selected.parity_max_abs_diff = res.parity_max_abs_diff
+    selected.onnx_bytes = res.onnx_bytes
+    dense.onnx_bytes = dres.onnx_bytes
+
+    with t("benchmark"):
+        progress.start(f"benchmark dense vs selected (onnxruntime, {threads} thread(s))")
+        x = data.eval_x.numpy().astype(np.float32)
+        y = data.eval_y.numpy()
+        results = bench(
+            [str(staging / "dense.onnx"), str(staging / "model.onnx")],
+            x[:1],
+            threads=threads,
+            warmup=10,
+            runs=cfg.bench_runs,
+            x=x,
+            y=y,
+        )
+        progress.finish()
+    dense.latency_ms, dense.onnx_accuracy = results[0]["latency_ms"], results[0]["accuracy"]
+    selected.latency_ms, selected.onnx_accuracy = results[1]["latency_ms"], results[1]["accuracy"]

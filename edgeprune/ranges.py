@@ -1,0 +1,149 @@
+"""Phase 1: per-layer sparsity ranges.
+
+rho_min(l) / rho_max(l) are the min / max sparsity that the single-criterion baselines (MAG, SNIP, GraSP,
+one global threshold each, at three global targets) leave in layer l. Architecture rules — data files in
+``edgeprune/rules/`` — then clip those ranges. A rule matches layers by role, name pattern and size, and
+clips their range into its own; rules apply in order, so a later (more specific) rule wins.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .baselines import Plan
+from .errors import EdgepruneError
+from .inventory import ROLES, Layer
+
+RULE_KEYS = {"roles", "not_roles", "name", "max_params", "min_params", "range", "why"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    range: tuple[float, float]
+    roles: tuple[str, ...] | None = None
+    not_roles: tuple[str, ...] = ()
+    name: str | None = None  # regex searched in the layer name
+    max_params: int | None = None
+    min_params: int | None = None
+    why: str = ""
+
+    def matches(self, layer: Layer) -> bool:
+        return (
+            (self.roles is None or layer.role in self.roles)
+            and layer.role not in self.not_roles
+            and (self.name is None or re.search(self.name, layer.name) is not None)
+            and (self.max_params is None or layer.numel <= self.max_params)
+            and (self.min_params is None or layer.numel >= self.min_params)
+        )
+
+
+@dataclass
+class LayerRange:
+    lo: float
+    hi: float
+    baseline: tuple[float, float] | None = None  # before the rules, None for layers the baselines skip
+    rules: list[str] = field(default_factory=list)  # the `why` of every rule that clipped it
+
+
+def parse_rules(data: dict, source: str) -> list[Rule]:
+    """Validate a rules document ({"rules": [...]}) and turn it into Rule objects."""
+    if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
+        raise EdgepruneError(f"rules file {source}: expected an object with a 'rules' list")
+    rules = []
+    for i, raw in enumerate(data["rules"]):
+        where = f"rules file {source}, rule {i + 1}"
+        if not isinstance(raw, dict):
+            raise EdgepruneError(f"{where}: expected an object")
+        unknown = set(raw) - RULE_KEYS
+        if unknown:
+            raise EdgepruneError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(RULE_KEYS)}")
+        rng = raw.get("range")
+        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, (int, float)) for v in rng)):
+            raise EdgepruneError(f"{where}: 'range' must be [min, max]")
+        lo, hi = float(rng[0]), float(rng[1])
+        if not (0.0 <= lo <= hi < 1.0):
+            raise EdgepruneError(f"{where}: range [{lo}, {hi}] must satisfy 0 <= min <= max < 1")
+        for key in ("roles", "not_roles"):
+            bad = [r for r in raw.get(key, []) if r not in ROLES]
+            if bad:
+                raise EdgepruneError(f"{where}: unknown role(s) {bad}; known roles: {', '.join(ROLES)}")
+        if "name" in raw:
+            try:
+                re.compile(raw["name"])
+            except re.error as exc:
+                raise EdgepruneError(f"{where}: bad name pattern {raw['name']!r}: {exc}") from None
+        rules.append(
+            Rule(
+                range=(lo, hi),
+                roles=tuple(raw["roles"]) if "roles" in raw else None,
+                not_roles=tuple(raw.get("not_roles", ())),
+                name=raw.get("name"),
+                max_params=raw.get("max_params"),
+                min_params=raw.get("min_params"),
+                why=raw.get("why", f"{source} rule {i + 1}"),
+            )
+        )
+    return rules
+
+
+def _builtin(name: str) -> list[Rule]:
+    res = resources.files("edgeprune.rules").joinpath(f"{name}.json")
+    return parse_rules(json.loads(res.read_text()), f"{name}.json") if res.is_file() else []
+
+
+def load_rules(family: str | None = None, user_file: str | Path | None = None) -> list[Rule]:
+    """Default rules, then the model family's rules (if a file exists), then the user's file."""
+    rules = _builtin("default")
+    if family:
+        rules += _builtin(family)
+    if user_file is not None:
+        path = Path(user_file)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise EdgepruneError(f"rules file not found: {path}") from None
+        except json.JSONDecodeError as exc:
+            raise EdgepruneError(f"rules file {path} is not valid JSON: {exc}") from None
+        rules += parse_rules(data, str(path))
+    # The norm rule is absolute: re-apply the defaults' last rule so no family/user rule can unfreeze norms.
+    return rules + [r for r in _builtin("default") if r.roles == ("norm",)]
+
+
+def range_targets(sparsity: float) -> tuple[float, float, float]:
+    """Three global targets around the requested sparsity (paper: 70/80/90 % for 80 %)."""
+    return (max(0.0, sparsity - 0.1), sparsity, min(sparsity + 0.1, (1.0 + sparsity) / 2, 0.99))
+
+
+def baseline_ranges(plans: list[Plan]) -> dict[str, tuple[float, float]]:
+    """min / max over the baseline runs of each layer's sparsity (no accuracy filtering, as in the paper)."""
+    names = plans[0].keys()
+    return {n: (min(p[n] for p in plans), max(p[n] for p in plans)) for n in names}
+
+
+def clip_range(lo: float, hi: float, rule: tuple[float, float]) -> tuple[float, float]:
+    """Clip [lo, hi] into [rule_lo, rule_hi]; a disjoint range collapses onto the nearest bound."""
+    rlo, rhi = rule
+    return min(max(lo, rlo), rhi), min(max(hi, rlo), rhi)
+
+
+def apply_rules(
+    layers: list[Layer], rules: list[Rule], base: dict[str, tuple[float, float]] | None = None
+) -> dict[str, LayerRange]:
+    """Final per-layer ranges. Without ``base`` the rules alone define them (what ``inspect`` shows)."""
+    out = {}
+    for layer in layers:
+        start = base.get(layer.name) if base else None
+        lo, hi = start if start is not None else (0.0, 0.99)
+        applied = []
+        for rule in rules:
+            if rule.matches(layer):
+                new = clip_range(lo, hi, rule.range)
+                if new != (lo, hi):
+                    applied.append(rule.why)
+                lo, hi = new
+        out[layer.name] = LayerRange(lo=lo, hi=hi, baseline=start, rules=applied)
+    return out

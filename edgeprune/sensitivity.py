@@ -1,0 +1,98 @@
+"""Sensitivity signals: how much each weight matters, computed once per run and reused by every strategy.
+
+- ``magnitude``: |w|
+- ``gradient``: |dL/dw| accumulated over the calibration batches, divided by its layer mean so that layers
+  of different sizes and depths are comparable (the paper normalizes; ranking *within* a layer is unchanged)
+- ``product``: |w| * normalized |dL/dw|
+
+GraSP's Hessian-gradient product (for the GraSP baseline) is computed here too, since it needs the same
+calibration batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .inventory import Layer
+
+SIGNALS: tuple[str, ...] = ("magnitude", "gradient", "product")
+
+
+@dataclass
+class Sensitivity:
+    """Per-layer raw material for every score: |grad| (accumulated) and, optionally, GraSP's H·g."""
+
+    abs_grad: dict[str, torch.Tensor]
+    hess_grad: dict[str, torch.Tensor] | None = None
+
+
+def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    for i in range(0, len(x), batch_size):
+        yield x[i : i + batch_size], y[i : i + batch_size]
+
+
+def compute_sensitivity(
+    model: nn.Module,
+    layers: list[Layer],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 128,
+    with_hessian: bool = True,
+) -> Sensitivity:
+    """Accumulate |dL/dw| over (x, y); with ``with_hessian`` also GraSP's H·g (one double-backward pass).
+
+    The model is run in eval mode (BatchNorm uses its running statistics, dropout is off) so the
+    gradients describe the trained model, not a training-mode variant of it.
+    """
+    prunable = [layer for layer in layers if layer.prunable]
+    params = [layer.weight for layer in prunable]
+    was_training = model.training
+    model.eval()
+    abs_grad = [torch.zeros_like(p) for p in params]
+    grad_sum = [torch.zeros_like(p) for p in params]
+    for xb, yb in _batches(x, y, batch_size):
+        loss = F.cross_entropy(model(xb), yb)
+        grads = torch.autograd.grad(loss, params)
+        for acc, tot, g in zip(abs_grad, grad_sum, grads):
+            acc += g.abs()
+            tot += g
+    hess_grad = None
+    if with_hessian:
+        # GraSP: H·g via the gradient of (g_fixed · g(w)) where g_fixed is the full-batch gradient.
+        hg = [torch.zeros_like(p) for p in params]
+        g_fixed = [g.detach() for g in grad_sum]
+        for xb, yb in _batches(x, y, batch_size):
+            loss = F.cross_entropy(model(xb), yb)
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            dot = sum((g * gf).sum() for g, gf in zip(grads, g_fixed))
+            for acc, h in zip(hg, torch.autograd.grad(dot, params)):
+                acc += h.detach()
+        hess_grad = {layer.name: h for layer, h in zip(prunable, hg)}
+    model.train(was_training)
+    return Sensitivity(abs_grad={layer.name: g for layer, g in zip(prunable, abs_grad)}, hess_grad=hess_grad)
+
+
+def normalized(t: torch.Tensor) -> torch.Tensor:
+    """Divide by the layer mean so scores of different layers are comparable."""
+    mean = t.mean()
+    return t / mean if mean > 0 else t
+
+
+def signal_scores(signal: str, weight: torch.Tensor, abs_grad: torch.Tensor | None) -> torch.Tensor:
+    """Importance of each weight of one layer: low scores are pruned first."""
+    w = weight.detach().abs()
+    if signal == "magnitude":
+        return w
+    if abs_grad is None:
+        raise ValueError(f"signal '{signal}' needs gradients")
+    g = normalized(abs_grad)
+    if signal == "gradient":
+        return g
+    if signal == "product":
+        return w * g
+    raise ValueError(f"unknown signal '{signal}'; choose from {', '.join(SIGNALS)}")
