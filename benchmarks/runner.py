@@ -5,7 +5,11 @@ Python standard library, numpy and onnxruntime. Run it as a script on the device
 
     python3 runner.py --inputs inputs.npz --threads 4 --runs 50 model_a.onnx model_b.onnx
 
-It prints one JSON object on stdout: ``{"device": {...}, "results": [...]}``.
+It prints one JSON object on stdout: ``{"device": {...}, "results": [...]}``. When something on the
+device is missing or broken it prints ``{"error": KIND, "message": ..., ...}`` instead and exits
+non-zero (4: a Python module is missing, 5: a model cannot be loaded or run), so the caller can tell
+the user what to install or fix. Keep it runnable on Python 3.8: no ``match``, no ``X | Y`` outside
+annotations, no ``str.removeprefix``.
 
 Several models are timed *interleaved* (A B A B …) so slow drift of the device (thermal throttling, a
 background job) hits all of them alike; ratios to the first model stay fair.
@@ -21,7 +25,13 @@ import resource
 import sys
 import time
 
-import numpy as np
+try:
+    import numpy as np
+except ImportError:  # only possible on a bare device; main() reports it as JSON
+    np = None  # type: ignore[assignment]
+
+EXIT_MISSING_MODULE = 4
+EXIT_MODEL_ERROR = 5
 
 NOISY_CV = 0.15  # a coefficient of variation above this marks a run as noisy
 
@@ -113,18 +123,18 @@ def bench(
     """Time each model on ``sample`` (one batch), interleaved; optionally measure accuracy on (x, y)."""
     sessions = [make_session(p, threads) for p in paths]
     feeds = [{s.get_inputs()[0].name: sample.astype(np.float32, copy=False)} for s in sessions]
-    for s, f in zip(sessions, feeds):
+    for s, f in zip(sessions, feeds):  # noqa: B905 (zip(strict=) needs Python 3.10; devices may have 3.8)
         for _ in range(warmup):
             s.run(None, f)
     samples: list[list[float]] = [[] for _ in paths]
     for _ in range(runs):
-        for i, (s, f) in enumerate(zip(sessions, feeds)):
+        for i, (s, f) in enumerate(zip(sessions, feeds)):  # noqa: B905
             t0 = time.perf_counter()
             s.run(None, f)
             samples[i].append((time.perf_counter() - t0) * 1000.0)
     results = []
     first_p50 = None
-    for path, s, ms in zip(paths, sessions, samples):
+    for path, s, ms in zip(paths, sessions, samples):  # noqa: B905
         stats = latency_stats(ms)
         first_p50 = stats["p50"] if first_p50 is None else first_p50
         results.append(
@@ -142,10 +152,37 @@ def bench(
     return results
 
 
+def first_outputs(paths: list[str], sample: np.ndarray) -> list[list]:
+    """The first output of each model on ``sample``, as nested lists (for correctness checks)."""
+    outs = []
+    for path in paths:
+        session = make_session(path, 1)
+        feed = {session.get_inputs()[0].name: sample.astype(np.float32, copy=False)}
+        outs.append(np.asarray(session.run(None, feed)[0], dtype=np.float64).tolist())
+    return outs
+
+
 def peak_rss_mb() -> float:
     # ru_maxrss is KiB on Linux, bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+def _missing_module(name: str) -> int:
+    # sys.executable is the interpreter the caller chose (e.g. --remote-python); install into that one.
+    print(
+        json.dumps(
+            {
+                "error": "missing_module",
+                "module": name,
+                "python": sys.executable,
+                "python_version": platform.python_version(),
+                "message": f"{name} is not installed for {sys.executable}",
+                "fix": f"{sys.executable or 'python3'} -m pip install {name}",
+            }
+        )
+    )
+    return EXIT_MISSING_MODULE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,17 +192,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--runs", type=int, default=50)
+    p.add_argument("--outputs", action="store_true", help="also return each model's first output on 'sample'")
+    p.add_argument("--pidfile", help="write this process id here first (lets the caller stop a stuck run)")
     args = p.parse_args(argv)
+    if args.pidfile:
+        with open(args.pidfile, "w") as fh:
+            fh.write(str(os.getpid()))
+    if np is None:
+        return _missing_module("numpy")
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        print(json.dumps({"error": "onnxruntime is not installed", "fix": "python3 -m pip install onnxruntime"}))
-        return 4
+        return _missing_module("onnxruntime")
     data = np.load(args.inputs)
     x = data["x"] if "x" in data.files else None
     y = data["y"] if "y" in data.files else None
-    results = bench(args.models, data["sample"], args.threads, args.warmup, args.runs, x, y)
-    out = {"device": device_facts(), "threads": args.threads, "results": results, "peak_rss_mb": peak_rss_mb()}
+    try:
+        results = bench(args.models, data["sample"], args.threads, args.warmup, args.runs, x, y)
+        outputs = first_outputs(args.models, data["sample"]) if args.outputs else None
+    except Exception as exc:  # onnxruntime raises its own exception types; report any as one line
+        message = " ".join(str(exc).split())
+        print(json.dumps({"error": "model_error", "message": f"{type(exc).__name__}: {message}"}))
+        return EXIT_MODEL_ERROR
+    out = {
+        "device": device_facts(),
+        "threads": args.threads,
+        "results": results,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    if outputs is not None:
+        out["outputs"] = outputs
     print(json.dumps(out))
     return 0
 

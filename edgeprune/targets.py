@@ -1,13 +1,30 @@
-"""Target profiles: what a deployment CPU prefers, kept as data (``targets.json``), not if-chains."""
+"""Target profiles: what a deployment CPU prefers, kept as data (``targets.json``), not if-chains.
+
+A user adds or overrides profiles with a JSON file of the same shape, passed as ``--targets-file`` or
+named by the ``EDGEPRUNE_TARGETS`` environment variable. A profile may say ``"base": "arm64"`` to start
+from a built-in one and change only some fields:
+
+    {"my-board": {"base": "rpi4", "description": "our gateway (Cortex-A72, 2 cores)", "threads": 2}}
+"""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+import os
+from dataclasses import asdict, dataclass, fields
 from importlib import resources
 from pathlib import Path
 
 from .errors import EdgepruneError
+
+ENV_VAR = "EDGEPRUNE_TARGETS"
+ARCHES = ("x86_64", "aarch64")
+# How onnxruntime.quantization should quantize for the target (activations x weights):
+#   qdq_s8s8               QDQ, signed activations and weights (Arm NEON: fast and accurate)
+#   qdq_u8s8_reduce_range  QDQ, uint8 activations, int8 weights on 7 bits (x86 AVX2 without VNNI:
+#                          VPMADDUBSW can saturate with full-range weights)
+#   qdq_u8u8               QDQ, unsigned both (for runtimes without signed kernels)
+INT8_FORMATS = ("qdq_s8s8", "qdq_u8s8_reduce_range", "qdq_u8u8")
 
 
 @dataclass(frozen=True)
@@ -17,7 +34,7 @@ class Target:
     description: str
     threads: int  # default onnxruntime intra-op threads for benchmarks
     round_to: int  # preferred channel multiple for structured pruning
-    int8_format: str  # "qdq_s8s8" | "qdq_u8s8_reduce_range" | "qdq_u8u8"
+    int8_format: str  # one of INT8_FORMATS
     int8_worth_it: bool  # whether INT8 is the default for this target
     opset: int
 
@@ -25,33 +42,83 @@ class Target:
         return asdict(self)
 
 
+_FIELDS = {f.name: f.type for f in fields(Target)}
+
+
 def _builtin() -> dict[str, dict]:
     text = resources.files("edgeprune").joinpath("targets.json").read_text()
     return json.loads(text)
 
 
+def _read_user_file(path: Path) -> dict[str, dict]:
+    try:
+        table = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EdgepruneError(f"target file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise EdgepruneError(f"cannot read target file {path}: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise EdgepruneError(f"target file {path} is not valid JSON: {exc}") from None
+    if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
+        raise EdgepruneError(f'target file {path} must be a JSON object of profiles: {{"name": {{...}}}}')
+    return table
+
+
+def _validate(name: str, fields_: dict, where: str) -> Target:
+    missing = sorted(set(_FIELDS) - {"name"} - set(fields_))
+    unknown = sorted(set(fields_) - set(_FIELDS) - {"base"})
+    if missing or unknown:
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unknown {', '.join(unknown)}"] if unknown else []
+        )
+        raise EdgepruneError(f"target profile '{name}' in {where} is malformed: {'; '.join(parts)}")
+    f = {k: v for k, v in fields_.items() if k != "base"}
+    problems = []
+    if f["arch"] not in ARCHES:
+        problems.append(f"arch must be one of {', '.join(ARCHES)}")
+    for key in ("threads", "round_to", "opset"):
+        if not isinstance(f[key], int) or isinstance(f[key], bool) or f[key] < 1:
+            problems.append(f"{key} must be a positive integer")
+    if f["int8_format"] not in INT8_FORMATS:
+        problems.append(f"int8_format must be one of {', '.join(INT8_FORMATS)}")
+    if not isinstance(f["int8_worth_it"], bool):
+        problems.append("int8_worth_it must be true or false")
+    if not isinstance(f["description"], str):
+        problems.append("description must be a string")
+    if problems:
+        raise EdgepruneError(f"target profile '{name}' in {where} is malformed: {'; '.join(problems)}")
+    return Target(name=name, **f)
+
+
 def available_targets(extra_file: str | Path | None = None) -> dict[str, Target]:
-    """All target profiles: the built-in ones plus those in ``extra_file`` (same JSON shape)."""
-    table = _builtin()
+    """All target profiles: the built-in ones plus those in ``extra_file`` (default: ``$EDGEPRUNE_TARGETS``).
+
+    A user profile with the name of a built-in one replaces it; ``"base"`` inherits a profile's fields.
+    """
+    table = {name: ("built-in targets.json", dict(f)) for name, f in _builtin().items()}
+    if extra_file is None and os.environ.get(ENV_VAR):
+        extra_file = os.environ[ENV_VAR]
     if extra_file is not None:
         path = Path(extra_file)
-        try:
-            table.update(json.loads(path.read_text()))
-        except FileNotFoundError:
-            raise EdgepruneError(f"target file not found: {path}") from None
-        except (json.JSONDecodeError, AttributeError) as exc:
-            raise EdgepruneError(f"target file {path} is not a JSON object of profiles: {exc}") from None
-    targets = {}
-    for name, fields in table.items():
-        try:
-            targets[name] = Target(name=name, **fields)
-        except TypeError as exc:
-            raise EdgepruneError(f"target profile '{name}' is malformed: {exc}") from None
-    return targets
+        for name, user_fields in _read_user_file(path).items():
+            fields_ = dict(user_fields)
+            base = fields_.pop("base", None)
+            if base is not None:
+                if base not in table:
+                    raise EdgepruneError(
+                        f"target profile '{name}' in {path}: base '{base}' is not a known target "
+                        f"({', '.join(sorted(table))})"
+                    )
+                fields_ = {**table[base][1], **fields_}
+            table[name] = (str(path), fields_)
+    return {name: _validate(name, f, where) for name, (where, f) in table.items()}
 
 
 def get_target(name: str, extra_file: str | Path | None = None) -> Target:
     targets = available_targets(extra_file)
     if name not in targets:
-        raise EdgepruneError(f"unknown target '{name}'; choose one of: {', '.join(sorted(targets))}")
+        raise EdgepruneError(
+            f"unknown target '{name}'; choose one of: {', '.join(sorted(targets))} "
+            f"(or add it with a targets file, see `edgeprune targets --help`)"
+        )
     return targets[name]
