@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .inventory import Layer
 
@@ -67,7 +68,9 @@ def compute_sensitivity(
         hg = [torch.zeros_like(p) for p in params]
         g_fixed = [g.detach() for g in grad_sum]
         for xb, yb in _batches(x, y, batch_size):
-            loss = F.cross_entropy(model(xb), yb)
+            # Fused attention kernels have no double-backward on CPU; the math kernel does.
+            with sdpa_kernel(SDPBackend.MATH):
+                loss = F.cross_entropy(model(xb), yb)
             grads = torch.autograd.grad(loss, params, create_graph=True)
             dot = sum((g * gf).sum() for g, gf in zip(grads, g_fixed))
             for acc, h in zip(hg, torch.autograd.grad(dot, params)):
