@@ -1,1 +1,80 @@
-"""`edgeprune inspect` (stub: filled in by its owner)."""
+"""`edgeprune inspect`: the layer table of a model (roles and rule ranges), or what an ONNX artifact holds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import EdgepruneError
+from ._app import app
+
+
+@app.command("inspect")
+def inspect_cmd(
+    artifact: Path | None = typer.Argument(None, help="an exported .onnx artifact (omit to inspect --model)"),
+    model: str = typer.Option("demo", help="model spec, as for `compress`"),
+    checkpoint: Path | None = typer.Option(None, help="state_dict to load"),
+    num_classes: int | None = typer.Option(None),
+    in_chans: int | None = typer.Option(None),
+    image_size: int | None = typer.Option(None, help="input size for models that need it at creation (ViT, Swin)"),
+    rules: Path | None = typer.Option(None, help="extra rules file, to see its effect on the ranges"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Print every weight tensor's role, shape, size and allowed sparsity range (from the rules)."""
+    console = Console()
+    if artifact is not None:
+        _inspect_artifact(artifact, console, as_json)
+        return
+    from ..inventory import build_inventory
+    from ..models import load_model, model_family
+    from ..ranges import apply_rules, load_rules
+
+    net = load_model(model, checkpoint=checkpoint, num_classes=num_classes, in_chans=in_chans, img_size=image_size)
+    layers = build_inventory(net)
+    family = model_family(net)
+    ranges = apply_rules(layers, load_rules(family, rules))
+    rows = [
+        {
+            "name": layer.name,
+            "role": layer.role,
+            "shape": list(layer.shape),
+            "params": layer.numel,
+            "range": [ranges[layer.name].lo, ranges[layer.name].hi],
+        }
+        for layer in layers
+    ]
+    if as_json:
+        print(json.dumps({"model": model, "family": family, "layers": rows}, indent=2))
+        return
+    table = Table(
+        title=f"{model} ({family}): {sum(r['params'] for r in rows if r['role'] != 'norm'):,} prunable weights"
+    )
+    for col in ("layer", "role", "shape", "params", "rule range %"):
+        table.add_column(col, justify="right" if col in ("params",) else "left")
+    for r in rows:
+        lo, hi = r["range"]
+        table.add_row(r["name"], r["role"], "×".join(map(str, r["shape"])), f"{r['params']:,}", f"{lo:.0%}–{hi:.0%}")
+    console.print(table)
+    console.print("Ranges shown are the rules' bounds; `compress` narrows them with the MAG/SNIP/GraSP baselines.")
+
+
+def _inspect_artifact(path: Path, console: Console, as_json: bool) -> None:
+    if not path.is_file():
+        raise EdgepruneError(f"artifact not found: {path}")
+    from ..export.metadata import describe_artifact
+
+    info = describe_artifact(path)
+    if as_json:
+        print(json.dumps(info, indent=2, default=str))
+        return
+    table = Table(title=str(path), show_header=False)
+    table.add_column("key")
+    table.add_column("value")
+    for key, value in info.items():
+        text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
+        table.add_row(key, text if len(text) < 200 else text[:197] + "...")
+    console.print(table)
