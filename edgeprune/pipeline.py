@@ -21,20 +21,31 @@ import torch
 from torch import nn
 
 from .baselines import BASELINES, RANGE_BASELINES, Plan, Scores
+from .data import load_data
 from .errors import DataError, EdgepruneError
 from .evaluation import accuracy, params_and_macs, weight_sparsity
 from .inventory import Layer, build_inventory
 from .masking import apply_masks_, build_masks
+from .models import load_model, model_family
 from .ranges import LayerRange, apply_rules, baseline_ranges, load_rules, range_targets
 from .recovery import finetune, has_batchnorm, recalibrate_bn
-from .report import Candidate, DenseSummary, LayerReport, Report, SelectedSummary, versions
+from .report import (
+    Candidate,
+    DenseSummary,
+    LayerReport,
+    Report,
+    SelectedSummary,
+    plot_pareto,
+    render_markdown,
+    versions,
+)
 from .selection import Point, pareto_mask, select_index
 from .sensitivity import SIGNALS, Sensitivity, compute_sensitivity, signal_scores
 from .strategies import STRATEGY_NAMES, LayerStats, make_all_plans
-from .targets import get_target
+from .targets import Target, get_target
 
 METHODS: tuple[str, ...] = ("mix-and-match", *BASELINES)
-GRANULARITIES: tuple[str, ...] = ("unstructured",)
+GRANULARITIES: tuple[str, ...] = ("unstructured", "channel")
 
 
 @dataclass
@@ -66,6 +77,10 @@ class CompressConfig:
     bench_runs: int = 50
     export: bool = True
     seed: int = 0
+    # structured (--granularity channel) selection and shaping
+    latency_budget_ms: float | None = None
+    speedup: float | None = None
+    round_to: int | None = None  # channel multiple; default: the target's
 
     def validate(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:
@@ -187,16 +202,13 @@ def _plans(
 
 def compress(cfg: CompressConfig, progress: Progress | None = None) -> Report:
     """Run the whole job and write ``model.onnx``, ``dense.onnx``, ``report.json|md``, ``pareto.png``."""
-    from .data import load_data
-    from .models import load_model, model_family
-
     progress = progress or Progress()
     cfg.validate()
     target = get_target(cfg.target)
     out = Path(cfg.out)
     staging = prepare_output_dir(out)
     try:
-        report = _compress(cfg, target, staging, progress, load_data, load_model, model_family)
+        report = _compress(cfg, target, staging, progress)
         (staging / "report.json").write_text(report.to_json())
         report.artifacts = publish(staging, out)
         (out / "report.json").write_text(report.to_json())  # now with the final artifact paths
@@ -205,12 +217,15 @@ def compress(cfg: CompressConfig, progress: Progress | None = None) -> Report:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _compress(cfg, target, staging: Path, progress: Progress, load_data, load_model, model_family) -> Report:
-    from .report import plot_pareto, render_markdown
+def bench_threads(cfg: CompressConfig, target: Target) -> int:
+    """Benchmark threads: the user's, else the target's default capped by this machine's cores."""
+    return cfg.threads or max(1, min(target.threads, os.cpu_count() or 1))
 
+
+def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Progress) -> Report:
     torch.manual_seed(cfg.seed)
     t = Timings()
-    threads = cfg.threads or max(1, min(target.threads, os.cpu_count() or 1))
+    threads = bench_threads(cfg, target)
 
     with t("load"):
         progress.start("load model and data")
@@ -227,6 +242,11 @@ def _compress(cfg, target, staging: Path, progress: Progress, load_data, load_mo
         )
         data = _match_data_to_model(model, data)
         progress.finish()
+    if cfg.granularity == "channel":
+        from .structured import compress_channels
+
+        return compress_channels(cfg, target, model, data, staging, progress, t)
+
     layers = build_inventory(model)
     prunable = [layer for layer in layers if layer.prunable]
     if not prunable:
