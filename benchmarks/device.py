@@ -66,9 +66,7 @@ def sample_input(path: str | Path, batch: int = 1, seed: int = 0) -> np.ndarray:
     inp = inputs[0]
     tensor_type = inp.type.tensor_type
     if tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise EdgepruneError(
-            f"{path}: input '{inp.name}' is not float32; edgeprune bench feeds float32 images"
-        )
+        raise EdgepruneError(f"{path}: input '{inp.name}' is not float32; edgeprune bench feeds float32 images")
     shape = []
     for i, dim in enumerate(tensor_type.shape.dim):
         if dim.HasField("dim_value") and dim.dim_value > 0:
@@ -110,8 +108,15 @@ def _write_inputs(folder: Path, sample: np.ndarray, x: np.ndarray | None, y: np.
     return path
 
 
+def remote_word(path: str) -> str:
+    """``path`` quoted for the remote shell; a leading ``~/`` still means the remote home."""
+    if path.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(path[2:])
+    return shlex.quote(path)
+
+
 def _runner_args(
-    models: list[str], inputs: str, threads: int, warmup: int, runs: int, pidfile: str | None, outputs: bool
+    models: list[str], inputs: str, pidfile: str | None, threads: int, warmup: int, runs: int, outputs: bool
 ) -> list[str]:
     args = ["--inputs", inputs, "--threads", str(threads), "--warmup", str(warmup), "--runs", str(runs)]
     if pidfile:
@@ -140,11 +145,15 @@ def _parse_runner(proc: subprocess.CompletedProcess, where: str, python: str, re
     last_err = stderr_lines[-1] if stderr_lines else "no error message"
     if out is not None and "error" in out:
         if out["error"] == "missing_module":
-            return_fix = out.get("fix") or f"{python} -m pip install {out.get('module')}"
+            fix = out.get("fix") or f"{python} -m pip install {out.get('module')}"
+            # Debian 12 / Raspberry Pi OS refuse a system-wide pip install (PEP 668): say what works.
+            venv = (
+                "; where pip refuses (externally-managed Python): python3 -m venv ~/ort && "
+                "~/ort/bin/pip install numpy onnxruntime, then --remote-python ~/ort/bin/python3"
+            )
             raise DeviceError(
-                f"{out.get('module')} is not installed for {out.get('python') or python} on {where}; "
-                f"install it there with `{return_fix}`"
-                + (" (or pick another interpreter with --remote-python)" if remote else "")
+                f"{out.get('module')} not installed for {out.get('python') or python} on {where}; "
+                f"install it there with `{fix}`" + (venv if remote else "")
             )
         raise DeviceError(f"the benchmark failed on {where}: {out.get('message', out['error'])}")
     if proc.returncode == 127:
@@ -186,7 +195,7 @@ def _report(out: dict, spec: str, emulated: bool, names: list[str]) -> BenchRepo
 
 
 def _bench_local(paths, folder, inputs, args_kw, timeout) -> dict:
-    argv = [sys.executable, str(RUNNER), *_runner_args([str(p) for p in paths], str(inputs), **args_kw)]
+    argv = [sys.executable, str(RUNNER), *_runner_args([str(p) for p in paths], str(inputs), None, **args_kw)]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
@@ -197,7 +206,7 @@ def _bench_local(paths, folder, inputs, args_kw, timeout) -> dict:
 def _bench_qemu(paths, folder, inputs, args_kw, timeout) -> dict:
     from .qemu_arm64 import qemu_python  # heavy setup lives there; only import when asked for
 
-    args = _runner_args([str(Path(p).absolute()) for p in paths], str(inputs), **args_kw)
+    args = _runner_args([str(Path(p).absolute()) for p in paths], str(inputs), None, **args_kw)
     try:
         proc = qemu_python(str(RUNNER), args, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -205,9 +214,7 @@ def _bench_qemu(paths, folder, inputs, args_kw, timeout) -> dict:
     return _parse_runner(proc, "emulated arm64 (qemu)", "python3", remote=False)
 
 
-def _bench_ssh(
-    paths, folder, inputs, args_kw, timeout, *, target, identity, ssh_options, remote_python
-) -> dict:
+def _bench_ssh(paths, folder, inputs, args_kw, timeout, *, target, identity, ssh_options, remote_python) -> dict:
     session = SshSession(target, identity=identity, options=list(ssh_options))
     # Short safe names on the device; the report maps them back to the user's paths.
     staged = []
@@ -220,13 +227,9 @@ def _bench_ssh(
     finished = False
     try:
         session.put([RUNNER, inputs, *staged], remote, timeout)
-        runner_argv = [
-            remote_python,
-            "runner.py",
-            *_runner_args([s.name for s in staged], "inputs.npz", pidfile="runner.pid", **args_kw),
-        ]
+        runner_argv = ["runner.py", *_runner_args([s.name for s in staged], "inputs.npz", "runner.pid", **args_kw)]
         # Not `exec`: the shell then reports a killed runner as 128+signal instead of ssh's bare 255.
-        cmd = f"cd {shlex.quote(remote)} || exit 1; {shlex.join(runner_argv)}; exit $?"
+        cmd = f"cd {shlex.quote(remote)} || exit 1; {remote_word(remote_python)} {shlex.join(runner_argv)}; exit $?"
         proc = session.run(cmd, timeout, "during the benchmark")
         out = _parse_runner(proc, str(target), remote_python)
         finished = True
@@ -277,17 +280,15 @@ def bench_artifacts(
         folder = Path(tmp)
         inputs = _write_inputs(folder, sample, x, y)
         if device == "local":
-            out = _bench_local(paths, folder, inputs, dict(args_kw, pidfile=None), timeout)
+            out = _bench_local(paths, folder, inputs, args_kw, timeout)
             return _report(out, device, False, names)
         if device == "qemu-arm64":
-            out = _bench_qemu(paths, folder, inputs, dict(args_kw, pidfile=None), timeout)
+            out = _bench_qemu(paths, folder, inputs, args_kw, timeout)
             return _report(out, device, True, names)
         if device.startswith("ssh://"):
             target = SshTarget.parse(device)
             if not remote_python or remote_python.startswith("-"):
-                raise EdgepruneError(
-                    f"bad --remote-python '{remote_python}': give an interpreter name or path"
-                )
+                raise EdgepruneError(f"bad --remote-python '{remote_python}': give an interpreter name or path")
             out = _bench_ssh(
                 paths,
                 folder,

@@ -163,22 +163,34 @@ def first_outputs(paths: list[str], sample: np.ndarray) -> list[list]:
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MB.
+
+    /proc/self/status VmHWM first: ru_maxrss survives fork+exec on Linux, so a runner started by a big
+    parent (a Python process with torch loaded) would report the parent's peak instead of its own.
+    """
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     # ru_maxrss is KiB on Linux, bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
 
 
-def _missing_module(name: str) -> int:
+def _missing_modules(names: list[str]) -> int:
     # sys.executable is the interpreter the caller chose (e.g. --remote-python); install into that one.
     print(
         json.dumps(
             {
                 "error": "missing_module",
-                "module": name,
+                "module": " and ".join(names),
                 "python": sys.executable,
                 "python_version": platform.python_version(),
-                "message": f"{name} is not installed for {sys.executable}",
-                "fix": f"{sys.executable or 'python3'} -m pip install {name}",
+                "message": f"{' and '.join(names)} not installed for {sys.executable}",
+                "fix": f"{sys.executable or 'python3'} -m pip install {' '.join(names)}",
             }
         )
     )
@@ -198,12 +210,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.pidfile:
         with open(args.pidfile, "w") as fh:
             fh.write(str(os.getpid()))
-    if np is None:
-        return _missing_module("numpy")
+    missing = [] if np is not None else ["numpy"]
     try:
         import onnxruntime  # noqa: F401
     except ImportError:
-        return _missing_module("onnxruntime")
+        missing.append("onnxruntime")
+    if missing:
+        return _missing_modules(missing)
     data = np.load(args.inputs)
     x = data["x"] if "x" in data.files else None
     y = data["y"] if "y" in data.files else None

@@ -5,7 +5,7 @@ key pair that is *not*, its own ``sshd_config`` and a ``known_hosts`` file for t
 ``TMPDIR`` pointed at ``remote_tmp/`` inside that folder, so tests can check that the benchmark removed
 its remote temp dir. Used by ``tests/test_ssh*.py`` as a module-scoped fixture; also runnable by hand:
 
-    python tests/sshd.py /tmp/sshd-play     # prints the ssh command line, Ctrl-C stops it
+    python -m tests.sshd /tmp/sshd-play     # prints the ssh command line, Ctrl-C stops it
 """
 
 from __future__ import annotations

@@ -1,1 +1,195 @@
-"""`edgeprune bench` (stub: filled in by its owner)."""
+"""`edgeprune bench ARTIFACT [ARTIFACT …]`: latency, throughput, RSS and accuracy on a device.
+
+Several artifacts are timed interleaved (A B A B …) and reported as ratios to the first one, so a device
+that drifts (heat, background jobs) still gives a fair comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import typer
+from rich import box
+from rich.console import Console
+from rich.table import Table
+
+from ..benchmarks.device import DEVICES_HELP, BenchReport, bench_artifacts, input_shape, sample_input
+from ..benchmarks.runner import NOISY_CV
+from ..errors import DataError, EdgepruneError
+from ..targets import ENV_VAR, get_target
+from ._app import app
+
+
+def _numpy(t) -> np.ndarray:
+    return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
+
+
+def _data_inputs(spec: str, shape: tuple, eval_size: int, batch: int) -> tuple[np.ndarray, ...]:
+    """(sample, x, y) from a data spec, with the channels and image size the artifact expects."""
+    from ..data import load_data
+
+    if len(shape) != 4 or any(d is None for d in shape[1:]):
+        raise DataError(f"--data needs an image model with a fixed (N, C, H, W) input; this one has {shape}")
+    _, channels, height, width = shape
+    if height != width:
+        raise DataError(f"--data supports square inputs only; the artifact expects {height}x{width}")
+    bundle = load_data(spec, calib_size=1, eval_size=eval_size, image_size=height)
+    if bundle.eval_x.shape[1] != channels:
+        bundle = bundle.with_channels(channels)
+    if tuple(bundle.eval_x.shape[2:]) != (height, width):
+        bundle = bundle.resized(height)
+    x = _numpy(bundle.eval_x).astype(np.float32)
+    y = _numpy(bundle.eval_y).astype(np.int64)
+    if len(x) == 0:
+        raise DataError(f"--data {spec} gave no evaluation images")
+    n = shape[0] or batch
+    sample = x[:n]
+    if len(sample) < n:  # fewer images than one fixed batch: repeat them
+        sample = np.resize(sample, (n, *x.shape[1:])).astype(np.float32)
+    return sample, x, y
+
+
+def _fmt_ms(v: float) -> str:
+    return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+
+
+def _short_names(names: list[str]) -> list[str]:
+    """File names when they are unique (keeps the table narrow), else the paths as given."""
+    base = [Path(n).name for n in names]
+    return base if len(set(base)) == len(base) else names
+
+
+def _print_report(report: BenchReport, console: Console) -> None:
+    d = report.device
+    facts = [
+        str(d.get("spec")),
+        d.get("cpu_model") or "unknown CPU",
+        f"{d.get('machine')}",
+        f"{d.get('cpu_count')} cores",
+        f"onnxruntime {d.get('onnxruntime')}",
+        f"governor {d.get('governor') or 'n/a'}",
+        f"{report.threads} thread(s)",
+    ]
+    console.print("device: " + " · ".join(facts), highlight=False)
+    wide = console.width >= 110  # mean and throughput only when there is room
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1, 0, 0))
+    table.add_column("artifact", overflow="fold", min_width=12)
+    table.add_column("size", justify="right", no_wrap=True)
+    timing_cols = ["p50 ms", "p90 ms", "p99 ms"] + (["mean ms"] if wide else []) + ["CV", "vs 1st"]
+    timing_cols += ["per s"] if wide else []
+    if report.emulated:
+        table.add_column("latency", no_wrap=True)
+    else:
+        for col in timing_cols:
+            table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("accuracy", justify="right", no_wrap=True)
+    names = _short_names([r["artifact"] for r in report.results])
+    for name, r in zip(names, report.results, strict=True):
+        size = f"{r['bytes'] / 1e6:.2f}MB" if r["bytes"] >= 1e5 else f"{r['bytes'] / 1e3:.1f}kB"
+        acc = "—" if r.get("accuracy") is None else f"{r['accuracy']:.4f}"
+        if report.emulated:
+            table.add_row(name, size, "[dim]emulated: not measured[/dim]", acc)
+            continue
+        lat = r["latency_ms"]
+        cells = [_fmt_ms(lat[k]) for k in ("p50", "p90", "p99")] + ([_fmt_ms(lat["mean"])] if wide else [])
+        cells.append(f"{r['cv'] * 100:.1f}%" + ("[yellow]*[/yellow]" if r["noisy"] else " "))
+        ratio = r.get("ratio_to_first")
+        cells.append("—" if ratio is None else f"{ratio:.2f}×")
+        cells += [f"{r['throughput_per_s']:.1f}"] if wide else []
+        table.add_row(name, size, *cells, acc)
+    console.print(table)
+    if report.peak_rss_mb is not None:
+        console.print(f"peak RSS of the runner (all artifacts loaded): {report.peak_rss_mb:.1f} MB", highlight=False)
+    if report.emulated:
+        console.print(
+            "[yellow]emulated arm64 (QEMU): outputs and accuracy are those of the arm64 onnxruntime build; "
+            "timings under an emulator are meaningless and are not reported as latency.[/yellow]"
+        )
+    elif any(r["noisy"] for r in report.results):
+        console.print(
+            f"[yellow]* noisy: CV above {NOISY_CV:.0%}; stop other jobs, set the CPU governor to "
+            "'performance', or raise --runs. Ratios to the first stay fair (runs were interleaved).[/yellow]"
+        )
+
+
+def _write_json(path: Path, report: BenchReport) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise EdgepruneError(f"cannot write --json {path}: {exc.strerror or exc}") from None
+
+
+@app.command("bench")
+def bench_command(
+    artifacts: list[Path] = typer.Argument(..., help="ONNX artifacts; ratios are relative to the first."),
+    device: str = typer.Option("local", "--device", "-d", help=f"Where to run: {DEVICES_HELP}."),
+    threads: int | None = typer.Option(
+        None, "--threads", "-t", help="onnxruntime intra-op threads [default: the --target's, else 1]."
+    ),
+    runs: int = typer.Option(50, "--runs", help="Timed runs per artifact."),
+    warmup: int = typer.Option(10, "--warmup", help="Untimed runs per artifact first."),
+    data: str | None = typer.Option(
+        None, "--data", help="Real images + labels for accuracy: demo, fashion-mnist or imagefolder:PATH."
+    ),
+    eval_size: int = typer.Option(500, "--eval-size", help="Images shipped for accuracy when --data is given."),
+    batch: int = typer.Option(1, "--batch", help="Batch size of the timed input (if the model's is dynamic)."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the results as JSON to this file."),
+    identity: Path | None = typer.Option(None, "--identity", "-i", help="SSH private key for the device."),
+    ssh_option: list[str] = typer.Option(
+        [], "--ssh-option", "-o", help="Extra ssh -o Key=Value (repeatable), e.g. StrictHostKeyChecking=accept-new."
+    ),
+    remote_python: str = typer.Option(
+        "python3", "--remote-python", help="Python interpreter on the SSH device (needs numpy + onnxruntime)."
+    ),
+    target: str | None = typer.Option(
+        None, "--target", help="Target profile: default --threads, and a warning if the device differs."
+    ),
+    targets_file: Path | None = typer.Option(None, "--targets-file", envvar=ENV_VAR, help="Extra target profiles."),
+    timeout: float = typer.Option(600.0, "--timeout", help="Seconds before a device step is given up."),
+) -> None:
+    """Measure latency (p50/p90/p99/mean), throughput, peak RSS and accuracy of ONNX artifacts on a device."""
+    profile = get_target(target, targets_file) if target else None
+    if threads is None:
+        threads = profile.threads if profile else 1
+    for p in artifacts:
+        if not p.is_file():
+            raise EdgepruneError(f"artifact not found: {p}")
+    if batch < 1 or eval_size < 1:
+        raise EdgepruneError("--batch and --eval-size must be >= 1")
+    x = y = None
+    if data:
+        sample, x, y = _data_inputs(data, input_shape(artifacts[0]), eval_size, batch)
+    else:
+        sample = sample_input(artifacts[0], batch=batch)
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(width=140)
+    with console.status(f"benchmarking {len(artifacts)} artifact(s) on {device} …"):
+        report = bench_artifacts(
+            artifacts,
+            device,
+            sample=sample,
+            threads=threads,
+            warmup=warmup,
+            runs=runs,
+            x=x,
+            y=y,
+            identity=str(identity) if identity else None,
+            ssh_options=ssh_option,
+            timeout=timeout,
+            remote_python=remote_python,
+        )
+    _print_report(report, console)
+    if profile and report.device.get("machine") not in (None, profile.arch):
+        console.print(
+            f"[yellow]warning: target {profile.name} is {profile.arch} but the device is "
+            f"{report.device.get('machine')}[/yellow]"
+        )
+    if json_out is not None:
+        _write_json(json_out, report)
+        console.print(f"wrote {json_out}", highlight=False)
