@@ -20,16 +20,23 @@ from edgeprune.errors import DeviceError, EdgepruneError
 # ---------------------------------------------------------------- tiny real models (shared with test_ssh*)
 
 
-def make_tiny_classifier(path: Path, hidden: list[int], seed: int = 0, batch: int | str = "N") -> Path:
-    """An MLP classifier on (batch, 1, 4, 4) images with 4 classes, built with onnx.helper.
+def make_tiny_classifier(
+    path: Path,
+    hidden: list[int],
+    seed: int = 0,
+    batch: int | str = "N",
+    chw: tuple[int, int, int] = (1, 4, 4),
+    classes: int = 4,
+) -> Path:
+    """An MLP classifier on (batch, *chw) images (default 1x4x4, 4 classes), built with onnx.helper.
 
     More / wider hidden layers make it slower, which the ratio tests rely on.
     """
     rng = np.random.default_rng(seed)
     nodes = [helper.make_node("Flatten", ["x"], ["h0"], axis=1)]
     inits = []
-    width = 16
-    for i, h in enumerate([*hidden, 4]):
+    width = int(np.prod(chw))
+    for i, h in enumerate([*hidden, classes]):
         w = (rng.standard_normal((width, h)) / np.sqrt(width)).astype(np.float32)
         inits.append(numpy_helper.from_array(w, f"w{i}"))
         nodes.append(helper.make_node("MatMul", [f"h{i}", f"w{i}"], [f"m{i}"]))
@@ -39,8 +46,8 @@ def make_tiny_classifier(path: Path, hidden: list[int], seed: int = 0, batch: in
     graph = helper.make_graph(
         nodes,
         "tiny",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1, 4, 4])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 4])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, *chw])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, classes])],
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -216,3 +223,20 @@ def test_cli_bench_errors_are_one_line(tmp_path, models, capsys):
     assert err.startswith("edgeprune: error: artifact not found") and "\n" not in err
     assert run_cli(["bench", str(models["a"]), "--device", "ssh://-oProxyCommand=touch@host"]) == 2
     assert "invalid" in capsys.readouterr().err
+
+
+def test_cli_bench_with_data_matches_onnxruntime(tmp_path, capsys):
+    """--data: real demo images, adapted to the artifact's 3x32x32 input, split as compress splits them."""
+    from edgeprune.data import load_data
+
+    model = make_tiny_classifier(tmp_path / "rgb32.onnx", [16], seed=4, batch=1, chw=(3, 32, 32), classes=10)
+    out = tmp_path / "acc.json"
+    args = ["bench", str(model), "--data", "demo", "--eval-size", "60", "--runs", "3", "--warmup", "0"]
+    assert run_cli([*args, "--json", str(out)]) == 0
+    got = json.loads(out.read_text())["results"][0]["accuracy"]
+    bundle = load_data("demo", calib_size=1000, eval_size=60, image_size=32).with_channels(3)
+    x, y = bundle.eval_x.numpy(), bundle.eval_y.numpy()
+    assert x.shape == (60, 3, 32, 32)
+    want = float(np.mean([ort_logits(model, x[i : i + 1]).argmax() == y[i] for i in range(len(x))]))
+    assert got == pytest.approx(want)
+    assert "0." in capsys.readouterr().out  # the accuracy column is printed

@@ -27,8 +27,26 @@ def _numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
 
 
-def _data_inputs(spec: str, shape: tuple, eval_size: int, batch: int) -> tuple[np.ndarray, ...]:
-    """(sample, x, y) from a data spec, with the channels and image size the artifact expects."""
+def _artifact_calib_size(path: Path) -> int | None:
+    """The calibration-set size `edgeprune compress` recorded in the artifact, if any."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    try:
+        return int(props["edgeprune.calibration_size"])
+    except (KeyError, ValueError):
+        return None
+
+
+def _data_inputs(
+    spec: str, shape: tuple, eval_size: int, batch: int, calib_size: int, seed: int
+) -> tuple[np.ndarray, ...]:
+    """(sample, x, y) from a data spec, with the channels and image size the artifact expects.
+
+    The split is `load_data`'s, with compress's calibration size and seed, so the evaluation images are
+    never images the artifact was calibrated / BN-recalibrated on (they are a prefix of compress's
+    evaluation split).
+    """
     from ..data import load_data
 
     if len(shape) != 4 or any(d is None for d in shape[1:]):
@@ -36,7 +54,7 @@ def _data_inputs(spec: str, shape: tuple, eval_size: int, batch: int) -> tuple[n
     _, channels, height, width = shape
     if height != width:
         raise DataError(f"--data supports square inputs only; the artifact expects {height}x{width}")
-    bundle = load_data(spec, calib_size=1, eval_size=eval_size, image_size=height)
+    bundle = load_data(spec, calib_size=calib_size, eval_size=eval_size, image_size=height, seed=seed)
     if bundle.eval_x.shape[1] != channels:
         bundle = bundle.with_channels(channels)
     if tuple(bundle.eval_x.shape[2:]) != (height, width):
@@ -137,6 +155,12 @@ def bench_command(
         None, "--data", help="Real images + labels for accuracy: demo, fashion-mnist or imagefolder:PATH."
     ),
     eval_size: int = typer.Option(500, "--eval-size", help="Images shipped for accuracy when --data is given."),
+    calib_size: int | None = typer.Option(
+        None,
+        "--calib-size",
+        help="Calibration images compress held out (skipped here) [default: from the artifact, else 1000].",
+    ),
+    seed: int = typer.Option(0, "--seed", help="Data split seed (use compress's)."),
     batch: int = typer.Option(1, "--batch", help="Batch size of the timed input (if the model's is dynamic)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     identity: Path | None = typer.Option(None, "--identity", "-i", help="SSH private key for the device."),
@@ -163,7 +187,8 @@ def bench_command(
         raise EdgepruneError("--batch and --eval-size must be >= 1")
     x = y = None
     if data:
-        sample, x, y = _data_inputs(data, input_shape(artifacts[0]), eval_size, batch)
+        calib = calib_size or _artifact_calib_size(artifacts[0]) or 1000
+        sample, x, y = _data_inputs(data, input_shape(artifacts[0]), eval_size, batch, calib, seed)
     else:
         sample = sample_input(artifacts[0], batch=batch)
     console = Console()
