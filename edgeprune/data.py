@@ -1,0 +1,422 @@
+"""Data loading: the bundled demo subset, Fashion-MNIST IDX files, or a user's ImageFolder.
+
+Every source ends as a `DataBundle`: float32 (N, C, H, W) images already normalized, int64 labels,
+split into disjoint calibration and evaluation sets (seeded, stratified by class).
+
+This module imports only torch and numpy at import time (torchvision is imported when an ImageFolder is
+read), so `scripts/train_reference.py` can use its IDX readers on a machine without edgeprune's extras.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgeprune.errors import DataError
+
+FMNIST_MEAN: tuple[float, ...] = (0.2860,)
+FMNIST_STD: tuple[float, ...] = (0.3530,)
+IMAGENET_MEAN: tuple[float, ...] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, ...] = (0.229, 0.224, 0.225)
+FMNIST_CLASSES: list[str] = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+FMNIST_DEFAULT_DIR = Path("/usr/share/datasets/fashion-mnist")
+FMNIST_ENV = "EDGEPRUNE_FASHION_MNIST"
+DEMO_NPZ = Path(__file__).resolve().parent / "assets" / "demo_fmnist.npz"
+IMAGEFOLDER_DEFAULT_SIZE = 224
+DATA_SPECS = "'demo', 'fashion-mnist' or 'imagefolder:PATH'"
+
+# BT.601 luma weights, the usual RGB → grey conversion (PIL's "L" mode uses the same).
+_LUMA = (0.299, 0.587, 0.114)
+_IDX_IMAGES_MAGIC = 2051
+_IDX_LABELS_MAGIC = 2049
+
+
+@dataclass
+class DataBundle:
+    """Normalized images and labels, split into disjoint calibration and evaluation sets."""
+
+    name: str  # "demo", "fashion-mnist", "imagefolder:/abs/path"
+    calib_x: torch.Tensor  # float32 (N, C, H, W), normalized with mean/std
+    calib_y: torch.Tensor  # int64 (N,)
+    eval_x: torch.Tensor
+    eval_y: torch.Tensor
+    num_classes: int
+    in_chans: int
+    image_size: int
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def with_channels(self, in_chans: int) -> DataBundle:
+        """The same images with `in_chans` channels: grey → RGB repeats, RGB → grey takes the luminance.
+
+        Images are un-normalized, converted and re-normalized, so mean/std stay per-channel correct.
+        """
+        if in_chans == self.in_chans:
+            return self
+        if (self.in_chans, in_chans) not in ((1, 3), (3, 1)):
+            raise DataError(
+                f"the data has {self.in_chans} channel(s) and the model expects {in_chans}; only 1↔3 can be "
+                "converted: pass --in-chans to match the data"
+            )
+        if in_chans == 3:
+            mean, std = self.mean * 3, self.std * 3
+        else:
+            grey_mean = sum(w * m for w, m in zip(_LUMA, self.mean))
+            grey_std = sum(w * s for w, s in zip(_LUMA, self.std))
+            mean, std = (grey_mean,), (grey_std,)
+
+        def convert(x: torch.Tensor) -> torch.Tensor:
+            raw = denormalize(x, self.mean, self.std)
+            if in_chans == 3:
+                raw = raw.expand(-1, 3, -1, -1)
+            else:
+                raw = (raw * torch.tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
+            return normalize(raw, mean, std)
+
+        return replace(
+            self,
+            calib_x=convert(self.calib_x),
+            eval_x=convert(self.eval_x),
+            in_chans=in_chans,
+            mean=mean,
+            std=std,
+        )
+
+    def resized(self, image_size: int) -> DataBundle:
+        """The same images resized (bilinear) to `image_size` × `image_size`."""
+        if image_size == self.image_size:
+            return self
+        if image_size < 1:
+            raise DataError(f"image size must be positive, got {image_size}")
+        return replace(
+            self,
+            calib_x=resize_images(self.calib_x, image_size),
+            eval_x=resize_images(self.eval_x, image_size),
+            image_size=image_size,
+        )
+
+
+def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """(x - mean) / std per channel; x is float in [0, 1], (N, C, H, W)."""
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def denormalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    m = torch.tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x * s + m
+
+
+def resize_images(x: torch.Tensor, image_size: int) -> torch.Tensor:
+    """Bilinear resize of a (N, C, H, W) batch; the one resize used for training and for evaluation."""
+    if x.shape[-1] == image_size and x.shape[-2] == image_size:
+        return x
+    return F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def uint8_to_normalized(images: np.ndarray | torch.Tensor, mean=FMNIST_MEAN, std=FMNIST_STD) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, C, H, W) → float32 (N, C, H, W) normalized."""
+    x = torch.as_tensor(images)
+    if x.ndim == 3:
+        x = x.unsqueeze(1)
+    return normalize(x.float().div_(255.0), tuple(mean), tuple(std))
+
+
+# ----------------------------------------------------------------------------------------------- IDX files
+
+
+def _read_idx(path: str | Path, magic: int, ndim: int) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"IDX file not found: {path}")
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DataError(f"cannot read IDX file {path}: {exc}; re-download or reinstall it") from exc
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{path} is not an IDX file (only {len(raw)} bytes); re-download or reinstall it")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise DataError(
+            f"{path} is not an IDX file of the expected kind (magic {found}, expected {magic}); "
+            "check that images and labels are not swapped"
+        )
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{path} is truncated or corrupt: header says {dims} ({expected} bytes), file has "
+            f"{len(raw) - header}; re-download or reinstall it"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims).copy()
+
+
+def read_idx_images(path: str | Path) -> np.ndarray:
+    """uint8 (N, H, W) images from an IDX3 file (raw or .gz), checked against its magic number and size."""
+    return _read_idx(path, _IDX_IMAGES_MAGIC, 3)
+
+
+def read_idx_labels(path: str | Path) -> np.ndarray:
+    """int64 (N,) labels from an IDX1 file (raw or .gz)."""
+    return _read_idx(path, _IDX_LABELS_MAGIC, 1).astype(np.int64)
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> None:
+    """Write a uint8 array as an IDX file (gzip when the name ends in .gz); used by tests and tools."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    magic = {1: _IDX_LABELS_MAGIC, 3: _IDX_IMAGES_MAGIC}[array.ndim]
+    data = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape) + array.tobytes()
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "wb") as fh:
+        fh.write(data)
+
+
+def fashion_mnist_dir() -> Path:
+    """$EDGEPRUNE_FASHION_MNIST, else Debian's /usr/share/datasets/fashion-mnist (must exist)."""
+    env = os.environ.get(FMNIST_ENV)
+    path = Path(env) if env else FMNIST_DEFAULT_DIR
+    if not path.is_dir():
+        where = f"{FMNIST_ENV}={env}" if env else str(FMNIST_DEFAULT_DIR)
+        raise DataError(
+            f"Fashion-MNIST not found at {where}: apt-get install dataset-fashion-mnist "
+            f"or set {FMNIST_ENV} to a folder with the IDX files"
+        )
+    return path
+
+
+def _idx_file(folder: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    raise DataError(
+        f"{folder} has no {stem}[.gz]: apt-get install dataset-fashion-mnist or set {FMNIST_ENV} "
+        "to a folder with the four Fashion-MNIST IDX files"
+    )
+
+
+def read_fashion_mnist(split: str = "test", folder: str | Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, 28, 28) and int64 labels of the Fashion-MNIST `train` (60k) or `test` (10k) set."""
+    prefix = {"train": "train", "test": "t10k"}[split]
+    folder = Path(folder) if folder is not None else fashion_mnist_dir()
+    images = read_idx_images(_idx_file(folder, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx_labels(_idx_file(folder, f"{prefix}-labels-idx1-ubyte"))
+    if len(images) != len(labels):
+        raise DataError(f"{folder}: {len(images)} {split} images but {len(labels)} labels; reinstall the data")
+    return images, labels
+
+
+# ----------------------------------------------------------------------------------------------- splits
+
+
+def stratified_split(
+    labels: np.ndarray, calib_size: int, eval_size: int, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint index arrays (calib, eval) of the requested sizes with class proportions kept.
+
+    Indices are shuffled per class with `seed` and interleaved round-robin across classes, so any
+    prefix of the order is close to class-balanced; calib takes the first `calib_size`, eval the next.
+    If the two do not fit, both shrink in proportion (each keeps at least one image).
+    """
+    n = len(labels)
+    if n < 2:
+        raise DataError(f"need at least 2 images (one to calibrate, one to evaluate), found {n}")
+    if calib_size < 1 or eval_size < 1:
+        raise DataError(f"calibration and evaluation sizes must be ≥ 1, got {calib_size} and {eval_size}")
+    if calib_size + eval_size > n:
+        calib_size = max(1, min(n - 1, round(n * calib_size / (calib_size + eval_size))))
+        eval_size = n - calib_size
+    rng = np.random.default_rng(seed)
+    per_class = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        rng.shuffle(idx)
+        # Position within the class, scaled to [0, 1): merging on it interleaves classes in proportion.
+        per_class.append((idx, (np.arange(len(idx)) + rng.random()) / len(idx)))
+    order_idx = np.concatenate([p[0] for p in per_class])
+    order_key = np.concatenate([p[1] for p in per_class])
+    order = order_idx[np.argsort(order_key, kind="stable")]
+    return np.sort(order[:calib_size]), np.sort(order[calib_size : calib_size + eval_size])
+
+
+def _bundle(
+    name: str,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    calib_size: int,
+    eval_size: int,
+    seed: int,
+    class_names: list[str],
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> DataBundle:
+    calib_idx, eval_idx = stratified_split(y.numpy(), calib_size, eval_size, seed)
+    ci, ei = torch.from_numpy(calib_idx), torch.from_numpy(eval_idx)
+    return DataBundle(
+        name=name,
+        calib_x=x[ci].contiguous(),
+        calib_y=y[ci].contiguous(),
+        eval_x=x[ei].contiguous(),
+        eval_y=y[ei].contiguous(),
+        num_classes=len(class_names),
+        in_chans=int(x.shape[1]),
+        image_size=int(x.shape[-1]),
+        class_names=list(class_names),
+        mean=tuple(mean),
+        std=tuple(std),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def load_demo_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The bundled demo subset: uint8 (N, 28, 28) images and int64 labels (Fashion-MNIST test images)."""
+    if not DEMO_NPZ.is_file():
+        raise DataError(f"bundled demo data missing ({DEMO_NPZ}); reinstall edgeprune")
+    with np.load(DEMO_NPZ) as npz:
+        return npz["images"], npz["labels"].astype(np.int64)
+
+
+def _read_imagefolder(root: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str], int]:
+    """uint8-range float images in [0, 1] (N, C, S, S), labels, class names, channels."""
+    if not root.exists():
+        raise DataError(f"data folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"imagefolder path is not a folder: {root}")
+    from torchvision.datasets import ImageFolder  # lazy: keeps `import edgeprune.data` light
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise DataError(
+            f"{root} has no class sub-folders; an imagefolder is ROOT/<class>/<image>.png (one folder per class)"
+        )
+    try:
+        dataset = ImageFolder(str(root), allow_empty=True)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"cannot read image folder {root}: {exc}") from exc
+    if len(dataset.samples) == 0:
+        raise DataError(
+            f"{root} has class folders ({', '.join(classes[:5])}) but no images ({', '.join(IMG_EXTENSIONS)})"
+        )
+    import PIL.Image  # torchvision depends on Pillow
+
+    # Grey if every image is grey, else RGB: decide from the files' modes before converting.
+    modes = set()
+    for path, _ in dataset.samples:
+        try:
+            with PIL.Image.open(path) as img:
+                modes.add(img.mode)
+        except (OSError, PIL.UnidentifiedImageError) as exc:
+            raise DataError(f"cannot read image {path}: {exc}; remove or replace it") from exc
+    grey = modes <= {"L", "1", "I;16", "I"}
+    channels = 1 if grey else 3
+    images = []
+    for path, _ in dataset.samples:
+        with PIL.Image.open(path) as img:
+            img = img.convert("L" if grey else "RGB")
+            if img.size != (image_size, image_size):
+                img = img.resize((image_size, image_size), PIL.Image.Resampling.BILINEAR)
+            arr = np.asarray(img, dtype=np.uint8)
+        images.append(arr[None] if grey else arr.transpose(2, 0, 1))
+    x = torch.from_numpy(np.stack(images)).float().div_(255.0)
+    y = torch.tensor([label for _, label in dataset.samples], dtype=torch.int64)
+    return x, y, list(dataset.classes), channels
+
+
+def load_data(
+    spec: str = "demo",
+    *,
+    calib_size: int = 1000,
+    eval_size: int = 2000,
+    image_size: int | None = None,
+    seed: int = 0,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> DataBundle:
+    """Load `spec` ('demo', 'fashion-mnist', 'imagefolder:PATH') as disjoint calibration/evaluation splits.
+
+    `image_size` resizes (default: 28 for Fashion-MNIST sources, 224 for image folders); `mean`/`std`
+    override the normalization (default: Fashion-MNIST's for the grey sources, ImageNet's for folders).
+    """
+    spec = spec.strip()
+    if spec in ("demo", "fashion-mnist", "fmnist"):
+        if spec == "demo":
+            images, labels = load_demo_arrays()
+            name = "demo"
+        else:
+            images, labels = read_fashion_mnist("test")
+            name = "fashion-mnist"
+        mean = tuple(mean) if mean is not None else FMNIST_MEAN
+        std = tuple(std) if std is not None else FMNIST_STD
+        _check_stats(mean, std, 1)
+        x = uint8_to_normalized(images, mean, std)
+        y = torch.from_numpy(labels)
+        bundle = _bundle(
+            name,
+            x,
+            y,
+            calib_size=calib_size,
+            eval_size=eval_size,
+            seed=seed,
+            class_names=FMNIST_CLASSES,
+            mean=mean,
+            std=std,
+        )
+        return bundle.resized(image_size) if image_size is not None else bundle
+    if spec.startswith("imagefolder:"):
+        raw_path = spec[len("imagefolder:") :]
+        if not raw_path:
+            raise DataError("imagefolder: needs a path, e.g. --data imagefolder:./val")
+        root = Path(raw_path).expanduser().resolve()
+        size = image_size if image_size is not None else IMAGEFOLDER_DEFAULT_SIZE
+        x, y, classes, channels = _read_imagefolder(root, size)
+        if mean is None or std is None:
+            mean = IMAGENET_MEAN if channels == 3 else (sum(w * m for w, m in zip(_LUMA, IMAGENET_MEAN)),)
+            std = IMAGENET_STD if channels == 3 else (sum(w * s for w, s in zip(_LUMA, IMAGENET_STD)),)
+        mean, std = tuple(mean), tuple(std)
+        _check_stats(mean, std, channels)
+        return _bundle(
+            f"imagefolder:{root}",
+            normalize(x, mean, std),
+            y,
+            calib_size=calib_size,
+            eval_size=eval_size,
+            seed=seed,
+            class_names=classes,
+            mean=mean,
+            std=std,
+        )
+    raise DataError(f"unknown data spec {spec!r}: use {DATA_SPECS}")
+
+
+def _check_stats(mean: tuple[float, ...], std: tuple[float, ...], channels: int) -> None:
+    if len(mean) != channels or len(std) != channels:
+        raise DataError(f"mean/std need {channels} value(s) for this data, got {len(mean)} and {len(std)}")
+    if any(s <= 0 for s in std):
+        raise DataError(f"std values must be positive, got {std}")
