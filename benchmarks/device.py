@@ -16,6 +16,7 @@ torch's) and local numbers are comparable with remote ones:
 from __future__ import annotations
 
 import json
+import platform
 import shlex
 import subprocess
 import sys
@@ -284,7 +285,17 @@ def bench_artifacts(
             return _report(out, device, False, names)
         if device == "qemu-arm64":
             out = _bench_qemu(paths, folder, inputs, args_kw, timeout)
-            return _report(out, device, True, names)
+            # On an arm64 host qemu_python runs the native interpreter: real timings, not emulated.
+            emulated = platform.machine() not in ("aarch64", "arm64")
+            report = _report(out, device, emulated, names)
+            if emulated:
+                from .qemu_arm64 import QEMU_CPU
+
+                # The guest reads the host's /proc/cpuinfo; say what is really executing the code.
+                report.device["emulated_cpu"] = QEMU_CPU
+                report.device["cpu_model"] = f"QEMU {QEMU_CPU} (emulated on {report.device.get('cpu_model')})"
+                report.peak_rss_mb = None  # the emulator's memory, not the model's
+            return report
         if device.startswith("ssh://"):
             target = SshTarget.parse(device)
             if not remote_python or remote_python.startswith("-"):

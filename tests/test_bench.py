@@ -240,3 +240,22 @@ def test_cli_bench_with_data_matches_onnxruntime(tmp_path, capsys):
     want = float(np.mean([ort_logits(model, x[i : i + 1]).argmax() == y[i] for i in range(len(x))]))
     assert got == pytest.approx(want)
     assert "0." in capsys.readouterr().out  # the accuracy column is printed
+
+
+def test_runner_stays_python38_and_self_contained():
+    """The runner is copied to devices that may have Python 3.8 and nothing but numpy + onnxruntime."""
+    import ast
+
+    src = Path(runner.__file__).read_text()
+    tree = ast.parse(src, feature_version=(3, 8))  # raises SyntaxError on newer grammar (match, except*)
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add((node.module or "").split(".")[0])
+    stdlib = set(sys.stdlib_module_names)
+    assert imported - stdlib == {"numpy", "onnxruntime"}
+    newer_apis = {"removeprefix", "removesuffix"}  # str methods of 3.9
+    assert not [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in newer_apis]
+    assert not [k for n in ast.walk(tree) if isinstance(n, ast.Call) for k in n.keywords if k.arg == "strict"]
