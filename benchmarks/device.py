@@ -154,7 +154,7 @@ def _parse_runner(proc: subprocess.CompletedProcess, where: str, python: str, re
             )
             raise DeviceError(
                 f"{out.get('module')} not installed for {out.get('python') or python} on {where}; "
-                f"install it there with `{fix}`" + (venv if remote else "")
+                f"install it{' there' if remote else ''} with `{fix}`" + (venv if remote else "")
             )
         raise DeviceError(f"the benchmark failed on {where}: {out.get('message', out['error'])}")
     if proc.returncode == 127:
@@ -275,6 +275,13 @@ def bench_artifacts(
             raise EdgepruneError(f"artifact not found: {p}")
     if threads < 1 or runs < 1 or warmup < 0:
         raise EdgepruneError("--threads and --runs must be >= 1 and --warmup >= 0")
+    target = None
+    if device.startswith("ssh://"):
+        target = SshTarget.parse(device)
+        if not remote_python or remote_python.startswith("-"):
+            raise EdgepruneError(f"bad --remote-python '{remote_python}': give an interpreter name or path")
+    elif device not in ("local", "qemu-arm64"):
+        raise EdgepruneError(f"unknown device '{device}'; use {DEVICES_HELP}")
     args_kw = {"threads": threads, "warmup": warmup, "runs": runs, "outputs": return_outputs}
     names = [str(p) for p in paths]
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:
@@ -296,20 +303,15 @@ def bench_artifacts(
                 report.device["cpu_model"] = f"QEMU {QEMU_CPU} (emulated on {report.device.get('cpu_model')})"
                 report.peak_rss_mb = None  # the emulator's memory, not the model's
             return report
-        if device.startswith("ssh://"):
-            target = SshTarget.parse(device)
-            if not remote_python or remote_python.startswith("-"):
-                raise EdgepruneError(f"bad --remote-python '{remote_python}': give an interpreter name or path")
-            out = _bench_ssh(
-                paths,
-                folder,
-                inputs,
-                args_kw,
-                timeout,
-                target=target,
-                identity=identity,
-                ssh_options=ssh_options,
-                remote_python=remote_python,
-            )
-            return _report(out, str(target), False, names)
-    raise EdgepruneError(f"unknown device '{device}'; use {DEVICES_HELP}")
+        out = _bench_ssh(
+            paths,
+            folder,
+            inputs,
+            args_kw,
+            timeout,
+            target=target,
+            identity=identity,
+            ssh_options=ssh_options,
+            remote_python=remote_python,
+        )
+        return _report(out, str(target), False, names)

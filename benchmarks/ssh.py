@@ -119,9 +119,7 @@ def ssh_failure(stderr: str, target: SshTarget, during: str) -> DeviceError:
             "or add your public key to the device's ~/.ssh/authorized_keys (ssh-copy-id)"
         )
     if "could not resolve hostname" in low or "name or service not known" in low:
-        return DeviceError(
-            f"cannot resolve device host name '{target.host}'; check the spelling or use its IP"
-        )
+        return DeviceError(f"cannot resolve device host name '{target.host}'; check the spelling or use its IP")
     for sign in ("connection refused", "no route to host", "network is unreachable", "connection timed out"):
         if sign in low:
             return DeviceError(
@@ -186,9 +184,7 @@ class SshSession:
 
     def _call(self, argv: list[str], timeout: float, during: str) -> subprocess.CompletedProcess:
         try:
-            proc = subprocess.run(
-                argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-            )
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
         except FileNotFoundError:
             raise EdgepruneError(f"'{argv[0]}' not found; install the OpenSSH client") from None
         except subprocess.TimeoutExpired:
