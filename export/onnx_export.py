@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from edgeprune.errors import EdgepruneError, UnsupportedModelError
 
+from .metadata import PREFIX, REFERENCE_BATCH, reference_entry, reference_inputs, set_metadata, weights_digest
 from .sparsity import TorchWeightCount, onnx_weight_sparsity, torch_weight_sparsity
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,7 @@ class ExportResult:
     path: Path
     onnx_bytes: int
     opset: int
-    zeros_torch: (
-        int  # zeros in the prunable (conv/linear/matmul) weights of the PyTorch model, biases excluded
-    )
+    zeros_torch: int  # zeros in the prunable (conv/linear/matmul) weights of the PyTorch model, biases excluded
     zeros_onnx: int  # the same count over the ONNX initializers
     prunable_torch: int
     prunable_onnx: int
@@ -140,9 +139,7 @@ def _zeros_match(onnx_model: onnx.ModelProto, counted: TorchWeightCount) -> tupl
     return ok, zeros, total
 
 
-def make_session(
-    model: onnx.ModelProto | bytes | str | Path, threads: int | None = None
-) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto | bytes | str | Path, threads: int | None = None) -> ort.InferenceSession:
     """An onnxruntime CPU session (full graph optimisation, as deployed)."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads if threads is not None else max(1, torch.get_num_threads())
@@ -158,17 +155,13 @@ def run_onnx(session: ort.InferenceSession, inputs: np.ndarray | torch.Tensor) -
     array = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
     array = array.astype(np.float32, copy=False)
     name = session.get_inputs()[0].name
-    chunks = [
-        session.run(None, {name: array[i : i + PARITY_BATCH]}) for i in range(0, len(array), PARITY_BATCH)
-    ]
+    chunks = [session.run(None, {name: array[i : i + PARITY_BATCH]}) for i in range(0, len(array), PARITY_BATCH)]
     return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
 
 
 @torch.no_grad()
 def run_torch(model: nn.Module, inputs: torch.Tensor) -> list[np.ndarray]:
-    outs = [
-        _flatten_outputs(model(inputs[i : i + PARITY_BATCH])) for i in range(0, len(inputs), PARITY_BATCH)
-    ]
+    outs = [_flatten_outputs(model(inputs[i : i + PARITY_BATCH])) for i in range(0, len(inputs), PARITY_BATCH)]
     return [torch.cat([o[k] for o in outs]).numpy() for k in range(len(outs[0]))]
 
 
@@ -202,9 +195,7 @@ def write_bytes_atomic(data: bytes, path: Path) -> int:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        raise EdgepruneError(
-            f"cannot write {path}: {exc.strerror or exc}; choose a writable output folder"
-        ) from None
+        raise EdgepruneError(f"cannot write {path}: {exc.strerror or exc}; choose a writable output folder") from None
     return len(data)
 
 
@@ -213,22 +204,9 @@ def _check_writable(path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise EdgepruneError(
-            f"cannot write {path}: {exc.strerror or exc}; choose a writable output folder"
-        ) from None
+        raise EdgepruneError(f"cannot write {path}: {exc.strerror or exc}; choose a writable output folder") from None
     if not os.access(path.parent, os.W_OK):
         raise EdgepruneError(f"cannot write {path}: folder is not writable; choose a writable output folder")
-
-
-def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
-    """Replace/insert ``metadata_props`` entries (values stored as strings)."""
-    existing = {p.key: p for p in model.metadata_props}
-    for key, value in metadata.items():
-        if key in existing:
-            existing[key].value = str(value)
-        else:
-            entry = model.metadata_props.add()
-            entry.key, entry.value = key, str(value)
 
 
 def export_onnx(
@@ -288,15 +266,16 @@ def export_onnx(
                 )
                 used = ""
     zeros, total = onnx_weight_sparsity(final)
-    if metadata:
-        set_metadata(final, metadata)
+    # onnxsim records its own run in metadata_props (long lists of removed nodes): not the user's business.
+    kept = [p for p in final.metadata_props if not p.key.startswith("onnxsim.")]
+    del final.metadata_props[:]
+    final.metadata_props.extend(kept)
+    set_metadata(final, _self_check_metadata(net, final, example, counted, metadata or {}))
 
     try:
         onnx.checker.check_model(final)
     except onnx.checker.ValidationError as exc:
-        raise UnsupportedModelError(
-            f"the exported ONNX graph is invalid: {str(exc).splitlines()[0]}"
-        ) from exc
+        raise UnsupportedModelError(f"the exported ONNX graph is invalid: {str(exc).splitlines()[0]}") from exc
 
     diff = parity_check(net, final, check, tol)
     size = write_atomic(final, path)
@@ -313,6 +292,32 @@ def export_onnx(
         bn_fold_extra_zeros=zeros - counted.zeros,
         simplifier=used,
     )
+
+
+def _self_check_metadata(
+    net: nn.Module,
+    graph: onnx.ModelProto,
+    example: torch.Tensor,
+    counted: TorchWeightCount,
+    metadata: dict[str, str],
+) -> dict[str, str]:
+    """Caller's metadata plus what makes the artifact checkable on its own (see `edgeprune.export.metadata`)."""
+    from edgeprune import __version__
+
+    shape = [REFERENCE_BATCH, *example.shape[1:]]
+    reference = run_torch(net, torch.from_numpy(reference_inputs(shape)))
+    # Keys without a namespace are edgeprune's ("strategy" -> "edgeprune.strategy").
+    given = {(k if "." in k else PREFIX + k): str(v) for k, v in metadata.items()}
+    entries = {
+        PREFIX + "version": __version__,
+        PREFIX + "global_sparsity": f"{counted.zeros / max(1, counted.total):.6f}",
+        **given,
+        PREFIX + "precision": "fp32",
+        PREFIX + "packing": "dense",
+        PREFIX + "weights_sha256": weights_digest(graph),
+        PREFIX + "reference": reference_entry(shape, reference, atol=1e-4, rtol=1e-5, source="pytorch"),
+    }
+    return entries
 
 
 def parity_check(net: nn.Module, onnx_model: onnx.ModelProto, inputs: torch.Tensor, tol: float) -> float:

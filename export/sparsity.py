@@ -99,17 +99,13 @@ def prunable_onnx_weights(path_or_model: str | Path | bytes | onnx.ModelProto) -
             if name not in arrays or name in found:
                 continue
             weight = arrays[name]
-            if not np.issubdtype(weight.dtype, np.floating) and not any(
-                n.op_type == "DequantizeLinear" for n in chain
-            ):
+            if not np.issubdtype(weight.dtype, np.floating) and not any(n.op_type == "DequantizeLinear" for n in chain):
                 continue  # integer shape constants fed to MatMul are not weights
             found[name] = _dequantize_through(weight, chain, arrays)
     return found
 
 
-def _dequantize_through(
-    weight: np.ndarray, chain: list[onnx.NodeProto], arrays: dict[str, np.ndarray]
-) -> np.ndarray:
+def _dequantize_through(weight: np.ndarray, chain: list[onnx.NodeProto], arrays: dict[str, np.ndarray]) -> np.ndarray:
     """Apply the DequantizeLinear in ``chain`` (if any) so zeros are judged on real values."""
     for node in chain:
         if node.op_type != "DequantizeLinear":

@@ -176,7 +176,9 @@ def test_metadata_and_opset_are_written(tmp_path):
     model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
     result = export_onnx(model, torch.randn(1, 3, 2, 2), tmp_path / "m.onnx", opset=18, metadata={"k": "v"})
     loaded = onnx.load(str(result.path))
-    assert {p.key: p.value for p in loaded.metadata_props}["k"] == "v"
+    props = {p.key: p.value for p in loaded.metadata_props}
+    assert props["edgeprune.k"] == "v"  # un-namespaced keys are edgeprune's
+    assert props["edgeprune.precision"] == "fp32" and len(props["edgeprune.weights_sha256"]) == 64
     assert max(o.version for o in loaded.opset_import if o.domain in ("", "ai.onnx")) == 18
     with pytest.raises(EdgepruneError, match="opset"):
         export_onnx(model, torch.randn(1, 3, 2, 2), tmp_path / "old.onnx", opset=13)

@@ -1,1 +1,198 @@
-"""`edgeprune export` (stub: filled in by its owner)."""
+"""`edgeprune export` (a model + checkpoint -> verified artifacts) and `edgeprune verify` (check one artifact)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from ..errors import EdgepruneError
+from ._app import app
+
+
+@app.command("export")
+def export_cmd(
+    model: str = typer.Option(
+        "demo", help="'demo', a timm name (resnet18, timm:vit_tiny_patch16_224) or pkg.mod:factory"
+    ),
+    checkpoint: Path | None = typer.Option(None, help="state_dict to load (torch.load with weights_only=True)"),
+    pretrained: bool = typer.Option(False, help="download timm's pretrained weights (needs internet)"),
+    num_classes: int | None = typer.Option(None, help="classifier outputs (default: from the data)"),
+    in_chans: int | None = typer.Option(None, help="input channels (default: from the data)"),
+    image_size: int | None = typer.Option(None, help="input size in pixels (default: from the data)"),
+    data: str = typer.Option("demo", help="'demo', 'fashion-mnist' or 'imagefolder:PATH' (calibration, checks)"),
+    calib_size: int = typer.Option(256, help="calibration images for INT8"),
+    eval_size: int = typer.Option(500, help="evaluation images (parity check, ONNX accuracy)"),
+    target: str = typer.Option("arm64", help="deployment target profile (see `edgeprune targets`)"),
+    quantize: str | None = typer.Option(None, help="int8 or none (default: the target profile's)"),
+    pack: str = typer.Option("dense", help="dense, or sparse: zeroed weights as ONNX sparse initializers"),
+    ort_format: bool = typer.Option(False, "--ort-format", help="also write model.ort for onnxruntime mobile"),
+    opset: int | None = typer.Option(None, help="ONNX opset (default: the target profile's)"),
+    simplify: bool = typer.Option(True, help="simplify the graph (zeros are checked to survive)"),
+    out: Path = typer.Option(Path("edgeprune-out"), help="output directory"),
+    as_json: bool = typer.Option(False, "--json", help="print the result as JSON"),
+) -> None:
+    """Export a (pruned) model to a verified model.onnx, with INT8 / sparse-packed / ORT-format companions."""
+    import torch
+
+    from edgeprune.data import load_data
+    from edgeprune.export import build_metadata, export_onnx
+    from edgeprune.export.ship import ship_artifacts
+    from edgeprune.models import load_model
+    from edgeprune.pipeline import _match_data_to_model, prepare_output_dir, publish
+    from edgeprune.targets import get_target
+
+    console = Console(stderr=True)
+    profile = get_target(target)  # fail on a bad target before any slow work
+    if quantize is not None and quantize not in ("int8", "none"):
+        raise EdgepruneError(f"--quantize must be int8 or none, got '{quantize}'")
+    if pack not in ("dense", "sparse"):
+        raise EdgepruneError(f"--pack must be dense or sparse, got '{pack}'")
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), profile.threads)))
+
+    with console.status("loading model and data"):
+        bundle = load_data(data, calib_size=calib_size, eval_size=eval_size, image_size=image_size)
+        net = load_model(
+            model,
+            checkpoint=checkpoint,
+            pretrained=pretrained,
+            num_classes=num_classes or bundle.num_classes,
+            in_chans=in_chans or bundle.in_chans,
+            img_size=bundle.image_size,
+        )
+        bundle = _match_data_to_model(net, bundle)
+
+    staging = prepare_output_dir(out)
+    try:
+        with console.status("exporting to ONNX and checking it against PyTorch"):
+            metadata = build_metadata(
+                source_model=model if checkpoint is None else f"{model} ({checkpoint.name})",
+                strategy="as-is",
+                target=profile.name,
+                calibration_size=len(bundle.calib_x),
+            )
+            result = export_onnx(
+                net,
+                bundle.eval_x[:1],
+                staging / "model.onnx",
+                check_inputs=bundle.eval_x[:64],
+                opset=opset or profile.opset,
+                simplify=simplify,
+                metadata=metadata,
+            )
+        with console.status("writing INT8 / packed / ORT-format artifacts and checking each"):
+            shipped = ship_artifacts(
+                result.path,
+                target=profile,
+                quantize=quantize,
+                pack=pack,
+                ort_format=ort_format,
+                calibration=bundle.calib_x,
+                check_inputs=bundle.eval_x[:256],
+                eval_x=bundle.eval_x,
+                eval_y=bundle.eval_y,
+            )
+        published = publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    summary = {
+        "model": model,
+        "target": profile.name,
+        "artifacts": published,
+        "sparsity": result.sparsity_onnx,
+        "zeros_torch": result.zeros_torch,
+        "zeros_onnx": result.zeros_onnx,
+        "parity_max_abs_diff": result.parity_max_abs_diff,
+        "simplified": result.simplified,
+        **shipped.to_dict(),
+    }
+    for key in ("fp32", "int8", "ort"):  # staging paths: the published ones are under "artifacts"
+        summary.pop(key, None)
+    if summary.get("quantize"):
+        summary["quantize"].pop("path", None)
+    if as_json:
+        print(json.dumps(summary, indent=2, default=str))
+        return
+    _print_export(summary, Console())
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.1f}%"
+
+
+def _print_export(s: dict, console: Console) -> None:
+    table = Table(title=f"{s['model']} -> {s['target']}: sparsity {_pct(s['sparsity'])}, packing {s['packing']}")
+    for col in ("artifact", "bytes", "gzip", "of dense", "floor", "accuracy"):
+        table.add_column(col, justify="left" if col == "artifact" else "right")
+    for name, size in s["sizes"].items():
+        acc = s["int8_accuracy"] if ".int8." in name else s["fp32_accuracy"]
+        table.add_row(
+            name,
+            f"{size['bytes']:,}",
+            f"{size['gzip_bytes']:,}",
+            _pct(size["ratio"]),
+            _pct(size["floor_ratio"]),
+            _pct(acc) if name.endswith(".onnx") else "",
+        )
+    console.print(table)
+    console.print(
+        f"parity vs PyTorch: max |diff| {s['parity_max_abs_diff']:.2g}; zeros PyTorch {s['zeros_torch']:,} "
+        f"-> ONNX {s['zeros_onnx']:,}"
+    )
+    q = s.get("quantize")
+    if q:
+        console.print(
+            f"INT8 ({q['int8_format']}, {q['calibration_size']} calibration images): top-1 agreement with FP32 "
+            f"{q['top1_agreement']:.3f}, zeros kept {q['zeros_fp32']:,} -> {q['zeros_int8']:,}"
+        )
+    for name, path in s["artifacts"].items():
+        console.print(f"  {name}: {path}")
+
+
+@app.command("verify")
+def verify_cmd(
+    artifact: Path = typer.Argument(..., help="an .onnx or .ort artifact"),
+    target: str | None = typer.Option(
+        None, help="target profile; an arm64 one runs the artifact with aarch64 onnxruntime under QEMU"
+    ),
+    data: str | None = typer.Option(None, help="images to compare on ('demo', 'imagefolder:PATH'; default random)"),
+    samples: int = typer.Option(16, help="how many images from --data"),
+    image_size: int | None = typer.Option(None, help="resize --data images to this size"),
+    cache_dir: Path | None = typer.Option(None, help="QEMU rootfs cache (default ~/.cache/edgeprune/qemu-arm64)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+) -> None:
+    """Check an artifact: graph, weights digest, sparsity, reference outputs, and (arm64) emulated run."""
+    from edgeprune.export import verify_artifact
+
+    console = Console(stderr=True)
+    inputs = None
+    if data is not None:
+        from edgeprune.data import load_data
+
+        bundle = load_data(data, calib_size=1, eval_size=max(1, samples), image_size=image_size)
+        inputs = bundle.eval_x[:samples]
+    report = verify_artifact(
+        artifact,
+        target=target,
+        inputs=inputs,
+        cache_dir=cache_dir,
+        progress=lambda m: console.print(f"  {m}"),
+    )
+    if as_json:
+        print(json.dumps(report.to_dict(), indent=2, default=str))
+    else:
+        table = Table(title=f"verify {artifact} ({report.format}, {report.precision})")
+        for col in ("check", "result", "detail"):
+            table.add_column(col)
+        for c in report.checks:
+            style = {"ok": "green", "FAILED": "bold red", "skipped": "dim"}[c.status]
+            table.add_row(c.name, f"[{style}]{c.status}[/{style}]", c.detail)
+        Console().print(table)
+    if not report.ok:
+        failed = ", ".join(c.name for c in report.failures())
+        raise EdgepruneError(f"{artifact} failed verification ({failed})")

@@ -1,0 +1,268 @@
+"""What an artifact says about itself: ``metadata_props`` written at export, read back and rechecked.
+
+Every key edgeprune writes starts with ``edgeprune.``. Two keys make an artifact self-checking, so
+``edgeprune verify`` can tell a corrupted file from a good one without the PyTorch model:
+
+- ``edgeprune.weights_sha256``: a digest of every initializer (sparse ones densified first, so a packed
+  artifact has the digest of its dense-stored twin);
+- ``edgeprune.reference``: the model's outputs on a fixed pseudo-random input (numpy seed, shape), as
+  PyTorch (FP32) or onnxruntime at quantization time (INT8) computed them, with the tolerance to use.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from edgeprune import __version__
+from edgeprune.errors import EdgepruneError
+
+from .sparsity import _sparse_to_dense, onnx_layer_sparsity, onnx_weight_sparsity, prunable_onnx_weights
+
+PREFIX = "edgeprune."
+# Keys whose values are JSON (decoded by `read_metadata`) or numbers.
+_JSON_KEYS = {"layer_sparsity", "reference"}
+_FLOAT_KEYS = {"global_sparsity"}
+_INT_KEYS = {"calibration_size", "opset"}
+REFERENCE_SEED = 0
+REFERENCE_BATCH = 2
+REFERENCE_MAX_VALUES = 2048
+
+
+def build_metadata(
+    *,
+    source_model: str = "",
+    strategy: str = "",
+    signal: str = "",
+    global_sparsity: float | None = None,
+    layer_sparsity: dict[str, float] | None = None,
+    target: str = "",
+    calibration_size: int | None = None,
+    **extra: Any,
+) -> dict[str, str]:
+    """The ``edgeprune.*`` metadata entries for an artifact, as strings ready for ``export_onnx(metadata=...)``.
+
+    ``layer_sparsity`` maps PyTorch layer names to their fraction of zeros. ``extra`` keys are added with
+    the same prefix (dicts and lists JSON-encoded).
+    """
+    fields: dict[str, Any] = {
+        "version": __version__,
+        "source_model": source_model,
+        "strategy": strategy,
+        "signal": signal,
+        "target": target,
+    }
+    if global_sparsity is not None:
+        fields["global_sparsity"] = f"{float(global_sparsity):.6f}"
+    if layer_sparsity is not None:
+        fields["layer_sparsity"] = json.dumps({k: round(float(v), 6) for k, v in layer_sparsity.items()})
+    if calibration_size is not None:
+        fields["calibration_size"] = int(calibration_size)
+    fields.update(extra)
+    return {
+        PREFIX + k: (json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+        for k, v in fields.items()
+        if v is not None
+    }
+
+
+def set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    """Insert or replace ``metadata_props`` entries (values stored as strings)."""
+    existing = {p.key: p for p in model.metadata_props}
+    for key, value in metadata.items():
+        if key in existing:
+            existing[key].value = str(value)
+        else:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, str(value)
+
+
+def raw_metadata(model: onnx.ModelProto) -> dict[str, str]:
+    return {p.key: p.value for p in model.metadata_props}
+
+
+def _parse(key: str, value: str) -> Any:
+    short = key[len(PREFIX) :] if key.startswith(PREFIX) else key
+    try:
+        if short in _JSON_KEYS:
+            return json.loads(value)
+        if short in _FLOAT_KEYS:
+            return float(value)
+        if short in _INT_KEYS:
+            return int(value)
+    except ValueError:
+        return value  # a hand-edited or foreign value: show it as is
+    return value
+
+
+def read_metadata(path_or_model: str | Path | onnx.ModelProto) -> dict[str, Any]:
+    """All ``metadata_props`` of an artifact; ``edgeprune.`` prefix dropped, JSON and numbers decoded.
+
+    Reads ``.ort`` files through onnxruntime. Keys from other tools are kept under their own names.
+    """
+    if isinstance(path_or_model, onnx.ModelProto):
+        raw = raw_metadata(path_or_model)
+    elif Path(path_or_model).suffix == ".ort":
+        raw = _ort_metadata(Path(path_or_model))
+    else:
+        raw = raw_metadata(load_artifact(path_or_model, load_weights=False))
+    return {(k[len(PREFIX) :] if k.startswith(PREFIX) else k): _parse(k, v) for k, v in raw.items()}
+
+
+def _ort_metadata(path: Path) -> dict[str, str]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return dict(session.get_modelmeta().custom_metadata_map)
+
+
+def load_artifact(path: str | Path, *, load_weights: bool = True) -> onnx.ModelProto:
+    """``onnx.load`` with a user-facing error for a missing or unreadable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgepruneError(f"artifact not found: {path}")
+    try:
+        return onnx.load(str(path), load_external_data=load_weights)
+    except Exception as exc:  # protobuf raises DecodeError and friends on a damaged file
+        raise EdgepruneError(f"{path} is not a readable ONNX model ({type(exc).__name__}); re-export it") from None
+
+
+def weights_digest(model: onnx.ModelProto) -> str:
+    """SHA-256 over every initializer's name, dtype, shape and values (sparse ones densified)."""
+    arrays: dict[str, np.ndarray] = {init.name: numpy_helper.to_array(init) for init in model.graph.initializer}
+    for sparse in model.graph.sparse_initializer:
+        arrays[sparse.values.name] = _sparse_to_dense(sparse)
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        if np.issubdtype(a.dtype, np.floating):
+            # -0.0 (a zero weight times a negative BN scale) and 0.0 are the same weight; sparse storage
+            # keeps neither, so hash them alike.
+            a = np.where(a == 0, np.zeros((), a.dtype), a)
+        digest.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def reference_inputs(shape: list[int] | tuple[int, ...], seed: int = REFERENCE_SEED) -> np.ndarray:
+    """The fixed input the embedded reference outputs were computed on (reproducible without torch)."""
+    return np.random.RandomState(seed).standard_normal(tuple(shape)).astype(np.float32)
+
+
+def reference_entry(shape: list[int], outputs: list[np.ndarray], atol: float, rtol: float, source: str) -> str:
+    return json.dumps(
+        {
+            "seed": REFERENCE_SEED,
+            "shape": [int(d) for d in shape],
+            "atol": atol,
+            "rtol": rtol,
+            "source": source,
+            # Only the first values of each output: enough to catch a wrong graph, small for big outputs.
+            "outputs": [np.asarray(o, dtype=np.float32).ravel()[:REFERENCE_MAX_VALUES].tolist() for o in outputs],
+        }
+    )
+
+
+def reference_mismatch(reference: dict[str, Any], outputs: list[np.ndarray]) -> float:
+    """How far ``outputs`` (on `reference_inputs`) are from the embedded reference, in units of its tolerance.
+
+    <= 1 means within tolerance; ``inf`` when the number or size of outputs differs.
+    """
+    expected = reference.get("outputs", [])
+    if len(expected) != len(outputs):
+        return float("inf")
+    worst = 0.0
+    for want, got in zip(expected, outputs, strict=True):
+        want = np.asarray(want, dtype=np.float64)
+        got = np.asarray(got, dtype=np.float64).ravel()[: want.size]
+        if got.size != want.size:
+            return float("inf")
+        allowed = reference["atol"] + reference["rtol"] * np.abs(want)
+        ratio = np.abs(got - want) / allowed
+        if np.isnan(ratio).any():
+            return float("inf")
+        worst = max(worst, float(ratio.max(initial=0.0)))
+    return worst
+
+
+def file_sizes(path: str | Path) -> dict[str, int]:
+    """Raw bytes and gzip -9 bytes of a file (what a download or an OTA update costs)."""
+    data = Path(path).read_bytes()
+    return {"bytes": len(data), "gzip_bytes": len(gzip.compress(data, compresslevel=9, mtime=0))}
+
+
+def _io_desc(values: Any) -> list[dict[str, Any]]:
+    out = []
+    for v in values:
+        dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in v.type.tensor_type.shape.dim]
+        out.append(
+            {"name": v.name, "shape": dims, "dtype": onnx.TensorProto.DataType.Name(v.type.tensor_type.elem_type)}
+        )
+    return out
+
+
+def describe_artifact(path: str | Path) -> dict[str, Any]:
+    """Everything ``edgeprune inspect model.onnx`` prints: sizes, I/O, metadata, and sparsity recounted.
+
+    ``recount`` is computed from the weights themselves; ``checks`` compares it (and the weights digest)
+    with what the metadata claims. A ``.ort`` file gives sizes, I/O and metadata only.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise EdgepruneError(f"artifact not found: {path}")
+    info: dict[str, Any] = {"path": str(path), **file_sizes(path)}
+    if path.suffix == ".ort":
+        import onnxruntime as ort
+
+        try:
+            session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise EdgepruneError(f"{path} is not a loadable ORT-format model: {str(exc)[:200]}") from None
+        raw = dict(session.get_modelmeta().custom_metadata_map)
+        info["format"] = "ort"
+        info["inputs"] = [{"name": i.name, "shape": i.shape, "dtype": i.type} for i in session.get_inputs()]
+        info["outputs"] = [{"name": o.name, "shape": o.shape, "dtype": o.type} for o in session.get_outputs()]
+        info["metadata"] = {(k[len(PREFIX) :] if k.startswith(PREFIX) else k): _parse(k, v) for k, v in raw.items()}
+        return info
+
+    model = load_artifact(path)
+    meta = read_metadata(model)
+    zeros, total = onnx_weight_sparsity(model)
+    layers = onnx_layer_sparsity(model)
+    weights = prunable_onnx_weights(model)
+    info.update(
+        {
+            "format": "onnx",
+            "opset": max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=None),
+            "producer": f"{model.producer_name} {model.producer_version}".strip(),
+            "precision": "int8" if any(n.op_type == "DequantizeLinear" for n in model.graph.node) else "fp32",
+            "packing": "sparse" if len(model.graph.sparse_initializer) else "dense",
+            "inputs": _io_desc(model.graph.input),
+            "outputs": _io_desc(model.graph.output),
+            "metadata": meta,
+            "recount": {
+                "zeros": zeros,
+                "prunable": total,
+                "sparsity": zeros / total if total else 0.0,
+                "layers": [
+                    {"name": name, "shape": list(weights[name].shape), "sparsity": layers[name]} for name in layers
+                ],
+            },
+        }
+    )
+    checks: dict[str, Any] = {}
+    if "weights_sha256" in meta:
+        checks["weights_sha256_ok"] = meta["weights_sha256"] == weights_digest(model)
+    if isinstance(meta.get("global_sparsity"), float) and total:
+        # The recorded figure is PyTorch's; BN folding can add zeros, never remove them.
+        checks["sparsity_recorded"] = meta["global_sparsity"]
+        checks["sparsity_ok"] = zeros / total >= meta["global_sparsity"] - 1e-6  # stored with 6 decimals
+    info["checks"] = checks
+    return info
