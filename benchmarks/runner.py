@@ -55,6 +55,63 @@ def latency_stats(samples_ms: list[float] | np.ndarray) -> dict:
     }
 
 
+# Arm "CPU part" numbers (implementer 0x41) of the cores edge boards use; /proc/cpuinfo on arm64 has no
+# model name, only these.
+ARM_PARTS = {
+    "0xd03": "Cortex-A53",
+    "0xd04": "Cortex-A35",
+    "0xd05": "Cortex-A55",
+    "0xd07": "Cortex-A57",
+    "0xd08": "Cortex-A72",
+    "0xd09": "Cortex-A73",
+    "0xd0a": "Cortex-A75",
+    "0xd0b": "Cortex-A76",
+    "0xd0c": "Neoverse-N1",
+    "0xd0d": "Cortex-A77",
+    "0xd40": "Neoverse-V1",
+    "0xd41": "Cortex-A78",
+    "0xd42": "Cortex-A78AE",
+    "0xd44": "Cortex-X1",
+    "0xd46": "Cortex-A510",
+    "0xd47": "Cortex-A710",
+    "0xd49": "Neoverse-N2",
+    "0xd4f": "Neoverse-V2",
+}
+# CPU flags that decide how fast INT8 runs: Arm dot-product / int8 matmul / SVE, x86 VNNI.
+INT8_FLAGS = ("asimddp", "i8mm", "sve", "avx2", "avx512_vnni", "avx_vnni", "amx_int8")
+
+
+def parse_cpuinfo(text: str) -> dict:
+    """CPU model and INT8-relevant flags from the text of /proc/cpuinfo (x86 or arm64)."""
+    fields = {}
+    for line in text.splitlines():
+        if ":" in line:
+            key, value = line.split(":", 1)
+            fields.setdefault(key.strip().lower(), value.strip())  # first CPU's value
+    model = fields.get("model name") or fields.get("cpu model")
+    if not model and fields.get("cpu implementer") == "0x41":
+        part = fields.get("cpu part", "").lower()
+        model = ARM_PARTS.get(part, "Arm core " + part)
+    # "model" is a board name on Arm ("Raspberry Pi 4 Model B Rev 1.4") but a number on x86.
+    board = fields.get("model") if not fields.get("model", "0").isdigit() else None
+    model = model or fields.get("hardware") or board
+    flags = set((fields.get("flags") or fields.get("features") or "").split())
+    return {
+        "cpu_model": model or None,
+        "board": board,
+        "int8_flags": [f for f in INT8_FLAGS if f in flags],
+        "dotprod": ("asimddp" in flags) if ("features" in fields) else None,
+    }
+
+
+def _read(path: str):
+    try:
+        with open(path, "rb") as fh:
+            return fh.read().decode("utf-8", "replace").strip().strip("\x00") or None
+    except OSError:
+        return None
+
+
 def device_facts() -> dict:
     """What the machine is: enough to tell two benchmark results apart."""
     import onnxruntime as ort
@@ -68,22 +125,16 @@ def device_facts() -> dict:
         "onnxruntime": ort.__version__,
         "cpu_count": os.cpu_count(),
         "cpu_model": None,
-        "governor": None,
+        "board": None,
+        "int8_flags": [],
+        "dotprod": None,
+        "governor": _read("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor"),
     }
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                key = line.split(":")[0].strip().lower()
-                if key in ("model name", "cpu model", "hardware") and ":" in line:
-                    facts["cpu_model"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    try:
-        with open("/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor") as fh:
-            facts["governor"] = fh.read().strip()
-    except OSError:
-        pass
+    cpuinfo = _read("/proc/cpuinfo")
+    if cpuinfo:
+        facts.update(parse_cpuinfo(cpuinfo))
+    # Jetson and most device-tree boards name themselves here (the Pi too, without "Model" in cpuinfo).
+    facts["board"] = facts["board"] or _read("/proc/device-tree/model")
     return facts
 
 

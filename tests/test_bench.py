@@ -259,3 +259,51 @@ def test_runner_stays_python38_and_self_contained():
     newer_apis = {"removeprefix", "removesuffix"}  # str methods of 3.9
     assert not [n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute) and n.attr in newer_apis]
     assert not [k for n in ast.walk(tree) if isinstance(n, ast.Call) for k in n.keywords if k.arg == "strict"]
+
+
+PI4_CPUINFO = """processor	: 0
+BogoMIPS	: 108.00
+Features	: fp asimd evtstrm crc32 cpuid
+CPU implementer	: 0x41
+CPU architecture: 8
+CPU variant	: 0x0
+CPU part	: 0xd08
+CPU revision	: 3
+
+Revision	: c03114
+Model		: Raspberry Pi 4 Model B Rev 1.4
+"""
+PI5_FEATURES = "fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp"
+X86_CPUINFO = """processor	: 0
+vendor_id	: GenuineIntel
+model		: 143
+model name	: Intel(R) Xeon(R) Platinum 8480+
+flags		: fpu vme sse sse2 avx avx2 avx512f avx512_vnni amx_int8
+"""
+
+
+def test_parse_cpuinfo_names_arm_cores_and_int8_flags():
+    pi4 = runner.parse_cpuinfo(PI4_CPUINFO)
+    assert pi4 == {
+        "cpu_model": "Cortex-A72",
+        "board": "Raspberry Pi 4 Model B Rev 1.4",
+        "int8_flags": [],
+        "dotprod": False,
+    }
+    pi5 = runner.parse_cpuinfo(
+        PI4_CPUINFO.replace("0xd08", "0xd0b").replace("fp asimd evtstrm crc32 cpuid", PI5_FEATURES)
+    )
+    assert pi5["cpu_model"] == "Cortex-A76" and pi5["dotprod"] is True and pi5["int8_flags"] == ["asimddp"]
+    x86 = runner.parse_cpuinfo(X86_CPUINFO)
+    assert x86["cpu_model"] == "Intel(R) Xeon(R) Platinum 8480+" and x86["board"] is None
+    assert x86["int8_flags"] == ["avx2", "avx512_vnni", "amx_int8"] and x86["dotprod"] is None
+
+
+def test_target_mismatch_warnings():
+    from edgeprune.cli.bench import _target_mismatch
+    from edgeprune.targets import get_target
+
+    pi4_facts = {"machine": "aarch64", "dotprod": False}
+    assert _target_mismatch(get_target("rpi4"), pi4_facts) == []  # the profile already says INT8 is not worth it
+    assert "dot-product" in _target_mismatch(get_target("rpi5"), pi4_facts)[0]
+    assert "is aarch64 but the device is x86_64" in _target_mismatch(get_target("arm64"), {"machine": "x86_64"})[0]

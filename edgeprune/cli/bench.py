@@ -84,11 +84,13 @@ def _print_report(report: BenchReport, console: Console) -> None:
     d = report.device
     facts = [
         str(d.get("spec")),
+        *([d["board"]] if d.get("board") else []),
         d.get("cpu_model") or "unknown CPU",
         f"{d.get('machine')}",
         f"{d.get('cpu_count')} cores",
         f"onnxruntime {d.get('onnxruntime')}",
         f"governor {d.get('governor') or 'n/a'}",
+        f"INT8 flags: {', '.join(d.get('int8_flags') or []) or 'none'}",
         f"{report.threads} thread(s)",
     ]
     console.print("device: " + " · ".join(facts), highlight=False)
@@ -140,6 +142,19 @@ def _write_json(path: Path, report: BenchReport) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         raise EdgepruneError(f"cannot write --json {path}: {exc.strerror or exc}") from None
+
+
+def _target_mismatch(profile, device: dict) -> list[str]:
+    """Ways the measured device contradicts the --target profile (the profile may need a user override)."""
+    out = []
+    if device.get("machine") and device["machine"] != profile.arch:
+        out.append(f"target {profile.name} is {profile.arch} but the device is {device['machine']}")
+    elif device.get("dotprod") is False and profile.int8_worth_it:
+        out.append(
+            f"target {profile.name} assumes fast INT8, but this CPU has no dot-product instructions "
+            "(asimddp); INT8 may not pay off here"
+        )
+    return out
 
 
 @app.command("bench")
@@ -210,11 +225,8 @@ def bench_command(
             remote_python=remote_python,
         )
     _print_report(report, console)
-    if profile and report.device.get("machine") not in (None, profile.arch):
-        console.print(
-            f"[yellow]warning: target {profile.name} is {profile.arch} but the device is "
-            f"{report.device.get('machine')}[/yellow]"
-        )
+    for warning in _target_mismatch(profile, report.device) if profile else []:
+        console.print(f"[yellow]warning: {warning}[/yellow]", highlight=False)
     if json_out is not None:
         _write_json(json_out, report)
         console.print(f"wrote {json_out}", highlight=False)
