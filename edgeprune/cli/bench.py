@@ -162,7 +162,7 @@ def bench_command(
     artifacts: list[Path] = typer.Argument(..., help="ONNX artifacts; ratios are relative to the first."),
     device: str = typer.Option("local", "--device", "-d", help=f"Where to run: {DEVICES_HELP}."),
     threads: int | None = typer.Option(
-        None, "--threads", "-t", help="onnxruntime intra-op threads [default: the --target's, else 1]."
+        None, "--threads", "-t", help="onnxruntime intra-op threads (default: the --target's, else 1)."
     ),
     runs: int = typer.Option(50, "--runs", help="Timed runs per artifact."),
     warmup: int = typer.Option(10, "--warmup", help="Untimed runs per artifact first."),
@@ -173,7 +173,7 @@ def bench_command(
     calib_size: int | None = typer.Option(
         None,
         "--calib-size",
-        help="Calibration images compress held out (skipped here) [default: from the artifact, else 1000].",
+        help="Calibration images compress held out, skipped here (default: from the artifact, else 1000).",
     ),
     seed: int = typer.Option(0, "--seed", help="Data split seed (use compress's)."),
     batch: int = typer.Option(1, "--batch", help="Batch size of the timed input (if the model's is dynamic)."),
