@@ -26,7 +26,7 @@ import platform
 import shlex
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -96,10 +96,10 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], shifted.flip(3), shifted)
 
 
-def prepare(images_u8: torch.Tensor, image_size: int, in_chans: int) -> torch.Tensor:
-    """uint8 (N, 1, 28, 28) → float normalized, resized and channel-repeated like edgeprune.data does."""
-    x = (images_u8.float() / 255.0 - FMNIST_MEAN[0]) / FMNIST_STD[0]
-    x = resize_images(x, image_size)
+def prepare(images: torch.Tensor, image_size: int, in_chans: int) -> torch.Tensor:
+    """uint8 or [0, 1] float (N, 1, 28, 28) → normalized, resized, channel-repeated, as edgeprune.data does."""
+    x = images.float() / 255.0 if images.dtype == torch.uint8 else images
+    x = resize_images((x - FMNIST_MEAN[0]) / FMNIST_STD[0], image_size)
     return x.expand(-1, in_chans, -1, -1) if in_chans != 1 else x
 
 
@@ -138,8 +138,10 @@ def train_one(
     out: Path,
     command: str,
     threads: int,
+    overrides: dict,
 ) -> dict:
     recipe = RECIPES.get(name, _SGD)
+    recipe = replace(recipe, **{k: v for k, v in overrides.items() if v is not None})
     torch.manual_seed(seed)
     model = timm.create_model(name).to(device)
     in_chans, image_size, _ = model.pretrained_cfg["input_size"]
@@ -168,7 +170,8 @@ def train_one(
         correct = torch.zeros((), device=device, dtype=torch.long)
         for i in range(0, n, recipe.batch_size):
             idx = order[i : i + recipe.batch_size]
-            x = augment(prepare(train_x[idx], image_size, in_chans), gen)
+            # Augment before normalizing so the shift pads with black, the images' background.
+            x = prepare(augment(train_x[idx].float() / 255.0, gen), image_size, in_chans)
             y = train_y[idx]
             logits = model(x)
             loss = F.cross_entropy(logits, y)
@@ -243,6 +246,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="train on the first N training images (smoke test)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optimizer", choices=["sgd", "adamw"], default=None, help="override the model's recipe")
+    parser.add_argument("--lr", type=float, default=None, help="override the recipe's peak learning rate")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the recipe's batch size")
     args = parser.parse_args(argv)
 
     if args.threads:
@@ -268,7 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     test = to_device(test_images, test_labels)
     command = " ".join(shlex.quote(a) for a in [Path(sys.argv[0]).as_posix(), *(argv or sys.argv[1:])])
     threads = torch.get_num_threads()
-    results = [train_one(m, epochs[m], train, test, device, args.seed, args.out, command, threads) for m in models]
+    overrides = {"optimizer": args.optimizer, "lr": args.lr, "batch_size": args.batch_size}
+    results = [
+        train_one(m, epochs[m], train, test, device, args.seed, args.out, command, threads, overrides) for m in models
+    ]
     for r in results:
         print(f"{r['model']:22s} {r['test_accuracy']:.4f}  {r['epochs']:3d} epochs  {r['train_seconds']:7.0f} s")
 
