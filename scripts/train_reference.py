@@ -46,14 +46,14 @@ class Recipe:
     optimizer: str  # "sgd" (Nesterov, momentum 0.9) or "adamw"
     lr: float  # peak of the one-cycle schedule
     weight_decay: float
-    batch_size: int = 128
+    batch_size: int = 256  # 235 steps an epoch: on a GPU these small models are bound by launch overhead
     warmup: float = 0.15  # fraction of steps spent warming up
 
 
 # CNNs with BatchNorm train best with SGD; transformers and the depthwise MobileNet with AdamW.
-_SGD = Recipe("sgd", lr=0.05, weight_decay=5e-4)
+_SGD = Recipe("sgd", lr=0.1, weight_decay=5e-4)
 _ADAMW_CNN = Recipe("adamw", lr=3e-3, weight_decay=0.01)
-_ADAMW_VIT = Recipe("adamw", lr=1e-3, weight_decay=0.05, warmup=0.1)
+_ADAMW_VIT = Recipe("adamw", lr=1.5e-3, weight_decay=0.05, warmup=0.1)
 RECIPES: dict[str, Recipe] = {
     "fmnist_resnet": _SGD,
     "fmnist_resnet18": _SGD,
@@ -113,7 +113,7 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return correct / len(images)
 
 
-def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, recipe: Recipe, fused: bool) -> torch.optim.Optimizer:
     # No weight decay on norms, biases, position embeddings and tokens (1-D tensors and *_token / pos_embed).
     decay, no_decay = [], []
     for name, p in model.named_parameters():
@@ -124,8 +124,8 @@ def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimi
         {"params": no_decay, "weight_decay": 0.0},
     ]
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=recipe.lr, momentum=0.9, nesterov=True)
-    return torch.optim.AdamW(groups, lr=recipe.lr)
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=0.9, nesterov=True, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=recipe.lr, fused=fused or None)
 
 
 def train_one(
@@ -150,7 +150,7 @@ def train_one(
     train_x, train_y = train
     n = len(train_x)
     steps_per_epoch = math.ceil(n / recipe.batch_size)
-    optimizer = make_optimizer(model, recipe)
+    optimizer = make_optimizer(model, recipe, fused=device.type == "cuda")  # fused: one kernel per step
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer,
         max_lr=recipe.lr,
@@ -261,6 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls: the transformers' linears, ~2x faster
 
     train_images, train_labels = read_fashion_mnist("train", args.fmnist_dir)
     test_images, test_labels = read_fashion_mnist("test", args.fmnist_dir)
