@@ -93,6 +93,90 @@ def pack_model(model: onnx.ModelProto) -> tuple[onnx.ModelProto, int, int]:
     return packed, len(sparse), nnz_total
 
 
+def compact_graph(model: onnx.ModelProto, keep: set[str]) -> dict[str, str]:
+    """Shrink the graph's bookkeeping in place; returns {new name: old name} for renamed initializers.
+
+    For a small model the names of a QDQ graph cost more than its sparse weights: intermediate values and
+    scale/zero-point initializers get short names (graph inputs/outputs and the ``keep`` names stay),
+    node names (optional) are dropped, and the all-zero zero points of int8 weight / int32 bias
+    DequantizeLinear nodes (optional, 0 by default) are removed. Graphs with subgraphs (If/Loop) are
+    left as they are.
+    """
+    graph = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in graph.node for a in n.attribute):
+        return {}
+    arrays = {i.name: i for i in graph.initializer}
+    dtypes = {i.name: i.data_type for i in graph.initializer}
+    dtypes.update({s.values.name: s.values.data_type for s in graph.sparse_initializer})
+    # Drop all-zero zero points of int8 / int32 DequantizeLinear inputs (symmetric weights, biases).
+    uses: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    dropped = set()
+    for node in graph.node:
+        if node.op_type == "DequantizeLinear" and len(node.input) == 3 and node.input[0] in dtypes:
+            zp = arrays.get(node.input[2])
+            if (
+                dtypes[node.input[0]] in (onnx.TensorProto.INT32, onnx.TensorProto.INT8)
+                and zp is not None
+                and uses.get(zp.name) == 1
+                and not np.any(numpy_helper.to_array(zp))
+            ):
+                dropped.add(zp.name)
+                del node.input[2]
+    if dropped:
+        kept_inits = [i for i in graph.initializer if i.name not in dropped]
+        del graph.initializer[:]
+        graph.initializer.extend(kept_inits)
+
+    keep = set(keep) | {v.name for v in graph.input} | {v.name for v in graph.output} | {""}
+    mapping: dict[str, str] = {}
+
+    def short(name: str) -> str:
+        if name in keep:
+            return name
+        if name not in mapping:
+            candidate = f"_{len(mapping):x}"
+            while candidate in keep:
+                candidate += "_"
+            mapping[name] = candidate
+        return mapping[name]
+
+    for node in graph.node:
+        node.name = ""
+        node.doc_string = ""
+        node.input[:] = [short(n) for n in node.input]
+        node.output[:] = [short(n) for n in node.output]
+    for init in graph.initializer:
+        init.name = short(init.name)
+    for sparse in graph.sparse_initializer:
+        sparse.values.name = short(sparse.values.name)
+        sparse.indices.name = sparse.values.name + "_i"
+    for info in graph.value_info:  # kept: without them onnxruntime fuses differently (last-bit changes)
+        info.name = short(info.name)
+    return {new: old for old, new in mapping.items()}
+
+
+def _same_weights(original: onnx.ModelProto, packed: onnx.ModelProto, renamed: dict[str, str]) -> bool:
+    """Every initializer of ``original`` is in ``packed`` (under its new name) with equal values, or
+    was an all-zero bias zero point that `compact_graph` dropped; nothing else was added."""
+    before = {i.name: numpy_helper.to_array(i) for i in original.graph.initializer}
+    for sparse in original.graph.sparse_initializer:
+        before[sparse.values.name] = _sparse_to_dense(sparse)
+    twin = unpack_dense(packed)
+    after = {renamed.get(i.name, i.name): numpy_helper.to_array(i) for i in twin.graph.initializer}
+    if set(after) - set(before):
+        return False
+    for name, a in before.items():
+        if name not in after:
+            if a.dtype not in (np.int32, np.int8) or np.any(a):
+                return False
+        elif a.dtype != after[name].dtype or a.shape != after[name].shape or not np.array_equal(a, after[name]):
+            return False
+    return True
+
+
 def unpack_dense(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy with every sparse initializer stored dense again (the input of `onnx.checker` and quantizers)."""
     if not len(model.graph.sparse_initializer):
@@ -131,16 +215,18 @@ def pack_sparse(src: str | Path, dst: str | Path, *, dense_reference: str | Path
     from .onnx_export import write_atomic
 
     src, dst = Path(src), Path(dst)
-    model = load_artifact(src)
+    model = unpack_dense(load_artifact(src))  # re-packing a packed file starts from its dense twin
     packed, n_tensors, nnz = pack_model(model)
-    set_metadata(packed, {PREFIX + "packing": "sparse"})
+    renamed = compact_graph(packed, keep={s.values.name for s in packed.graph.sparse_initializer})
     twin = unpack_dense(packed)
     try:
         onnx.checker.check_model(twin)
     except onnx.checker.ValidationError as exc:
         raise EdgepruneError(f"packed artifact is invalid: {str(exc).splitlines()[0]}") from exc
-    if weights_digest(twin) != weights_digest(model):
+    if not _same_weights(model, packed, renamed):
         raise EdgepruneError("sparse packing changed the weights; use --pack dense")
+    # The digest covers names, and scale/zero-point names changed: record the packed file's own.
+    set_metadata(packed, {PREFIX + "packing": "sparse", PREFIX + "weights_sha256": weights_digest(packed)})
     _same_outputs(model, packed)
     write_atomic(packed, dst)
     sizes = file_sizes(dst)
