@@ -18,7 +18,8 @@ Scripts run as ``qemu-aarch64-static ROOT/usr/bin/python3 SCRIPT`` with ``QEMU_L
 libraries and stdlib come from the rootfs, everything else, e.g. the script and its files, from the host)
 and ``QEMU_CPU=neoverse-n1``: with qemu's default CPU (SVE on) INT8 results were garbage.
 
-Needs: ``qemu-user-static`` and ``debootstrap`` (``apt-get install qemu-user-static debootstrap``); root, or
+Needs: ``qemu-user-static``, ``debootstrap`` and ``debian-archive-keyring`` (``apt-get install
+qemu-user-static debootstrap debian-archive-keyring``; the keyring is there already on Debian); root, or
 ``fakeroot``, for debootstrap; the Debian mirror and a Python package index reachable, at setup only.
 """
 
@@ -44,6 +45,7 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 QEMU_CPU = "neoverse-n1"  # Armv8.2 + dot-product, no SVE
 READY = "ready.json"
 SETUP_TIMEOUT_S = 1800
+KEYRINGS = ("/usr/share/keyrings/debian-archive-keyring.gpg", "/usr/share/keyrings/debian-archive-keyring.pgp")
 WHEEL_PLATFORMS = ["manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux2014_aarch64"]
 
 Progress = Callable[[str], None]
@@ -165,7 +167,16 @@ class QemuArm64:
                 "debootstrap not found: the arm64 rootfs is built with it; "
                 "install it with `sudo apt-get install debootstrap`"
             )
-        argv = [tool, "--arch=arm64", "--foreign", "--variant=minbase", "--include=python3", SUITE, str(root)]
+        if shutil.which("dpkg-deb") is None:
+            raise EdgepruneError("dpkg-deb not found: the arm64 rootfs is unpacked with it (a Debian/Ubuntu tool)")
+        argv = [tool, "--arch=arm64", "--foreign", "--variant=minbase", "--include=python3"]
+        keyring = next((k for k in KEYRINGS if Path(k).is_file()), None)
+        if keyring is None:
+            raise EdgepruneError(
+                "the Debian archive keyring is missing, so downloads cannot be verified; "
+                "install it with `sudo apt-get install debian-archive-keyring`"
+            )
+        argv += [f"--keyring={keyring}", SUITE, str(root)]
         mirror = debian_mirror()
         argv.append(mirror)
         if os.geteuid() != 0:

@@ -41,7 +41,7 @@ from .metadata import (
     set_metadata,
     weights_digest,
 )
-from .onnx_export import make_session, run_onnx, write_atomic
+from .onnx_export import _check_writable, make_session, run_onnx, write_atomic
 from .pack import unpack_dense
 from .sparsity import prunable_onnx_weights
 
@@ -153,6 +153,7 @@ def quantize_int8(
         raise EdgepruneError("INT8 quantization needs calibration images; pass --data with at least one image")
     check = calib if check_inputs is None else _as_numpy(check_inputs)
     fp32_path, out_path = Path(fp32_path), Path(out_path)
+    _check_writable(out_path)
     activation_type, weight_type, reduce_range = INT8_FORMATS[int8_format]
 
     fp32 = unpack_dense(load_artifact(fp32_path))
@@ -165,18 +166,19 @@ def quantize_int8(
         if not preprocessed:
             pre = src
         q_path = Path(tmp) / "int8.onnx"
+        reader = NumpyCalibrationReader(calib, input_name, batch_size)
         try:
             quantize_static(
                 str(pre),
                 str(q_path),
-                NumpyCalibrationReader(calib, input_name, batch_size),
+                reader,
                 quant_format=QuantFormat.QDQ,
                 per_channel=True,
                 activation_type=activation_type,
                 weight_type=weight_type,
                 reduce_range=reduce_range,
                 calibrate_method=CalibrationMethod.MinMax,
-                extra_options={"WeightSymmetric": True},
+                extra_options={"WeightSymmetric": True, **_chunking(len(reader))},
             )
         except Exception as exc:  # onnxruntime raises plain Exceptions for unsupported graphs
             raise EdgepruneError(f"INT8 quantization failed: {str(exc)[:300]}; use --quantize none") from exc
@@ -224,6 +226,18 @@ def quantize_int8(
         max_abs_diff=diff,
         preprocessed=preprocessed,
     )
+
+
+def _chunking(n_batches: int) -> dict[str, int]:
+    """Have the calibrator merge ranges every few batches, so memory stays bounded on big calibration sets.
+
+    onnxruntime 1.32 fails ("No data is collected") when the batch count is a multiple of the chunk, so
+    pick a chunk that does not divide it.
+    """
+    for chunk in (4, 5, 3, 7, 11):
+        if n_batches % chunk:
+            return {"CalibMaxIntermediateOutputs": chunk}
+    return {}
 
 
 def _preprocess(src: Path, dst: Path) -> bool:
