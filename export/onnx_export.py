@@ -155,7 +155,15 @@ def run_onnx(session: ort.InferenceSession, inputs: np.ndarray | torch.Tensor) -
     array = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
     array = array.astype(np.float32, copy=False)
     name = session.get_inputs()[0].name
-    chunks = [session.run(None, {name: array[i : i + PARITY_BATCH]}) for i in range(0, len(array), PARITY_BATCH)]
+    fixed = session.get_inputs()[0].shape[0]
+    step = fixed if isinstance(fixed, int) and fixed > 0 else PARITY_BATCH
+    chunks = []
+    for i in range(0, len(array), step):
+        batch = array[i : i + step]
+        rows = len(batch)
+        if rows < step and step != PARITY_BATCH:  # a graph exported with a fixed batch: pad the last one
+            batch = np.concatenate([batch, np.zeros((step - rows, *batch.shape[1:]), batch.dtype)])
+        chunks.append([out[:rows] for out in session.run(None, {name: batch})])
     return [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
 
 

@@ -28,7 +28,13 @@ def run(model: str, inputs: str, outputs: str, batch: int = 16) -> dict:
     name = session.get_inputs()[0].name
     fixed = session.get_inputs()[0].shape[0]
     step = fixed if isinstance(fixed, int) and fixed > 0 else batch
-    chunks = [session.run(None, {name: x[i : i + step]}) for i in range(0, len(x), step)]
+    chunks = []
+    for i in range(0, len(x), step):
+        part = x[i : i + step]
+        rows = len(part)
+        if rows < step and step != batch:  # fixed-batch graph: pad the last chunk, keep the real rows
+            part = np.concatenate([part, np.zeros((step - rows,) + part.shape[1:], part.dtype)])
+        chunks.append([out[:rows] for out in session.run(None, {name: part})])
     results = [np.concatenate([c[k] for c in chunks]) for k in range(len(chunks[0]))]
     np.savez(outputs, **{f"out{k}": r for k, r in enumerate(results)})
     return {"machine": platform.machine(), "onnxruntime": ort.__version__, "outputs": len(results), "rows": len(x)}

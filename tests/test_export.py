@@ -182,3 +182,17 @@ def test_metadata_and_opset_are_written(tmp_path):
     assert max(o.version for o in loaded.opset_import if o.domain in ("", "ai.onnx")) == 18
     with pytest.raises(EdgepruneError, match="opset"):
         export_onnx(model, torch.randn(1, 3, 2, 2), tmp_path / "old.onnx", opset=13)
+
+
+def test_fixed_batch_export_is_checked_and_verifiable(tmp_path):
+    from edgeprune.export import verify_artifact
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 5)).eval()
+    result = export_onnx(
+        model, torch.randn(1, 3, 6, 6), tmp_path / "b1.onnx", check_inputs=torch.randn(5, 3, 6, 6), dynamic_batch=False
+    )
+    dims = onnx.load(str(result.path)).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_value == 1  # really a fixed batch of one
+    assert result.parity_max_abs_diff <= 1e-4
+    assert verify_artifact(result.path, model=model, inputs=torch.randn(3, 3, 6, 6)).ok
