@@ -165,7 +165,11 @@ def reference_entry(shape: list[int], outputs: list[np.ndarray], atol: float, rt
             "rtol": rtol,
             "source": source,
             # Only the first values of each output: enough to catch a wrong graph, small for big outputs.
-            "outputs": [np.asarray(o, dtype=np.float32).ravel()[:REFERENCE_MAX_VALUES].tolist() for o in outputs],
+            # 7 significant digits: exact enough for a 1e-5 relative tolerance, and short.
+            "outputs": [
+                [float(f"{v:.7g}") for v in np.asarray(o, dtype=np.float32).ravel()[:REFERENCE_MAX_VALUES]]
+                for o in outputs
+            ],
         }
     )
 
