@@ -1,0 +1,413 @@
+"""Structured (channel / head) Mix-and-Match: groups, rounding, whole heads, compaction, export, selection.
+
+Small inputs and random weights (norm scales randomized so no channel is dead, as in a trained model);
+real data from the bundled demo subset. Natural-size runs of the big timm models are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import timm
+import torch
+from edgeprune.benchmarks.runner import bench
+from edgeprune.export import export_onnx
+from torch import nn
+
+from edgeprune.errors import EdgepruneError, UnsupportedModelError
+from edgeprune.recovery import finetune, recalibrate_bn
+from edgeprune.report import Candidate
+from edgeprune.structured import (
+    ChannelGroup,
+    GroupGraph,
+    accumulate_gradients,
+    allowed_keeps,
+    channel_target,
+    compact,
+    global_threshold_ratios,
+    group_scores,
+    keep_units,
+    load_structured_rules,
+    select_structured,
+    units_to_remove,
+    widths_for,
+)
+from edgeprune.structured.groups import ROOT_TYPES
+
+ARCHS = [
+    "resnet18",
+    "mobilenetv3_small_100",
+    "efficientnet_b0",
+    "convnext_atto",
+    "vit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+]
+SMALL = {"swin_tiny_patch4_window7_224": 64}  # Swin needs 2^5 x 2 px to keep a window per stage
+
+
+def make(name: str, size: int | None = None, **kw) -> nn.Module:
+    torch.manual_seed(0)
+    if size and ("vit" in name or "swin" in name):
+        kw["img_size"] = size
+    model = timm.create_model(name, num_classes=10, **kw).eval()
+    with torch.no_grad():  # timm zero-inits some norm scales (dead channels); a trained model has none
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.LayerNorm)) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+            gamma = getattr(m, "gamma", None)
+            if isinstance(gamma, nn.Parameter):
+                gamma.data.uniform_(0.5, 1.5)
+    return model
+
+
+def widths_of(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """(out, in) channels of every conv/linear layer."""
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            out[name] = (m.out_channels, m.in_channels)
+        elif isinstance(m, nn.Linear):
+            out[name] = (m.out_features, m.in_features)
+    return out
+
+
+def assert_rounded(before: dict, after: dict, round_to: int) -> None:
+    changed = 0
+    for name, (o0, i0) in before.items():
+        o1, i1 = after[name]
+        for new, old in ((o1, o0), (i1, i0)):
+            assert new == old or (new % round_to == 0 and new >= round_to), f"{name}: {old} -> {new}"
+            changed += new != old
+    assert changed > 0, "nothing was pruned"
+
+
+# -- pure planning ---------------------------------------------------------------------------------------------
+
+
+def group(units: int, unit_size: int = 1, name: str = "g") -> ChannelGroup:
+    return ChannelGroup(name, "conv", "channels" if unit_size == 1 else "heads", units, unit_size, 1000)
+
+
+@pytest.mark.parametrize("round_to", [1, 4, 8])
+def test_widths_are_multiples_of_round_to_never_below_it(round_to):
+    for units in (3, 8, 12, 16, 20, 64, 100):
+        g = group(units)
+        for ratio in np.linspace(0.0, 0.99, 34):
+            k = keep_units(g, float(ratio), round_to)
+            assert 1 <= k <= units
+            assert k == units or (k % round_to == 0 and k >= round_to)
+    # nearest allowed width: 64 channels at 30 % -> 44.8 -> 48 with round_to 8, 44 with 4
+    assert keep_units(group(64), 0.3, 8) == 48
+    assert keep_units(group(64), 0.3, 4) == 44
+    # a group narrower than round_to is left alone
+    assert allowed_keeps(group(6), 8) == [6]
+    # heads: any count of whole heads when head_dim is a multiple of round_to; at least one head
+    assert allowed_keeps(group(3, 64), 8) == [1, 2, 3]
+    assert keep_units(group(3, 64), 0.9, 8) == 1
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.5, -0.1])
+def test_ratio_outside_0_1_is_a_clear_error(ratio):
+    with pytest.raises(EdgepruneError, match=r"group g: pruning ratio .* must be in \[0, 1\)"):
+        keep_units(group(16), ratio, 4)
+
+
+def test_global_threshold_hits_target_and_respects_min_width():
+    groups = [group(64, name="a"), group(32, name="b"), group(16, name="c")]
+    gen = torch.Generator().manual_seed(0)
+    scores = {"a": torch.rand(64, generator=gen), "b": torch.rand(32, generator=gen) * 10, "c": torch.rand(16)}
+    for target in (0.2, 0.5):
+        ratios = global_threshold_ratios(groups, scores, target, round_to=8)
+        removed = sum(ratios[g.name] * g.units for g in groups)
+        assert removed == pytest.approx(target * 112, abs=1)
+    ratios = global_threshold_ratios(groups, scores, 0.95, round_to=8)  # more than allowed: every group at its floor
+    assert ratios == {"a": 56 / 64, "b": 24 / 32, "c": 8 / 16}
+
+
+def test_units_to_remove_takes_the_lowest_scores():
+    g = group(8)
+    scores = {"g": torch.tensor([5.0, 1.0, 7.0, 0.5, 3.0, 9.0, 2.0, 8.0])}
+    assert units_to_remove([g], {"g": 5}, scores) == {"g": [1, 3, 6]}
+    assert units_to_remove([g], {"g": 8}, scores) == {}
+
+
+def test_channel_target_from_speedup_sparsity_and_budget():
+    class Cfg:
+        latency_budget_ms = None
+        speedup = 4.0
+        sparsity = 0.75
+
+    assert channel_target(Cfg, 10.0) == pytest.approx(0.5)  # 4x fewer MACs: half the channels
+    Cfg.speedup = None
+    assert channel_target(Cfg, 10.0) == pytest.approx(0.5)  # 75 % of the weights: half the channels
+    Cfg.latency_budget_ms = 2.5
+    assert channel_target(Cfg, 10.0) == pytest.approx(0.5)
+
+
+def _cand(name: str, acc: float, ms: float, sparsity: float = 0.5) -> Candidate:
+    return Candidate(name, "magnitude", name, "mix-and-match", sparsity, acc, latency_ms=ms)
+
+
+class _Sel:
+    latency_budget_ms = None
+    speedup = None
+    max_drop = None
+    sparsity = 0.5
+
+
+def test_selection_on_measured_latency():
+    cands = [_cand("fast", 0.80, 1.0), _cand("mid", 0.88, 2.0), _cand("slow", 0.90, 4.0)]
+    cfg = type("C", (_Sel,), {"latency_budget_ms": 2.5})
+    assert select_structured(cands, cfg, 0.9, 5.0)[0] == 1
+    cfg = type("C", (_Sel,), {"speedup": 4.0})  # dense 5 ms: only "fast" (5x) qualifies
+    i, why = select_structured(cands, cfg, 0.9, 5.0)
+    assert i == 0 and "speedup >= 4x" in why
+    cfg = type("C", (_Sel,), {"latency_budget_ms": 0.5})
+    i, why = select_structured(cands, cfg, 0.9, 5.0)
+    assert i == 0 and why.startswith("no candidate reached")
+    cfg = type("C", (_Sel,), {"max_drop": 2.5})  # within 2.5 points of 90 %: mid and slow; mid is faster
+    assert select_structured(cands, cfg, 0.9, 5.0)[0] == 1
+
+
+def test_structured_rules_load_and_user_section(tmp_path):
+    rules = load_structured_rules()
+    assert any(r.roles == ("qkv",) for r in rules)
+    user = tmp_path / "rules.json"
+    user.write_text(json.dumps({"rules": [], "structured": [{"roles": ["stem"], "range": [0.0, 0.0]}]}))
+    assert load_structured_rules(user)[-1].range == (0.0, 0.0)
+    user.write_text(json.dumps({"structured": [{"roles": ["bogus"], "range": [0.0, 0.5]}]}))
+    with pytest.raises(EdgepruneError, match="unknown role"):
+        load_structured_rules(user)
+    user.write_text(json.dumps({"structured": [{"range": [0.6, 0.2]}]}))
+    with pytest.raises(EdgepruneError, match="range"):
+        load_structured_rules(user)
+
+
+# -- groups on real architectures -----------------------------------------------------------------------------
+
+
+def test_groups_never_include_classifier_outputs_or_input_channels():
+    model = make("resnet18")
+    graph = GroupGraph(model, torch.randn(1, 3, 32, 32))
+    names = {g.name for g in graph.groups}
+    assert "fc" not in names
+    assert "conv1" in names  # the stem's *outputs* are a group (with layer1's residual stream)
+    before = widths_of(model)
+    pruned = compact(model, torch.randn(1, 3, 32, 32), {g.name: list(range(g.units // 2)) for g in graph.groups})
+    after = widths_of(pruned)
+    assert after["fc"][0] == 10 and after["conv1"][1] == 3
+    assert after["fc"][1] < before["fc"][1]  # the classifier's inputs do shrink with the last stage
+    assert pruned(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_heads_are_removed_whole_vit():
+    model = make("vit_tiny_patch16_224", 32, depth=6)
+    x = torch.randn(1, 3, 32, 32)
+    graph = GroupGraph(model, x)
+    heads = [g for g in graph.groups if g.kind == "heads"]
+    assert len(heads) == 6 and all(g.units == 3 and g.unit_size == 64 for g in heads)
+    block = model.blocks[4].attn
+    w_qkv, w_proj = block.qkv.weight.detach().clone(), block.proj.weight.detach().clone()
+    pruned = compact(model, x, {"blocks.4.attn.qkv": [1]})
+    pb = pruned.blocks[4].attn
+    assert pb.num_heads == 2 and pb.qkv.out_features == 3 * 128 and pb.proj.in_features == 128
+    kept = [c for part in range(3) for c in range(part * 192, part * 192 + 192) if not 64 <= c - part * 192 < 128]
+    assert torch.equal(pb.qkv.weight, w_qkv[kept])  # q, k and v of head 1 gone, nothing else
+    assert torch.equal(pb.proj.weight, w_proj[:, [c for c in range(192) if not 64 <= c < 128]])
+    # the compacted block computes exactly what the dense block computes with head 1 silenced
+    tokens = torch.randn(2, 5, 192)
+    with torch.no_grad():
+        ref_block = model.blocks[4].attn
+        ref_block.proj.weight[:, 64:128] = 0
+        assert torch.allclose(pb(tokens), ref_block(tokens), atol=1e-5)
+
+
+def test_heads_are_removed_whole_swin_with_their_position_bias():
+    model = make("swin_tiny_patch4_window7_224", 64, depths=(1, 1, 1, 1))
+    x = torch.randn(1, 3, 64, 64)
+    graph = GroupGraph(model, x)
+    name = "layers.1.blocks.0.attn.qkv"
+    assert sum(g.kind == "heads" for g in graph.groups) == 4
+    g = graph.group(name)
+    assert g.kind == "heads" and g.units == 6 and g.unit_size == 32
+    table = model.layers[1].blocks[0].attn.relative_position_bias_table.detach().clone()
+    pruned = compact(model, x, {name: [0, 4]})
+    attn = pruned.layers[1].blocks[0].attn
+    assert attn.num_heads == 4 and attn.qkv.out_features == 3 * 4 * 32
+    assert torch.equal(attn.relative_position_bias_table, table[:, [1, 2, 3, 5]])
+    assert pruned(torch.randn(2, 3, 64, 64)).shape == (2, 10)
+
+
+def test_removing_every_unit_or_a_bad_index_is_refused():
+    model = make("resnet18")
+    graph = GroupGraph(model, torch.randn(1, 3, 32, 32))
+    with pytest.raises(EdgepruneError, match="keep at least one"):
+        graph.remove({"layer1.0.conv1": list(range(64))})
+    with pytest.raises(EdgepruneError, match="cannot remove unit 64"):
+        graph.remove({"layer1.0.conv1": [64]})
+
+
+class _Offset(nn.Module):
+    """A layer holding a per-channel *buffer*: the dependency graph cannot see it, so pruning breaks it."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.register_buffer("offset", torch.zeros(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.offset
+
+
+class _CustomNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.offset = _Offset(16)
+        self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv2(self.offset(self.conv1(x)).relu()).mean((2, 3)))
+
+
+def test_unsupported_layer_is_named_in_the_error():
+    model = _CustomNet().eval()
+    x = torch.randn(1, 3, 8, 8)
+    with pytest.raises(UnsupportedModelError, match=r"breaks layer offset \(_Offset\).*--granularity unstructured"):
+        compact(model, x, {"conv1": list(range(8))})
+    compact(model, x, {"conv2": list(range(8))})  # the other group does not touch the layer
+
+
+def _prune_half(model: nn.Module, x: torch.Tensor, round_to: int, y: torch.Tensor | None = None):
+    graph = GroupGraph(model, x[:1])
+    if y is not None:
+        accumulate_gradients(model, x, y, batch_size=32)
+    scores = group_scores(graph, with_gradient=y is not None)
+    model.zero_grad(set_to_none=True)
+    signal = "product" if y is not None else "magnitude"
+    widths = widths_for(graph.groups, {g.name: 0.4 for g in graph.groups}, round_to)
+    return compact(model, x[:1], units_to_remove(graph.groups, widths, scores[signal])), graph
+
+
+@pytest.mark.parametrize("name", ARCHS)
+def test_small_input_real_data_prune_recover_export(name, demo_data, tmp_path):
+    """Each architecture on real images (Fashion-MNIST demo, 32 px / Swin 64 px, 3 channels): compact,
+    BN re-calibrate, fine-tune a few steps, export, ONNX matches PyTorch; widths rounded; heads whole."""
+    size = SMALL.get(name, 32)
+    data = demo_data.with_channels(3).resized(size)
+    x, y = data.calib_x[:32], data.calib_y[:32]
+    model = make(name, size)
+    before = widths_of(model)
+    pruned, graph = _prune_half(model, x, 8, y)
+    assert_rounded(before, widths_of(pruned), 8)
+    for g in graph.groups:
+        if g.kind == "heads":
+            attn = pruned.get_submodule(g.name.rsplit(".", 1)[0])
+            assert attn.qkv.out_features == 3 * attn.num_heads * g.unit_size
+    recalibrate_bn(pruned, data.calib_x, 100)  # all 200 images: 1x1 late feature maps need them
+    finetune(pruned, {}, x, y, epochs=1, lr=1e-4, batch_size=16)
+    assert torch.isfinite(pruned(data.eval_x[:4])).all()
+    res = export_onnx(pruned, x[:1], tmp_path / "m.onnx", check_inputs=data.eval_x[:8])
+    assert res.parity_max_abs_diff <= 1e-4
+    assert res.prunable_onnx < 0.8 * sum(m.weight.numel() for m in model.modules() if isinstance(m, ROOT_TYPES))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ARCHS)
+def test_natural_size_random_weights_compact_export(name, tmp_path):
+    x = torch.randn(2, 3, 224, 224)
+    model = make(name, 224)
+    before = widths_of(model)
+    pruned, _ = _prune_half(model, x, 8)
+    assert_rounded(before, widths_of(pruned), 8)
+    res = export_onnx(pruned, x[:1], tmp_path / "m.onnx", check_inputs=x)
+    assert res.parity_max_abs_diff <= 1e-4
+
+
+def test_latency_is_measured_and_sane(tmp_path):
+    model = make("resnet18")
+    x = torch.randn(1, 3, 32, 32)
+    graph = GroupGraph(model, x)
+    pruned = compact(model, x, {g.name: list(range(g.units * 3 // 4)) for g in graph.groups})
+    export_onnx(model, x, tmp_path / "d.onnx")
+    export_onnx(pruned, x, tmp_path / "p.onnx")
+    res = bench([str(tmp_path / "d.onnx"), str(tmp_path / "p.onnx")], x.numpy(), threads=1, warmup=2, runs=10)
+    for r in res:
+        lat = r["latency_ms"]
+        assert 0 < lat["p50"] <= lat["p90"] < 10_000 and math.isfinite(lat["mean"])
+    assert res[1]["bytes"] < res[0]["bytes"] / 4  # ~1/16 of the weights left
+
+
+# -- the whole flow -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_compress_channel_end_to_end(tmp_path):
+    from edgeprune.pipeline import CompressConfig, compress
+
+    out = tmp_path / "out"
+    cfg = CompressConfig(
+        model="fmnist_resnet",
+        data="demo",
+        granularity="channel",
+        calib_size=256,
+        eval_size=256,
+        signals=("magnitude", "product"),
+        gradient_samples=128,
+        finetune_epochs=1,
+        finetune_top=1,
+        bench_runs=5,
+        threads=1,
+        target="x86_64",
+        speedup=1.5,
+        out=str(out),
+    )
+    report = compress(cfg)
+    assert report.granularity == "channel"
+    assert len(report.strategies) == 20
+    for c in report.strategies:
+        assert c.latency_ms > 0 and 0 < c.macs < report.dense.macs and 0 < c.sparsity < 1
+    assert any(c.pareto for c in report.strategies)
+    sel = [c for c in report.strategies if c.selected]
+    assert len(sel) == 1 and sel[0].name == report.selected.name
+    assert sum(c.finetuned_accuracy is not None for c in report.strategies) == 1
+    s = report.selected
+    assert s.parity_max_abs_diff <= 1e-4 and s.onnx_bytes < report.dense.onnx_bytes
+    assert s.latency_ms["p50"] > 0 and report.dense.latency_ms["p50"] > 0
+    for f in ("model.onnx", "dense.onnx", "report.json", "report.md", "pareto.png"):
+        assert (out / f).is_file(), f
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["granularity"] == "channel" and saved["config"]["round_to"] == 8
+    for layer in saved["layers"]:  # every group's kept width is a multiple of 8 or untouched
+        kept = round(layer["shape"][0] * (1 - layer["sparsity"]))
+        assert kept == layer["shape"][0] or kept % 8 == 0
+    assert "Structured candidates" in (out / "report.md").read_text()
+
+
+def test_bad_selection_flags_are_refused(tmp_path):
+    from edgeprune.pipeline import CompressConfig, compress
+
+    for kw, msg in (
+        ({"latency_budget_ms": 1.0, "speedup": 2.0}, "not both"),
+        ({"speedup": 0.5}, "--speedup must be >= 1"),
+        ({"latency_budget_ms": 0.0}, "--latency-budget must be a positive"),
+        ({"method": "mag"}, "mix-and-match only"),
+    ):
+        cfg = CompressConfig(model="fmnist_resnet", granularity="channel", out=str(tmp_path / "o"), **kw)
+        with pytest.raises(EdgepruneError, match=msg):
+            compress(cfg)
+    assert not list((tmp_path / "o").glob("*.onnx"))
+
+
+def test_prunable_params_of_groups_cover_the_model():
+    model = make("convnext_atto")
+    graph = GroupGraph(model, torch.randn(1, 3, 32, 32))
+    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, ROOT_TYPES))
+    assert all(0 < g.params <= total for g in graph.groups)
+    assert [g.depth for g in graph.groups] == sorted(g.depth for g in graph.groups)
+    roles = {g.role for g in graph.groups}
+    assert {"stem", "downsample", "mlp_fc1"} <= roles
