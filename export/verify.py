@@ -127,6 +127,10 @@ def verify_artifact(
     """
     path = Path(path)
     say = progress or (lambda _m: None)
+    if target is not None:
+        from edgeprune.targets import get_target
+
+        get_target(target)  # an unknown target fails before any work
     if not path.is_file():
         raise EdgepruneError(f"artifact not found: {path}")
     fmt = "ort" if path.suffix == ".ort" else "onnx"
