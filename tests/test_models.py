@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import textwrap
@@ -31,10 +32,11 @@ FAMILY = {
 }
 
 
-def _doc_table() -> dict[str, tuple[float, float]]:
-    """{name: (params, MACs)} from the table in edgeprune.zoo's docstring."""
-    rows = re.findall(r"\| `(\w+)`\s*\|[^|]*\|\s*([\d.]+)M\s*\|\s*([\d.]+)\s*\|", zoo.__doc__ or "")
-    return {name: (float(p) * 1e6, float(m) * 1e6) for name, p, m in rows}
+def _doc_table() -> dict[str, tuple[float, float, float]]:
+    """{name: (params, MACs, test accuracy)} from the table in edgeprune.zoo's docstring."""
+    row = r"\| `(\w+)`\s*\|[^|]*\|\s*([\d.]+)M\s*\|\s*([\d.]+)\s*\|\s*([\d.]+) %\s*\|"
+    rows = re.findall(row, zoo.__doc__ or "")
+    return {name: (float(p) * 1e6, float(m) * 1e6, float(a) / 100) for name, p, m, a in rows}
 
 
 def test_zoo_is_registered_and_documented():
@@ -49,7 +51,7 @@ def test_zoo_model_forward_size_and_family(name: str):
     with torch.no_grad():
         assert model(x).shape == (3, 10)
     macs, params = tp.utils.count_ops_and_params(model, x[:1])
-    doc_params, doc_macs = _doc_table()[name]
+    doc_params, doc_macs, _ = _doc_table()[name]
     assert params == pytest.approx(doc_params, rel=0.02) and macs == pytest.approx(doc_macs, rel=0.02)
     assert macs < 30e6  # cheap enough to screen 30 candidates on 2 cores
     assert model_family(model) == FAMILY[name]
@@ -81,7 +83,19 @@ def test_demo_model_is_accurate_on_demo_data():
     data = load_data("demo", calib_size=1000, eval_size=2000)
     with torch.no_grad():
         acc = (model(data.eval_x).argmax(1) == data.eval_y).float().mean().item()
-    assert acc >= 0.88
+    assert acc >= 0.92  # issue 2: the demo model reaches ≥ 92 % (94.3 % on this split, 93.8 % on the test set)
+
+
+@pytest.mark.parametrize("name", zoo.ZOO_MODELS)
+def test_bundled_reference_weights(name: str, demo_data: DataBundle):
+    meta = json.loads((zoo.ASSETS_DIR / f"{name}.json").read_text())
+    assert meta["model"] == name and meta["train_images"] == 60000 and meta["test_images"] == 10000
+    assert _doc_table()[name][2] == pytest.approx(meta["test_accuracy"], abs=1e-4)
+    model = load_model(name, pretrained=True)
+    with torch.no_grad():
+        acc = (model(demo_data.eval_x).argmax(1) == demo_data.eval_y).float().mean().item()
+    # 400 images: within 4 points of the test-set accuracy recorded when the weights were trained.
+    assert acc >= meta["test_accuracy"] - 0.04
 
 
 def test_demo_model_adapts_stem_to_rgb(demo_data: DataBundle):
