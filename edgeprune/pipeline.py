@@ -7,6 +7,7 @@ load → inventory → dense eval → sensitivity → ranges (Phase 1) → strat
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import tempfile
@@ -24,7 +25,7 @@ from .baselines import BASELINES, RANGE_BASELINES, Plan, Scores
 from .data import load_data
 from .errors import DataError, EdgepruneError
 from .evaluation import accuracy, params_and_macs, weight_sparsity
-from .inventory import Layer, build_inventory
+from .inventory import build_inventory
 from .masking import apply_masks_, build_masks
 from .models import load_model, model_family
 from .ranges import LayerRange, apply_rules, baseline_ranges, load_rules, range_targets
@@ -40,7 +41,7 @@ from .report import (
     versions,
 )
 from .selection import Point, pareto_mask, select_index
-from .sensitivity import SIGNALS, Sensitivity, compute_sensitivity, signal_scores
+from .sensitivity import SIGNALS, compute_sensitivity, signal_scores
 from .strategies import STRATEGY_NAMES, LayerStats, make_all_plans
 from .targets import Target, get_target
 
@@ -76,6 +77,12 @@ class CompressConfig:
     threads: int | None = None  # benchmark threads; default: the target's, capped by this machine's cores
     bench_runs: int = 50
     export: bool = True
+    quantize: str | None = None  # "int8" | "none"; default: the target profile's
+    pack: str = "dense"  # "dense" | "sparse" (ONNX sparse initializers)
+    ort_format: bool = False
+    latency_from: str = "local"  # benchmark device: local | ssh://user@host[:port] | qemu-arm64
+    identity: str | None = None  # ssh key for latency_from
+    ssh_options: tuple[str, ...] = ()
     seed: int = 0
     # structured (--granularity channel) selection and shaping
     latency_budget_ms: float | None = None
@@ -150,7 +157,7 @@ def publish(staging: Path, out: Path) -> dict[str, str]:
     return published
 
 
-def _match_data_to_model(model: nn.Module, data):
+def match_data_to_model(model: nn.Module, data):
     """Adapt channels if the model wants another count; fail with a clear message if classes disagree."""
     conv = next((m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))), None)
     want = getattr(conv, "in_channels", None)
@@ -171,33 +178,125 @@ def _match_data_to_model(model: nn.Module, data):
     return data
 
 
-def _plans(
-    cfg: CompressConfig, prunable: list[Layer], sens: Sensitivity, ranges: dict[str, LayerRange]
-) -> list[CandidatePlan]:
-    if cfg.method != "mix-and-match":
-        b = BASELINES[cfg.method]
-        plan = b.plan(prunable, sens, cfg.sparsity, cfg.seed)
-        cand = Candidate(name=b.name, signal=b.name, strategy="baseline", method=b.name, sparsity=0.0, accuracy=0.0)
-        return [CandidatePlan(cand, b.scores(prunable, sens, cfg.seed), plan)]
-    stats = {
-        layer.name: LayerStats(ranges[layer.name].lo, ranges[layer.name].hi, layer.numel, layer.depth)
-        for layer in prunable
-    }
-    plans = make_all_plans(stats)
-    out = []
-    for signal in cfg.signals:
-        scores = {layer.name: signal_scores(signal, layer.weight, sens.abs_grad[layer.name]) for layer in prunable}
-        for strategy in STRATEGY_NAMES:
-            cand = Candidate(
-                name=f"{signal}/{strategy}",
-                signal=signal,
-                strategy=strategy,
-                method="mix-and-match",
-                sparsity=0.0,
-                accuracy=0.0,
-            )
-            out.append(CandidatePlan(cand, scores, plans[strategy]))
-    return out
+class Workspace:
+    """A loaded model + data with its sensitivity computed once; every candidate is built from it.
+
+    The stages after loading are methods so that benchmarks can drive them (e.g. several methods and
+    sparsity levels on one model) without recomputing gradients or copying the pipeline.
+    """
+
+    def __init__(self, cfg: CompressConfig, model: nn.Module, data, with_hessian: bool = True):
+        self.cfg, self.model, self.data = cfg, model, data
+        self.layers = build_inventory(model)
+        self.prunable = [layer for layer in self.layers if layer.prunable]
+        if not self.prunable:
+            raise EdgepruneError(f"model '{cfg.model}' has no Conv or Linear weights to prune")
+        self.rules = load_rules(model_family(model), cfg.rules)
+        self.use_bn = cfg.bn_recal and has_batchnorm(model)
+        n = min(cfg.gradient_samples, len(data.calib_x))
+        self.sens = compute_sensitivity(
+            model, self.layers, data.calib_x[:n], data.calib_y[:n], cfg.batch_size, with_hessian=with_hessian
+        )
+        self.original = copy.deepcopy(model.state_dict())
+
+    def accuracy(self) -> float:
+        return accuracy(self.model, self.data.eval_x, self.data.eval_y, self.cfg.batch_size)
+
+    def ranges(self, sparsity: float, method: str = "mix-and-match") -> dict[str, LayerRange]:
+        """Phase 1 for mix-and-match (baseline runs at three targets, clipped by rules); rules only otherwise."""
+        base = None
+        if method == "mix-and-match":
+            runs = [
+                BASELINES[b].plan(self.prunable, self.sens, s, self.cfg.seed)
+                for b in RANGE_BASELINES
+                for s in range_targets(sparsity)
+            ]
+            base = baseline_ranges(runs)
+        return apply_rules(self.layers, self.rules, base)
+
+    def plans(self, method: str, sparsity: float, ranges: dict[str, LayerRange] | None = None) -> list[CandidatePlan]:
+        """The candidates of a method: 10 strategies x signals for mix-and-match, one plan for a baseline."""
+        if method != "mix-and-match":
+            b = BASELINES[method]
+            plan = b.plan(self.prunable, self.sens, sparsity, self.cfg.seed)
+            cand = Candidate(name=b.name, signal=b.name, strategy="baseline", method=b.name, sparsity=0.0, accuracy=0.0)
+            return [CandidatePlan(cand, b.scores(self.prunable, self.sens, self.cfg.seed), plan)]
+        ranges = ranges or self.ranges(sparsity)
+        stats = {
+            layer.name: LayerStats(ranges[layer.name].lo, ranges[layer.name].hi, layer.numel, layer.depth)
+            for layer in self.prunable
+        }
+        plans = make_all_plans(stats)
+        out = []
+        for signal in self.cfg.signals:
+            scores = {p.name: signal_scores(signal, p.weight, self.sens.abs_grad[p.name]) for p in self.prunable}
+            for strategy in STRATEGY_NAMES:
+                cand = Candidate(
+                    name=f"{signal}/{strategy}",
+                    signal=signal,
+                    strategy=strategy,
+                    method="mix-and-match",
+                    sparsity=0.0,
+                    accuracy=0.0,
+                )
+                out.append(CandidatePlan(cand, scores, plans[strategy]))
+        return out
+
+    def materialize(self, cp: CandidatePlan, recalibrate: bool = True) -> nn.Module:
+        """The model with this candidate's masks applied (and BN re-calibrated): weights are zeroed in place."""
+        self.model.load_state_dict(self.original)
+        apply_masks_(self.model, build_masks(cp.scores, cp.plan))
+        if recalibrate and self.use_bn:
+            recalibrate_bn(self.model, self.data.calib_x, self.cfg.batch_size)
+        return self.model
+
+    def screen(self, cp: CandidatePlan) -> Candidate:
+        """Zero-shot and BN-re-calibrated accuracy, and the exact sparsity, of one candidate."""
+        c = cp.candidate
+        self.materialize(cp, recalibrate=False)
+        c.sparsity = weight_sparsity(self.model, self.prunable)[0].sparsity
+        c.zero_shot_accuracy = self.accuracy()
+        if self.use_bn:
+            recalibrate_bn(self.model, self.data.calib_x, self.cfg.batch_size)
+            c.accuracy = self.accuracy()
+        else:
+            c.accuracy = c.zero_shot_accuracy
+        return c
+
+    def finetune(self, cp: CandidatePlan, epochs: int, on_epoch=None) -> dict:
+        """Fine-tune one candidate with its masks enforced; returns the weights, fills finetuned_accuracy."""
+        self.materialize(cp)
+        masks = build_masks(cp.scores, cp.plan)
+        d, cfg = self.data, self.cfg
+        finetune(
+            self.model,
+            masks,
+            d.calib_x,
+            d.calib_y,
+            epochs=epochs,
+            lr=cfg.finetune_lr,
+            batch_size=cfg.batch_size,
+            seed=cfg.seed,
+            on_epoch=on_epoch,
+        )
+        cp.candidate.finetuned_accuracy = self.accuracy()
+        return copy.deepcopy(self.model.state_dict())
+
+
+def load_workspace_inputs(cfg: CompressConfig):
+    """Data, then the model built to fit it (classes, channels, input size), checked against each other."""
+    data = load_data(
+        cfg.data, calib_size=cfg.calib_size, eval_size=cfg.eval_size, image_size=cfg.image_size, seed=cfg.seed
+    )
+    model = load_model(
+        cfg.model,
+        checkpoint=cfg.checkpoint,
+        pretrained=cfg.pretrained,
+        num_classes=cfg.num_classes or data.num_classes,
+        in_chans=cfg.in_chans or data.in_chans,
+        img_size=data.image_size,
+    )
+    return model, match_data_to_model(model, data)
 
 
 def compress(cfg: CompressConfig, progress: Progress | None = None) -> Report:
@@ -229,83 +328,35 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
 
     with t("load"):
         progress.start("load model and data")
-        data = load_data(
-            cfg.data, calib_size=cfg.calib_size, eval_size=cfg.eval_size, image_size=cfg.image_size, seed=cfg.seed
-        )
-        model = load_model(
-            cfg.model,
-            checkpoint=cfg.checkpoint,
-            pretrained=cfg.pretrained,
-            num_classes=cfg.num_classes or data.num_classes,
-            in_chans=cfg.in_chans or data.in_chans,
-            img_size=data.image_size,
-        )
-        data = _match_data_to_model(model, data)
+        model, data = load_workspace_inputs(cfg)
         progress.finish()
     if cfg.granularity == "channel":
         from .structured import compress_channels
 
         return compress_channels(cfg, target, model, data, staging, progress, t)
 
-    layers = build_inventory(model)
-    prunable = [layer for layer in layers if layer.prunable]
-    if not prunable:
-        raise EdgepruneError(f"model '{cfg.model}' has no Conv or Linear weights to prune")
-    rules = load_rules(model_family(model), cfg.rules)
-    calib_x, calib_y, eval_x, eval_y = data.calib_x, data.calib_y, data.eval_x, data.eval_y
-
     with t("dense_eval"):
         progress.start("evaluate dense model")
-        dense_acc = accuracy(model, eval_x, eval_y, cfg.batch_size)
-        params, macs = params_and_macs(model, eval_x[:1])
+        dense_acc = accuracy(model, data.eval_x, data.eval_y, cfg.batch_size)
+        params, macs = params_and_macs(model, data.eval_x[:1])
         progress.finish()
     progress.log(f"dense accuracy {dense_acc:.2%}, {params:,} params, {macs / 1e6:.1f} MMACs")
 
     with t("sensitivity"):
         progress.start("sensitivity signals (gradients, GraSP)")
-        needs_hessian = cfg.method in ("mix-and-match", "grasp")
-        n = min(cfg.gradient_samples, len(calib_x))
-        sens = compute_sensitivity(model, layers, calib_x[:n], calib_y[:n], cfg.batch_size, with_hessian=needs_hessian)
+        ws = Workspace(cfg, model, data, with_hessian=cfg.method in ("mix-and-match", "grasp"))
         progress.finish()
 
     with t("ranges"):
-        base = None
-        if cfg.method == "mix-and-match":
-            targets = range_targets(cfg.sparsity)
-            progress.start("Phase 1: baseline ranges", total=len(RANGE_BASELINES) * len(targets))
-            runs = []
-            for b in RANGE_BASELINES:
-                for s in targets:
-                    runs.append(BASELINES[b].plan(prunable, sens, s, cfg.seed))
-                    progress.advance()
-            base = baseline_ranges(runs)
-            progress.finish()
-        ranges = apply_rules(layers, rules, base)
-
+        ranges = ws.ranges(cfg.sparsity, cfg.method)
     with t("strategies"):
-        cplans = _plans(cfg, prunable, sens, ranges)
-
-    original = copy.deepcopy(model.state_dict())
-    use_bn = cfg.bn_recal and has_batchnorm(model)
-
-    def materialize(cp: CandidatePlan) -> nn.Module:
-        model.load_state_dict(original)
-        apply_masks_(model, build_masks(cp.scores, cp.plan))
-        return model
+        cplans = ws.plans(cfg.method, cfg.sparsity, ranges)
 
     with t("screening"):
-        progress.start(
-            f"screen {len(cplans)} candidates (mask{' + BN re-calibration' if use_bn else ''})", total=len(cplans)
-        )
+        what = "mask + BN re-calibration" if ws.use_bn else "mask"
+        progress.start(f"screen {len(cplans)} candidates ({what})", total=len(cplans))
         for cp in cplans:
-            materialize(cp)
-            cp.candidate.sparsity = weight_sparsity(model, prunable)[0].sparsity
-            cp.candidate.zero_shot_accuracy = accuracy(model, eval_x, eval_y, cfg.batch_size)
-            if use_bn:
-                recalibrate_bn(model, calib_x, cfg.batch_size)
-                cp.candidate.accuracy = accuracy(model, eval_x, eval_y, cfg.batch_size)
-            else:
-                cp.candidate.accuracy = cp.candidate.zero_shot_accuracy
+            ws.screen(cp)
             progress.advance()
         progress.finish()
 
@@ -314,29 +365,11 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
     with t("finetune"):
         if cfg.finetune_epochs > 0 and cfg.finetune_top > 0:
             pool = [i for i, c in enumerate(cands) if cfg.max_drop is not None or c.sparsity >= cfg.sparsity - 1e-6]
-            pool = pool or list(range(len(cands)))
-            top = sorted(pool, key=lambda i: -cands[i].accuracy)[: cfg.finetune_top]
-            progress.start(
-                f"fine-tune top {len(top)} ({cfg.finetune_epochs} epochs each)", total=len(top) * cfg.finetune_epochs
-            )
+            top = sorted(pool or range(len(cands)), key=lambda i: -cands[i].accuracy)[: cfg.finetune_top]
+            epochs = cfg.finetune_epochs
+            progress.start(f"fine-tune top {len(top)} ({epochs} epochs each)", total=len(top) * epochs)
             for i in top:
-                materialize(cplans[i])
-                if use_bn:
-                    recalibrate_bn(model, calib_x, cfg.batch_size)
-                masks = build_masks(cplans[i].scores, cplans[i].plan)
-                finetune(
-                    model,
-                    masks,
-                    calib_x,
-                    calib_y,
-                    epochs=cfg.finetune_epochs,
-                    lr=cfg.finetune_lr,
-                    batch_size=cfg.batch_size,
-                    seed=cfg.seed,
-                    on_epoch=lambda e, v: progress.advance(),
-                )
-                cands[i].finetuned_accuracy = accuracy(model, eval_x, eval_y, cfg.batch_size)
-                finetuned[i] = copy.deepcopy(model.state_dict())
+                finetuned[i] = ws.finetune(cplans[i], epochs, on_epoch=lambda e, v: progress.advance())
             progress.finish()
 
     points = [Point(c.final_accuracy, c.sparsity) for c in cands]
@@ -348,11 +381,9 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
     if idx in finetuned:
         model.load_state_dict(finetuned[idx])
     else:
-        materialize(cplans[idx])
-        if use_bn:
-            recalibrate_bn(model, calib_x, cfg.batch_size)
+        ws.materialize(cplans[idx])
     model.eval()
-    _, per_layer = weight_sparsity(model, prunable)
+    _, per_layer = weight_sparsity(model, ws.prunable)
 
     selected = SelectedSummary(
         name=chosen.name,
@@ -365,9 +396,10 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
     )
     dense = DenseSummary(accuracy=dense_acc, params=params, macs=macs)
 
+    bench = None
     if cfg.export:
-        _export_and_bench(
-            cfg, target, model, original, data, staging, dense, selected, chosen, per_layer, threads, t, progress
+        bench = _export_and_bench(
+            cfg, target, model, ws.original, data, staging, dense, selected, chosen, per_layer, threads, t, progress
         )
 
     layer_reports = [
@@ -381,10 +413,8 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
             baseline_range=list(ranges[layer.name].baseline) if ranges[layer.name].baseline else None,
             rules=ranges[layer.name].rules,
         )
-        for layer in layers
+        for layer in ws.layers
     ]
-    cfg_dict = asdict(cfg)
-    cfg_dict["signals"] = list(cfg.signals)
     report = Report(
         model=cfg.model,
         data=data.name,
@@ -398,7 +428,8 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
         layers=layer_reports,
         timings={k: round(v, 3) for k, v in t.seconds.items()},
         versions=versions(),
-        config=cfg_dict,
+        config=config_dict(cfg),
+        bench=bench,
     )
     report.timings["total"] = round(sum(t.seconds.values()), 3)
     (staging / "report.md").write_text(render_markdown(report))
@@ -406,24 +437,19 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
     return report
 
 
+def config_dict(cfg: CompressConfig) -> dict:
+    d = asdict(cfg)
+    d["signals"], d["ssh_options"] = list(cfg.signals), list(cfg.ssh_options)
+    return d
+
+
 def _export_and_bench(
-    cfg,
-    target,
-    model,
-    original,
-    data,
-    staging,
-    dense,
-    selected,
-    chosen,
-    per_layer,
-    threads,
-    t: Timings,
-    progress: Progress,
-) -> None:
-    """Export dense and selected models, verify them, and benchmark both through onnxruntime."""
-    from .benchmarks.runner import bench
+    cfg, target, model, original, data, staging, dense, selected, chosen, per_layer, threads, t, progress
+) -> list[dict]:
+    """Export dense and selected models (verified), write INT8/packed/ORT companions, benchmark them all."""
+    from .benchmarks.device import bench_artifacts
     from .export import export_onnx
+    from .export.ship import ship_artifacts
 
     example = data.eval_x[:1]
     check = data.eval_x[:64]
@@ -436,7 +462,7 @@ def _export_and_bench(
             "global_sparsity": f"{chosen.sparsity:.6f}",
             "target": target.name,
             "calibration_size": str(len(data.calib_x)),
-            "layer_sparsity": __import__("json").dumps({k: round(v, 6) for k, v in per_layer.items()}),
+            "layer_sparsity": json.dumps({k: round(v, 6) for k, v in per_layer.items()}),
         }
         res = export_onnx(
             model, example, staging / "model.onnx", check_inputs=check, opset=target.opset, metadata=metadata
@@ -444,13 +470,9 @@ def _export_and_bench(
         progress.advance()
         dense_model = copy.deepcopy(model)
         dense_model.load_state_dict(original)
+        dense_meta = {"source_model": cfg.model, "strategy": "dense", "target": target.name}
         dres = export_onnx(
-            dense_model,
-            example,
-            staging / "dense.onnx",
-            check_inputs=check,
-            opset=target.opset,
-            metadata={"source_model": cfg.model, "strategy": "dense", "target": target.name},
+            dense_model, example, staging / "dense.onnx", check_inputs=check, opset=target.opset, metadata=dense_meta
         )
         progress.advance()
         progress.finish()
@@ -458,22 +480,44 @@ def _export_and_bench(
     selected.onnx_zeros = res.zeros_onnx
     selected.onnx_sparsity = res.sparsity_onnx
     selected.parity_max_abs_diff = res.parity_max_abs_diff
-    selected.onnx_bytes = res.onnx_bytes
-    dense.onnx_bytes = dres.onnx_bytes
 
-    with t("benchmark"):
-        progress.start(f"benchmark dense vs selected (onnxruntime, {threads} thread(s))")
-        x = data.eval_x.numpy().astype(np.float32)
-        y = data.eval_y.numpy()
-        results = bench(
-            [str(staging / "dense.onnx"), str(staging / "model.onnx")],
-            x[:1],
-            threads=threads,
-            warmup=10,
-            runs=cfg.bench_runs,
-            x=x,
-            y=y,
+    with t("ship"):
+        progress.start("INT8 / packing / ORT format")
+        calib = data.calib_x[:256]
+        ship_kw = dict(target=target, quantize=cfg.quantize, ort_format=cfg.ort_format, calibration=calib)
+        dship = ship_artifacts(staging / "dense.onnx", pack="dense", check_inputs=check, **ship_kw)
+        ship = ship_artifacts(
+            staging / "model.onnx", pack=cfg.pack, check_inputs=check, baseline=staging / "dense.onnx", **ship_kw
         )
         progress.finish()
-    dense.latency_ms, dense.onnx_accuracy = results[0]["latency_ms"], results[0]["accuracy"]
-    selected.latency_ms, selected.onnx_accuracy = results[1]["latency_ms"], results[1]["accuracy"]
+    selected.onnx_bytes = ship.sizes["model.onnx"].bytes
+    selected.shipping = ship.to_dict()
+    dense.onnx_bytes = dres.onnx_bytes
+
+    names = ["dense.onnx", "model.onnx"] + [p.name for p in (dship.int8, ship.int8) if p is not None]
+    with t("benchmark"):
+        progress.start(f"benchmark {len(names)} artifacts on {cfg.latency_from} (onnxruntime, {threads} thread(s))")
+        x = data.eval_x.numpy().astype(np.float32)
+        bench = bench_artifacts(
+            [staging / n for n in names],
+            cfg.latency_from,
+            sample=x[:1],
+            threads=threads,
+            runs=cfg.bench_runs,
+            x=x,
+            y=data.eval_y.numpy(),
+            identity=cfg.identity,
+            ssh_options=list(cfg.ssh_options),
+        )
+        progress.finish()
+    by_name = {n: r for n, r in zip(names, bench.results)}
+    dense.latency_ms, dense.onnx_accuracy = by_name["dense.onnx"]["latency_ms"], by_name["dense.onnx"]["accuracy"]
+    selected.latency_ms = by_name["model.onnx"]["latency_ms"]
+    selected.onnx_accuracy = by_name["model.onnx"]["accuracy"]
+    if dship.int8 is not None:
+        dense.int8_accuracy = by_name[dship.int8.name]["accuracy"]
+        dense.int8_latency_ms = by_name[dship.int8.name]["latency_ms"]
+    if ship.int8 is not None:
+        selected.int8_accuracy = by_name[ship.int8.name]["accuracy"]
+        selected.int8_latency_ms = by_name[ship.int8.name]["latency_ms"]
+    return bench.to_dict()

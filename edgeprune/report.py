@@ -21,6 +21,7 @@ class DenseSummary:
     latency_ms: dict | None = None  # {"p50", "p90", "p99", "mean"}
     onnx_accuracy: float | None = None
     int8_accuracy: float | None = None
+    int8_latency_ms: dict | None = None
 
 
 @dataclass
@@ -59,7 +60,9 @@ class SelectedSummary:
     onnx_bytes: int | None = None
     onnx_accuracy: float | None = None
     int8_accuracy: float | None = None
+    int8_latency_ms: dict | None = None
     accuracy_drop: float | None = None  # points, dense - selected
+    shipping: dict | None = None  # INT8 / packing / ORT files and their sizes (edgeprune.export.ship)
 
 
 @dataclass
@@ -90,6 +93,7 @@ class Report:
     versions: dict[str, str]
     config: dict = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
+    bench: dict | None = None  # the benchmark device and every artifact's raw results
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
@@ -139,12 +143,13 @@ def render_markdown(report: Report) -> str:
         f"method: `{report.method}`",
         f"- selected: **{s.name}** ({s.why})",
         "",
-        "| | accuracy % | sparsity % | ONNX bytes | latency p50 / p90 ms | ONNX acc % |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| | accuracy % | sparsity % | ONNX bytes | latency p50 / p90 ms | ONNX acc % | INT8 acc % "
+        "| INT8 p50 / p90 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
         f"| dense | {_pct(d.accuracy)} | 0.00 | {d.onnx_bytes or '—'} | {_ms(d.latency_ms)} "
-        f"| {_pct(d.onnx_accuracy)} |",
+        f"| {_pct(d.onnx_accuracy)} | {_pct(d.int8_accuracy)} | {_ms(d.int8_latency_ms)} |",
         f"| selected | {_pct(s.accuracy)} | {_pct(s.sparsity)} | {s.onnx_bytes or '—'} | {_ms(s.latency_ms)} "
-        f"| {_pct(s.onnx_accuracy)} |",
+        f"| {_pct(s.onnx_accuracy)} | {_pct(s.int8_accuracy)} | {_ms(s.int8_latency_ms)} |",
         "",
     ]
     if s.accuracy_drop is not None:
@@ -154,6 +159,13 @@ def render_markdown(report: Report) -> str:
             f"ONNX check: max |ONNX − PyTorch| = {s.parity_max_abs_diff:.2e}; zeros in the ONNX weights: "
             f"{s.onnx_zeros} ({_pct(s.onnx_sparsity)} %)."
         )
+    if s.shipping and s.shipping.get("sizes"):
+        lines += ["", "## Shipped files", "", "| file | bytes | gzip bytes | × dense.onnx |", "|---|---:|---:|---:|"]
+        for name, size in s.shipping["sizes"].items():
+            lines.append(f"| {name} | {size['bytes']} | {size['gzip_bytes']} | {size['ratio']:.3f} |")
+    if report.bench and report.bench.get("device"):
+        dev = report.bench["device"]
+        lines.append(f"\nBenchmarked on {dev.get('cpu_model') or dev.get('machine')} ({dev.get('uname', '')}).")
     lines += [
         "",
         "## Candidates",

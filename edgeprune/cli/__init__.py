@@ -6,6 +6,7 @@ Each sub-command lives in its own module and registers itself on the shared Type
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from ..errors import EdgepruneError
@@ -19,7 +20,13 @@ from . import targets_cmd as _targets  # noqa: E402,F401
 from ._app import app
 
 
+def _terminate(signum: int, frame: object) -> None:
+    # Turn SIGTERM into an exception so `finally` blocks remove staging folders and temp files.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app(args=argv, standalone_mode=True)
     except EdgepruneError as exc:

@@ -43,7 +43,7 @@ def export_cmd(
     from edgeprune.export import build_metadata, export_onnx
     from edgeprune.export.ship import ship_artifacts
     from edgeprune.models import load_model
-    from edgeprune.pipeline import _match_data_to_model, prepare_output_dir, publish
+    from edgeprune.pipeline import match_data_to_model, prepare_output_dir, publish
     from edgeprune.targets import get_target
 
     console = Console(stderr=True)
@@ -64,7 +64,7 @@ def export_cmd(
             in_chans=in_chans or bundle.in_chans,
             img_size=bundle.image_size,
         )
-        bundle = _match_data_to_model(net, bundle)
+        bundle = match_data_to_model(net, bundle)
 
     staging = prepare_output_dir(out)
     try:
