@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # System packages: Fashion-MNIST (real data), QEMU + debootstrap (arm64 checks), OpenSSH (device bench tests).
-APT_PACKAGES="dataset-fashion-mnist qemu-user-static debootstrap openssh-server openssh-client"
+APT_PACKAGES="dataset-fashion-mnist qemu-user-static debootstrap debian-archive-keyring openssh-server openssh-client"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 missing=""
