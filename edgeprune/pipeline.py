@@ -148,12 +148,22 @@ def prepare_output_dir(out: Path) -> Path:
         raise EdgepruneError(f"cannot write to output directory {out}: {exc.strerror or exc}") from None
 
 
+def discard_staging(staging: Path, out: Path, created_out: bool) -> None:
+    """Remove the staging dir, and ``out`` itself if this run created it and nothing was published."""
+    shutil.rmtree(staging, ignore_errors=True)
+    if created_out:
+        try:
+            out.rmdir()  # only succeeds when empty
+        except OSError:
+            pass
+
+
 def publish(staging: Path, out: Path) -> dict[str, str]:
     """Move every finished artifact from the staging dir into ``out`` (each move is an atomic rename)."""
     published = {}
     for f in sorted(staging.iterdir()):
         os.replace(f, out / f.name)
-        published[f.stem if f.suffix != ".onnx" else f.name] = str(out / f.name)
+        published[f.name] = str(out / f.name)
     return published
 
 
@@ -170,7 +180,7 @@ def match_data_to_model(model: nn.Module, data):
         raise DataError(
             f"the model cannot run on the data ({tuple(data.eval_x.shape[1:])} inputs): {str(exc).splitlines()[0]}"
         ) from None
-    if logits.ndim != 2 or logits.shape[1] < data.num_classes:
+    if logits.ndim != 2 or logits.shape[1] != data.num_classes:
         raise DataError(
             f"the data has {data.num_classes} classes but the model outputs {tuple(logits.shape[1:])}; "
             "pass --num-classes or a checkpoint for this data"
@@ -283,11 +293,24 @@ class Workspace:
         return copy.deepcopy(self.model.state_dict())
 
 
+def model_input_size(model: nn.Module) -> int | None:
+    """The square input size a (timm) model was built for, if it says."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    size = cfg.get("input_size")
+    return int(size[-1]) if size else None
+
+
 def load_workspace_inputs(cfg: CompressConfig):
-    """Data, then the model built to fit it (classes, channels, input size), checked against each other."""
-    data = load_data(
-        cfg.data, calib_size=cfg.calib_size, eval_size=cfg.eval_size, image_size=cfg.image_size, seed=cfg.seed
-    )
+    """Data, then the model built to fit it (classes, channels, input size), checked against each other.
+
+    Datasets with a native size (Fashion-MNIST: 28 px) decide the model's input size. Image folders have
+    none, so without --image-size they are resized to what the model was built for.
+    """
+    image_size = cfg.image_size
+    if image_size is None and cfg.data.startswith("imagefolder:"):
+        probe = load_model(cfg.model, pretrained=False, num_classes=cfg.num_classes, in_chans=cfg.in_chans)
+        image_size = model_input_size(probe)
+    data = load_data(cfg.data, calib_size=cfg.calib_size, eval_size=cfg.eval_size, image_size=image_size, seed=cfg.seed)
     model = load_model(
         cfg.model,
         checkpoint=cfg.checkpoint,
@@ -305,15 +328,18 @@ def compress(cfg: CompressConfig, progress: Progress | None = None) -> Report:
     cfg.validate()
     target = get_target(cfg.target)
     out = Path(cfg.out)
+    created_out = not out.exists()
     staging = prepare_output_dir(out)
     try:
         report = _compress(cfg, target, staging, progress)
+        names = sorted(f.name for f in staging.iterdir()) + ["report.json"]
+        report.artifacts = {name: str(out / name) for name in names}
         (staging / "report.json").write_text(report.to_json())
-        report.artifacts = publish(staging, out)
-        (out / "report.json").write_text(report.to_json())  # now with the final artifact paths
+        publish(staging, out)
+        created_out = False
         return report
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging, out, created_out)
 
 
 def bench_threads(cfg: CompressConfig, target: Target) -> int:

@@ -1,0 +1,191 @@
+"""`edgeprune compress` end to end on the bundled demo, and every bad input from the Foundation issue."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from edgeprune.export import onnx_weight_sparsity
+from PIL import Image
+
+from edgeprune.cli import main
+from edgeprune.data import load_demo_arrays
+
+FAST = ["--calib-size", "300", "--eval-size", "400", "--finetune-epochs", "1", "--finetune-top", "1",
+        "--bench-runs", "5", "--quantize", "none", "-q"]  # fmt: skip
+
+
+def run(argv: list[str], capsys) -> tuple[int, str, str]:
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _check_artifacts(out: Path) -> dict:
+    report = json.loads((out / "report.json").read_text())
+    for name in ("model.onnx", "dense.onnx", "report.md", "pareto.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob(".edgeprune-staging-*")), "staging folder left behind"
+    sel = report["selected"]
+    onnx.checker.check_model(onnx.load(str(out / "model.onnx")))
+    zeros, total = onnx_weight_sparsity(out / "model.onnx")
+    assert zeros == sel["onnx_zeros"] and zeros / total == pytest.approx(sel["onnx_sparsity"])
+    assert sel["parity_max_abs_diff"] <= 1e-4
+    assert sel["onnx_accuracy"] == pytest.approx(sel["accuracy"], abs=0.01)  # ORT agrees with PyTorch
+    assert report["dense"]["latency_ms"]["p50"] > 0 and sel["latency_ms"]["p50"] > 0
+    assert {layer["role"] for layer in report["layers"]} >= {"norm", "conv", "classifier", "stem"}
+    for layer in report["layers"]:
+        lo, hi = layer["range"]
+        if layer["role"] == "norm":
+            assert layer["sparsity"] == 0.0
+    return report
+
+
+@pytest.mark.slow
+def test_compress_mix_and_match_end_to_end(tmp_path, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run(["compress", "--target", "arm64", "--out", str(out), *FAST], capsys)
+    assert code == 0, err
+    report = _check_artifacts(out)
+    assert report["method"] == "mix-and-match" and report["target"] == "arm64"
+    assert len(report["strategies"]) == 30
+    assert {c["signal"] for c in report["strategies"]} == {"magnitude", "gradient", "product"}
+    assert sum(c["selected"] for c in report["strategies"]) == 1
+    assert any(c["pareto"] for c in report["strategies"])
+    sel = report["selected"]
+    assert sel["sparsity"] >= 0.8 or "no candidate" in sel["why"]
+    assert report["dense"]["accuracy"] > 0.9  # the bundled demo model is trained
+    assert set(report["timings"]) >= {"load", "sensitivity", "screening", "export", "benchmark", "total"}
+    assert "selected" in stdout
+
+
+@pytest.mark.slow
+def test_compress_baseline_hits_exact_sparsity(tmp_path, capsys):
+    out = tmp_path / "mag"
+    code, _, err = run(["compress", "--method", "mag", "--sparsity", "0.9", "--out", str(out), *FAST], capsys)
+    assert code == 0, err
+    report = _check_artifacts(out)
+    assert [c["name"] for c in report["strategies"]] == ["mag"]
+    total = sum(layer["params"] for layer in report["layers"] if layer["role"] != "norm")
+    assert abs(report["selected"]["sparsity"] - 0.9) <= 1 / total
+
+
+@pytest.mark.slow
+def test_compress_default_demo_run(tmp_path, capsys, monkeypatch):
+    """The README's main command, exactly as a user types it (defaults), in a fresh directory."""
+    monkeypatch.chdir(tmp_path)
+    code, stdout, err = run(["compress", "--target", "arm64"], capsys)
+    assert code == 0, err
+    report = _check_artifacts(tmp_path / "edgeprune-out")
+    assert report["selected"]["sparsity"] >= 0.8
+    assert report["selected"]["int8_accuracy"] is not None  # arm64 profile ships INT8 by default
+    assert (tmp_path / "edgeprune-out" / "model.int8.onnx").is_file()
+
+
+# ---- bad input: one line, non-zero exit, nothing left in --out ---------------------------------------------
+
+
+def _folder(root: Path, classes: int, per_class: int = 3, mode: str = "L") -> Path:
+    images, _ = load_demo_arrays()
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            img = Image.fromarray(images[c * per_class + i])
+            img.convert(mode).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    corrupt = tmp / "corrupt.pth"
+    corrupt.write_bytes(b"this is not a checkpoint")
+    other = tmp / "other.pth"
+    torch.save({"fc.weight": torch.zeros(1000, 512)}, other)
+    wrong_shape = tmp / "wrong.pth"
+    from edgeprune.models import load_model
+
+    sd = load_model("fmnist_resnet", num_classes=5).state_dict()
+    torch.save(sd, wrong_shape)
+    bad_role = tmp / "bad_role.json"
+    bad_role.write_text(json.dumps({"rules": [{"roles": ["attention"], "range": [0, 0.5]}]}))
+    inverted = tmp / "inverted.json"
+    inverted.write_text(json.dumps({"rules": [{"roles": ["conv"], "range": [0.9, 0.1]}]}))
+    (tmp / "empty").mkdir()
+    three = _folder(tmp / "three", classes=3)
+    rgb = _folder(tmp / "rgb", classes=10, per_class=2, mode="RGB")
+    blocker = tmp / "a_file"
+    blocker.write_text("x")
+    return {
+        "missing checkpoint": (["--checkpoint", str(tmp / "nope.pth")], "not found"),
+        "corrupt checkpoint": (["--checkpoint", str(corrupt)], "checkpoint"),
+        "checkpoint for another architecture": (["--model", "fmnist_resnet", "--checkpoint", str(other)], "fc"),
+        "checkpoint with other classes": (["--model", "fmnist_resnet", "--checkpoint", str(wrong_shape)], "fc.weight"),
+        "unknown timm name": (["--model", "resnet_does_not_exist"], "resnet"),
+        "sparsity 1.0": (["--sparsity", "1.0"], "[0, 1)"),
+        "negative sparsity": (["--sparsity", "-0.1"], "[0, 1)"),
+        "missing data folder": (["--data", f"imagefolder:{tmp / 'missing'}"], "missing"),
+        "empty data folder": (["--data", f"imagefolder:{tmp / 'empty'}"], "empty"),
+        "classes mismatch": (
+            ["--data", f"imagefolder:{three}", "--num-classes", "10", "--model", "fmnist_resnet", "--image-size", "28"],
+            "classes",
+        ),  # fmt: skip
+        "channels mismatch": (["--data", f"imagefolder:{rgb}", "--in-chans", "5", "--image-size", "28"], "chan"),
+        "rules with unknown role": (["--rules", str(bad_role)], "unknown role"),
+        "rules with inverted range": (["--rules", str(inverted)], "min <= max"),
+        "unknown method": (["--method", "obs"], "--method"),
+        "unknown signal": (["--signals", "hessian"], "signal"),
+        "unwritable output": (["--out", str(blocker / "sub")], "output directory"),
+        "unknown target": (["--target", "z80"], "target"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_cases(tmp_path_factory):
+    return _bad_cases(tmp_path_factory.mktemp("bad"))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing checkpoint", "corrupt checkpoint", "checkpoint for another architecture",
+        "checkpoint with other classes", "unknown timm name", "sparsity 1.0", "negative sparsity",
+        "missing data folder", "empty data folder", "classes mismatch", "channels mismatch",
+        "rules with unknown role", "rules with inverted range", "unknown method", "unknown signal",
+        "unwritable output", "unknown target",
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_leaves_nothing(case, bad_cases, tmp_path, capsys):
+    args, expected = bad_cases[case]
+    out = tmp_path / "out"
+    argv = ["compress", "--out", str(out), *args] if "--out" not in args else ["compress", *args]
+    code, stdout, err = run(argv + ["-q"], capsys)
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("edgeprune: error:") and "Traceback" not in err
+    assert expected.lower() in lines[0].lower(), lines[0]
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_onnx_weights_are_really_zero_where_torch_is(tmp_path, capsys):
+    """Cheap cross-check of the exporter on the demo model at one fixed mask (no CLI)."""
+    from edgeprune.export import export_onnx
+
+    from edgeprune.models import load_model
+
+    model = load_model("demo")
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight[m.weight.abs() < m.weight.abs().median()] = 0
+    x = torch.randn(4, 1, 28, 28)
+    res = export_onnx(model, x[:1], tmp_path / "m.onnx", check_inputs=x)
+    assert res.zeros_onnx >= res.zeros_torch > 0 and res.parity_max_abs_diff <= 1e-4
+    assert np.isfinite(res.parity_max_abs_diff)
