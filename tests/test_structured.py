@@ -35,6 +35,7 @@ from edgeprune.structured import (
     units_to_remove,
     widths_for,
 )
+from edgeprune.structured.flow import LatencyLine
 from edgeprune.structured.groups import ROOT_TYPES
 
 ARCHS = [
@@ -135,17 +136,22 @@ def test_units_to_remove_takes_the_lowest_scores():
     assert units_to_remove([g], {"g": 8}, scores) == {}
 
 
-def test_channel_target_from_speedup_sparsity_and_budget():
+def test_channel_target_from_measured_latency_sparsity_and_speedup():
     class Cfg:
         latency_budget_ms = None
-        speedup = 4.0
+        speedup = 2.0
         sparsity = 0.75
 
-    assert channel_target(Cfg, 10.0) == pytest.approx(0.5)  # 4x fewer MACs: half the channels
-    Cfg.speedup = None
-    assert channel_target(Cfg, 10.0) == pytest.approx(0.5)  # 75 % of the weights: half the channels
-    Cfg.latency_budget_ms = 2.5
-    assert channel_target(Cfg, 10.0) == pytest.approx(0.5)
+    # measured: dense 10 ms at 100 MMACs, narrowest model 2 ms at 4 MMACs -> 5 ms needs 40 MMACs
+    line = LatencyLine(dense_ms=10.0, dense_macs=100, floor_ms=2.0, floor_macs=4)
+    r, warning = channel_target(Cfg, line)
+    assert r == pytest.approx(1 - math.sqrt(0.40)) and warning is None
+    assert channel_target(Cfg, None)[0] == pytest.approx(1 - 1 / math.sqrt(2))  # no measurement: MACs alone
+    Cfg.speedup, Cfg.latency_budget_ms = None, 1.5  # below the narrowest model: as far as allowed, warned
+    r, warning = channel_target(Cfg, line)
+    assert r == 0.85 and "below the narrowest model" in warning
+    Cfg.latency_budget_ms = None
+    assert channel_target(Cfg, line)[0] == pytest.approx(0.5)  # 75 % of the weights: half the channels
 
 
 def _cand(name: str, acc: float, ms: float, sparsity: float = 0.5) -> Candidate:

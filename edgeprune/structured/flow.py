@@ -126,19 +126,54 @@ def validate_selection(cfg) -> None:
         )
 
 
-def channel_target(cfg, dense_ms: float) -> float:
-    """Fraction of channels to remove around which the three baseline targets are placed.
+@dataclass(frozen=True)
+class LatencyLine:
+    """Latency vs MACs through two measured points: dense and the narrowest model (every group at its
+    minimum width). Between them latency is close to linear in MACs; the intercept is what a model of
+    this depth costs whatever its width (operator overhead), which bounds the reachable speedup."""
 
-    Removing a fraction r of every layer's channels leaves about (1 - r)^2 of the MACs and weights, so a
-    speedup X needs r = 1 - 1/sqrt(X) and a weight sparsity s needs r = 1 - sqrt(1 - s).
+    dense_ms: float
+    dense_macs: int
+    floor_ms: float
+    floor_macs: int
+
+    def macs_for(self, ms: float) -> float | None:
+        """MACs at which the line reaches ``ms``; None when ``ms`` is below the narrowest model's latency."""
+        if ms <= self.floor_ms or self.dense_ms <= self.floor_ms:
+            return None
+        w = (ms - self.floor_ms) / (self.dense_ms - self.floor_ms)
+        return self.floor_macs + w * (self.dense_macs - self.floor_macs)
+
+
+def channel_target(cfg, line: LatencyLine | None) -> tuple[float, str | None]:
+    """Fraction of channels to remove around which the three baseline targets are placed, and a warning
+    when the requested latency looks out of reach.
+
+    Removing a fraction r of every group's channels leaves about (1 - r)^2 of the MACs and weights. A
+    weight sparsity s needs r = 1 - sqrt(1 - s). A latency (``--latency-budget``, or dense / ``--speedup``)
+    is turned into MACs through the measured ``line`` first, since latency does not fall as fast as MACs.
     """
+    want_ms = None
     if cfg.latency_budget_ms is not None:
-        r = 1.0 - 1.0 / math.sqrt(max(1.0, dense_ms / cfg.latency_budget_ms))
+        want_ms = cfg.latency_budget_ms
+    elif cfg.speedup is not None and line is not None:
+        want_ms = line.dense_ms / cfg.speedup
+    warning = None
+    if want_ms is not None and line is not None:
+        macs = line.macs_for(want_ms)
+        if macs is None:
+            warning = (
+                f"{want_ms:.3f} ms is below the narrowest model's measured {line.floor_ms:.3f} ms "
+                f"(dense {line.dense_ms:.3f} ms); candidates go as far as the rules allow"
+            )
+            r = 1.0
+        else:
+            r = 1.0 - math.sqrt(min(1.0, macs / line.dense_macs))
     elif cfg.speedup is not None:
         r = 1.0 - 1.0 / math.sqrt(cfg.speedup)
     else:
         r = 1.0 - math.sqrt(1.0 - cfg.sparsity)
-    return min(0.85, max(0.05, r))
+    return min(0.85, max(0.05, r)), warning
 
 
 def meets(c: Candidate, cfg, dense_ms: float) -> bool:
@@ -206,268 +241,338 @@ def compact(model: nn.Module, example: torch.Tensor, remove: dict[str, list[int]
 def compress_channels(cfg, target, model: nn.Module, data, staging: Path, progress, t) -> Report:
     """Structured Mix-and-Match (see the module docstring). Writes ``model.onnx``, ``dense.onnx``,
     ``report.md`` and ``pareto.png`` into ``staging``; returns the report (the caller writes the JSON)."""
-    from ..benchmarks.runner import bench
-    from ..export import export_onnx
-    from ..pipeline import bench_threads
-
     validate_selection(cfg)
-    round_to = cfg.round_to or target.round_to
-    threads = bench_threads(cfg, target)
-    model = model.eval()
-    calib_x, calib_y, eval_x, eval_y = data.calib_x, data.calib_y, data.eval_x, data.eval_y
-    example, check = eval_x[:1], eval_x[:CHECK_IMAGES]
-    sample = eval_x[:1].numpy().astype(np.float32)
+    with tempfile.TemporaryDirectory(prefix="edgeprune-channel-") as work:
+        return ChannelSearch(cfg, target, model, data, staging, Path(work), progress, t).run()
 
-    with t("groups"):
-        progress.start("dependency graph: channel groups and attention heads")
-        graph = GroupGraph(model, example)
-        groups = [g for g in graph.groups if len(allowed_keeps(g, round_to)) > 1]
-        progress.finish()
-    if not groups:
-        raise EdgepruneError(
-            f"model '{cfg.model}' has no channel group that can shrink in multiples of {round_to}; "
-            "pass a smaller --round-to or use --granularity unstructured"
+
+class ChannelSearch:
+    """The stages of ``compress_channels``, in order; each one reads what the previous ones left."""
+
+    def __init__(self, cfg, target, model: nn.Module, data, staging: Path, work: Path, progress, t):
+        from ..pipeline import bench_threads
+
+        self.cfg, self.target, self.data, self.staging, self.work = cfg, target, data, staging, work
+        self.progress, self.t = progress, t
+        self.model = model.eval()
+        self.round_to = cfg.round_to or target.round_to
+        self.threads = bench_threads(cfg, target)
+        self.example, self.check = data.eval_x[:1], data.eval_x[:CHECK_IMAGES]
+        self.sample = data.eval_x[:1].numpy().astype(np.float32)
+        self.use_bn = cfg.bn_recal and has_batchnorm(model)
+
+    def run(self) -> Report:
+        self.discover()
+        self.dense()
+        self.probe()
+        self.signals()
+        self.plan()
+        self.screen()
+        self.measure()
+        self.finetune()
+        self.select()
+        self.export_selected()
+        return self.report()
+
+    def _export(self, model: nn.Module, path: Path, metadata: dict[str, str] | None = None):
+        from ..export import export_onnx
+
+        return export_onnx(
+            model, self.example, path, check_inputs=self.check, opset=self.target.opset, metadata=metadata
         )
-    with t("groups"):
-        # Shrink every group to its narrowest width once, so a layer the graph cannot follow fails here,
-        # named, before any slow work.
-        probe = {g.name: list(range(g.units - min_keep_units(g, round_to))) for g in groups}
-        compact(model, example, probe)
-    progress.log(
-        f"{len(groups)} prunable groups ({sum(g.kind == 'heads' for g in groups)} attention), round_to={round_to}"
-    )
 
-    with t("dense_eval"):
-        progress.start("evaluate dense model")
-        dense_acc = accuracy(model, eval_x, eval_y, cfg.batch_size)
-        params, macs = params_and_macs(model, example)
-        dense_weights = prunable_weights(model)
-        progress.finish()
-    progress.log(f"dense accuracy {dense_acc:.2%}, {params:,} params, {macs / 1e6:.1f} MMACs")
+    def _bench(self, paths: list[Path], **kw) -> list[dict]:
+        from ..benchmarks.runner import bench
 
-    with t("export"):
-        progress.start("export dense ONNX")
-        dres = export_onnx(
-            model,
-            example,
-            staging / "dense.onnx",
-            check_inputs=check,
-            opset=target.opset,
-            metadata={"source_model": cfg.model, "strategy": "dense", "target": target.name},
+        return bench([str(p) for p in paths], self.sample, threads=self.threads, **kw)
+
+    # -- stages -------------------------------------------------------------------------------------------------
+
+    def discover(self) -> None:
+        with self.t("groups"):
+            self.progress.start("dependency graph: channel groups and attention heads")
+            self.graph = GroupGraph(self.model, self.example)
+            self.groups = [g for g in self.graph.groups if len(allowed_keeps(g, self.round_to)) > 1]
+            self.progress.finish()
+        if not self.groups:
+            raise EdgepruneError(
+                f"model '{self.cfg.model}' has no channel group that can shrink in multiples of {self.round_to}; "
+                "pass a smaller --round-to or use --granularity unstructured"
+            )
+        heads = sum(g.kind == "heads" for g in self.groups)
+        self.progress.log(f"{len(self.groups)} prunable groups ({heads} attention), round_to={self.round_to}")
+
+    def dense(self) -> None:
+        d = self.data
+        with self.t("dense_eval"):
+            self.progress.start("evaluate dense model")
+            self.dense_acc = accuracy(self.model, d.eval_x, d.eval_y, self.cfg.batch_size)
+            self.params, self.macs = params_and_macs(self.model, self.example)
+            self.dense_weights = prunable_weights(self.model)
+            self.progress.finish()
+        self.progress.log(f"dense accuracy {self.dense_acc:.2%}, {self.params:,} params, {self.macs / 1e6:.1f} MMACs")
+        with self.t("export"):
+            self.progress.start("export dense ONNX")
+            meta = {"source_model": self.cfg.model, "strategy": "dense", "target": self.target.name}
+            self.dense_export = self._export(self.model, self.staging / "dense.onnx", meta)
+            self.progress.finish()
+
+    def probe(self) -> None:
+        """Every group at its narrowest width, once: a layer the dependency graph cannot follow fails here,
+        named, before any slow work; and its latency next to dense's calibrates latency against MACs."""
+        with self.t("latency"):
+            self.progress.start("probe: narrowest model vs dense (latency)")
+            narrow = {g.name: list(range(g.units - min_keep_units(g, self.round_to))) for g in self.groups}
+            probe = compact(self.model, self.example, narrow)
+            self._export(probe, self.work / "probe.onnx")
+            lat = self._bench(
+                [self.staging / "dense.onnx", self.work / "probe.onnx"], warmup=5, runs=self.cfg.bench_runs
+            )
+            self.line = LatencyLine(
+                lat[0]["latency_ms"]["p50"],
+                self.macs,
+                lat[1]["latency_ms"]["p50"],
+                params_and_macs(probe, self.example)[1],
+            )
+            self.progress.finish()
+        self.progress.log(
+            f"dense {self.line.dense_ms:.3f} ms, narrowest model {self.line.floor_ms:.3f} ms "
+            f"({self.threads} thread(s), batch 1)"
         )
-        progress.finish()
-    dense_ms_first = None
-    if cfg.latency_budget_ms is not None:
-        with t("latency"):
-            dense_ms_first = bench(
-                [str(staging / "dense.onnx")], sample, threads=threads, warmup=5, runs=cfg.bench_runs
-            )[0]["latency_ms"]["p50"]
 
-    with t("sensitivity"):
-        progress.start("group signals (magnitude, Taylor gradient, product)")
-        n = min(cfg.gradient_samples, len(calib_x))
-        accumulate_gradients(model, calib_x[:n], calib_y[:n], cfg.batch_size)
-        scores = group_scores(graph)
-        model.zero_grad(set_to_none=True)
-        progress.finish()
+    def signals(self) -> None:
+        d = self.data
+        with self.t("sensitivity"):
+            self.progress.start("group signals (magnitude, Taylor gradient, product)")
+            n = min(self.cfg.gradient_samples, len(d.calib_x))
+            accumulate_gradients(self.model, d.calib_x[:n], d.calib_y[:n], self.cfg.batch_size)
+            self.scores = group_scores(self.graph)
+            self.model.zero_grad(set_to_none=True)
+            self.progress.finish()
 
-    with t("ranges"):
-        r = channel_target(cfg, dense_ms_first or 0.0)
-        targets = range_targets(r)
-        progress.start("Phase 1: group baseline ranges", total=len(RANGE_SIGNALS) * len(targets))
-        runs = []
-        for signal in RANGE_SIGNALS:
-            for tgt in targets:
-                runs.append(global_threshold_ratios(groups, scores[signal], tgt, round_to))
-                progress.advance()
-        ranges = group_ranges(groups, baseline_ranges(runs), load_structured_rules(cfg.rules), round_to)
-        progress.finish()
+    def plan(self) -> None:
+        groups, round_to = self.groups, self.round_to
+        with self.t("ranges"):
+            r, warning = channel_target(self.cfg, self.line)
+            if warning:
+                self.progress.log(f"warning: {warning}")
+            targets = range_targets(r)
+            self.progress.start("Phase 1: group baseline ranges", total=len(RANGE_SIGNALS) * len(targets))
+            runs = []
+            for signal in RANGE_SIGNALS:
+                for tgt in targets:
+                    runs.append(global_threshold_ratios(groups, self.scores[signal], tgt, round_to))
+                    self.progress.advance()
+            rules = load_structured_rules(self.cfg.rules)
+            self.ranges = group_ranges(groups, baseline_ranges(runs), rules, round_to)
+            self.progress.finish()
+        with self.t("strategies"):
+            stats = {
+                g.name: LayerStats(self.ranges[g.name].lo, self.ranges[g.name].hi, g.params, g.depth) for g in groups
+            }
+            plans = make_all_plans(stats)
+            self.cands: list[ChannelCandidate] = []
+            for signal in self.cfg.signals:
+                for strategy in STRATEGY_NAMES:
+                    widths = widths_for(groups, plans[strategy], round_to)
+                    cand = Candidate(
+                        name=f"{signal}/{strategy}",
+                        signal=signal,
+                        strategy=strategy,
+                        method="mix-and-match",
+                        sparsity=0.0,
+                        accuracy=0.0,
+                    )
+                    remove = units_to_remove(groups, widths, self.scores[signal])
+                    self.cands.append(ChannelCandidate(cand, widths, remove))
 
-    with t("strategies"):
-        stats = {g.name: LayerStats(ranges[g.name].lo, ranges[g.name].hi, g.params, g.depth) for g in groups}
-        plans = make_all_plans(stats)
-        cands: list[ChannelCandidate] = []
-        for signal in cfg.signals:
-            for strategy in STRATEGY_NAMES:
-                widths = widths_for(groups, plans[strategy], round_to)
-                cand = Candidate(
-                    name=f"{signal}/{strategy}",
-                    signal=signal,
-                    strategy=strategy,
-                    method="mix-and-match",
-                    sparsity=0.0,
-                    accuracy=0.0,
-                )
-                cands.append(ChannelCandidate(cand, widths, units_to_remove(groups, widths, scores[signal])))
-
-    use_bn = cfg.bn_recal and has_batchnorm(model)
-    tmp = tempfile.TemporaryDirectory(prefix="edgeprune-channel-")
-    try:
-        with t("screening"):
-            progress.start(
-                f"screen {len(cands)} candidates (compact{' + BN re-calibration' if use_bn else ''} + ONNX check)",
-                total=len(cands),
+    def screen(self) -> None:
+        d, cfg = self.data, self.cfg
+        with self.t("screening"):
+            self.progress.start(
+                f"screen {len(self.cands)} candidates "
+                f"(compact{' + BN re-calibration' if self.use_bn else ''} + ONNX export and check)",
+                total=len(self.cands),
             )
             seen: dict[tuple, ChannelCandidate] = {}
-            for i, cc in enumerate(cands):
+            for i, cc in enumerate(self.cands):
                 key = (cc.candidate.signal, cc.shape_key)
                 if key in seen:  # e.g. balanced and p50 are the same plan
                     _copy_screening(seen[key], cc)
-                    progress.advance()
+                    self.progress.advance()
                     continue
                 seen[key] = cc
-                pruned = compact(model, example, cc.remove)
+                pruned = compact(self.model, self.example, cc.remove)
                 c = cc.candidate
-                c.zero_shot_accuracy = accuracy(pruned, eval_x, eval_y, cfg.batch_size)
-                if use_bn:
-                    recalibrate_bn(pruned, calib_x, cfg.batch_size)
-                    c.accuracy = accuracy(pruned, eval_x, eval_y, cfg.batch_size)
+                c.zero_shot_accuracy = accuracy(pruned, d.eval_x, d.eval_y, cfg.batch_size)
+                if self.use_bn:
+                    recalibrate_bn(pruned, d.calib_x, cfg.batch_size)
+                    c.accuracy = accuracy(pruned, d.eval_x, d.eval_y, cfg.batch_size)
                 else:
                     c.accuracy = c.zero_shot_accuracy
-                cc.params, c.macs = params_and_macs(pruned, example)
-                c.sparsity = 1.0 - prunable_weights(pruned) / dense_weights
-                res = export_onnx(
-                    pruned, example, Path(tmp.name) / f"c{i}.onnx", check_inputs=check, opset=target.opset
-                )
+                cc.params, c.macs = params_and_macs(pruned, self.example)
+                c.sparsity = 1.0 - prunable_weights(pruned) / self.dense_weights
+                res = self._export(pruned, self.work / f"c{i}.onnx")
                 cc.onnx, cc.parity = res.path, res.parity_max_abs_diff
-                progress.advance()
-            progress.finish()
+                self.progress.advance()
+            self.progress.finish()
 
-        with t("latency"):
+    def measure(self) -> None:
+        """Latency of every distinct architecture, interleaved with dense in one run."""
+        with self.t("latency"):
             shapes: dict[tuple, ChannelCandidate] = {}
-            for cc in cands:
+            for cc in self.cands:
                 shapes.setdefault(cc.shape_key, cc)
-            progress.start(f"measure latency of {len(shapes)} architectures + dense (onnxruntime, {threads} thread(s))")
-            paths = [str(staging / "dense.onnx")] + [str(cc.onnx) for cc in shapes.values()]
-            results = bench(paths, sample, threads=threads, warmup=5, runs=cfg.bench_runs)
-            progress.finish()
-        dense_ms = results[0]["latency_ms"]["p50"]
+            self.progress.start(
+                f"measure latency of {len(shapes)} architectures + dense "
+                f"(onnxruntime, {self.threads} thread(s), batch 1)"
+            )
+            paths = [self.staging / "dense.onnx"] + [cc.onnx for cc in shapes.values()]
+            results = self._bench(paths, warmup=5, runs=self.cfg.bench_runs)
+            self.progress.finish()
+        self.dense_ms = results[0]["latency_ms"]["p50"]
         latency = {key: res["latency_ms"]["p50"] for key, res in zip(shapes, results[1:], strict=True)}
-        for cc in cands:
+        for cc in self.cands:
             cc.candidate.latency_ms = latency[cc.shape_key]
-    finally:
-        tmp.cleanup()
 
-    finetuned: dict[int, nn.Module] = {}
-    with t("finetune"):
-        if cfg.finetune_epochs > 0 and cfg.finetune_top > 0:
-            pool = [i for i, cc in enumerate(cands) if meets(cc.candidate, cfg, dense_ms)] or list(range(len(cands)))
+    def finetune(self) -> None:
+        d, cfg = self.data, self.cfg
+        self.finetuned: dict[int, nn.Module] = {}
+        with self.t("finetune"):
+            if cfg.finetune_epochs <= 0 or cfg.finetune_top <= 0:
+                return
+            cands = self.cands
+            pool = [i for i, cc in enumerate(cands) if meets(cc.candidate, cfg, self.dense_ms)] or list(
+                range(len(cands))
+            )
             top = sorted(pool, key=lambda i: -cands[i].candidate.accuracy)[: cfg.finetune_top]
-            progress.start(
+            self.progress.start(
                 f"fine-tune top {len(top)} ({cfg.finetune_epochs} epochs each)", total=len(top) * cfg.finetune_epochs
             )
             for i in top:
-                pruned = _rebuild(model, example, cands[i], calib_x, cfg.batch_size, use_bn)
+                pruned = self._rebuild(cands[i])
                 finetune(
                     pruned,
                     {},
-                    calib_x,
-                    calib_y,
+                    d.calib_x,
+                    d.calib_y,
                     epochs=cfg.finetune_epochs,
                     lr=cfg.finetune_lr,
                     batch_size=cfg.batch_size,
                     seed=cfg.seed,
-                    on_epoch=lambda e, v: progress.advance(),
+                    on_epoch=lambda e, v: self.progress.advance(),
                 )
-                cands[i].candidate.finetuned_accuracy = accuracy(pruned, eval_x, eval_y, cfg.batch_size)
-                finetuned[i] = pruned
-            progress.finish()
+                cands[i].candidate.finetuned_accuracy = accuracy(pruned, d.eval_x, d.eval_y, cfg.batch_size)
+                self.finetuned[i] = pruned
+            self.progress.finish()
 
-    plain = [cc.candidate for cc in cands]
-    for c, on_front in zip(plain, pareto_mask([Point(c.final_accuracy, -c.latency_ms) for c in plain]), strict=True):
-        c.pareto = on_front
-    idx, why = select_structured(plain, cfg, dense_acc, dense_ms)
-    chosen = cands[idx]
-    chosen.candidate.selected = True
-    final = finetuned.get(idx) or _rebuild(model, example, chosen, calib_x, cfg.batch_size, use_bn)
+    def select(self) -> None:
+        plain = [cc.candidate for cc in self.cands]
+        front = pareto_mask([Point(c.final_accuracy, -c.latency_ms) for c in plain])
+        for c, on_front in zip(plain, front, strict=True):
+            c.pareto = on_front
+        idx, self.why = select_structured(plain, self.cfg, self.dense_acc, self.dense_ms)
+        self.chosen = self.cands[idx]
+        self.chosen.candidate.selected = True
+        self.final = self.finetuned.get(idx) or self._rebuild(self.chosen)
 
-    c = chosen.candidate
-    selected = SelectedSummary(
-        name=c.name,
-        signal=c.signal,
-        strategy=c.strategy,
-        sparsity=c.sparsity,
-        accuracy=c.final_accuracy,
-        why=why,
-        accuracy_drop=(dense_acc - c.final_accuracy) * 100,
-    )
-    dense = DenseSummary(accuracy=dense_acc, params=params, macs=macs, onnx_bytes=dres.onnx_bytes)
-
-    with t("export"):
-        progress.start("export + verify the selected compacted ONNX")
-        res = export_onnx(
-            final,
-            example,
-            staging / "model.onnx",
-            check_inputs=check,
-            opset=target.opset,
-            metadata={
+    def export_selected(self) -> None:
+        c, cfg, d = self.chosen.candidate, self.cfg, self.data
+        self.selected = SelectedSummary(
+            name=c.name,
+            signal=c.signal,
+            strategy=c.strategy,
+            sparsity=c.sparsity,
+            accuracy=c.final_accuracy,
+            why=self.why,
+            accuracy_drop=(self.dense_acc - c.final_accuracy) * 100,
+        )
+        self.dense_summary = DenseSummary(
+            accuracy=self.dense_acc, params=self.params, macs=self.macs, onnx_bytes=self.dense_export.onnx_bytes
+        )
+        with self.t("export"):
+            self.progress.start("export + verify the selected compacted ONNX")
+            meta = {
                 "source_model": cfg.model,
                 "strategy": c.strategy,
                 "signal": c.signal,
-                "target": target.name,
+                "target": self.target.name,
                 "granularity": "channel",
-                "round_to": str(round_to),
-                "calibration_size": str(len(calib_x)),
-                "group_widths": json.dumps(chosen.widths),
-            },
-        )
-        progress.finish()
-    selected.onnx = "model.onnx"
-    selected.onnx_zeros, selected.onnx_sparsity = res.zeros_onnx, res.sparsity_onnx
-    selected.parity_max_abs_diff, selected.onnx_bytes = res.parity_max_abs_diff, res.onnx_bytes
+                "round_to": str(self.round_to),
+                "calibration_size": str(len(d.calib_x)),
+                "group_widths": json.dumps(self.chosen.widths),
+            }
+            res = self._export(self.final, self.staging / "model.onnx", meta)
+            self.progress.finish()
+        s = self.selected
+        s.onnx = "model.onnx"
+        s.onnx_zeros, s.onnx_sparsity = res.zeros_onnx, res.sparsity_onnx
+        s.parity_max_abs_diff, s.onnx_bytes = res.parity_max_abs_diff, res.onnx_bytes
+        with self.t("benchmark"):
+            self.progress.start(f"benchmark dense vs selected (onnxruntime, {self.threads} thread(s))")
+            from ..benchmarks.runner import bench
 
-    with t("benchmark"):
-        progress.start(f"benchmark dense vs selected (onnxruntime, {threads} thread(s))")
-        x, y = eval_x.numpy().astype(np.float32), eval_y.numpy()
-        final_bench = bench(
-            [str(staging / "dense.onnx"), str(staging / "model.onnx")],
-            sample,
-            threads=threads,
-            warmup=10,
-            runs=cfg.bench_runs,
-            x=x,
-            y=y,
+            results = bench(
+                [str(self.staging / "dense.onnx"), str(self.staging / "model.onnx")],
+                self.sample,
+                threads=self.threads,
+                warmup=10,
+                runs=cfg.bench_runs,
+                x=d.eval_x.numpy().astype(np.float32),
+                y=d.eval_y.numpy(),
+            )
+            self.progress.finish()
+        self.dense_summary.latency_ms, self.dense_summary.onnx_accuracy = (
+            results[0]["latency_ms"],
+            results[0]["accuracy"],
         )
-        progress.finish()
-    dense.latency_ms, dense.onnx_accuracy = final_bench[0]["latency_ms"], final_bench[0]["accuracy"]
-    selected.latency_ms, selected.onnx_accuracy = final_bench[1]["latency_ms"], final_bench[1]["accuracy"]
+        s.latency_ms, s.onnx_accuracy = results[1]["latency_ms"], results[1]["accuracy"]
 
-    layer_reports = [
-        LayerReport(
-            name=g.name,
-            role=g.role,
-            shape=[g.units, g.unit_size] if g.kind == "heads" else [g.channels],
-            params=g.params,
-            range=[ranges[g.name].lo, ranges[g.name].hi],
-            sparsity=1.0 - chosen.widths[g.name] / g.units,
-            baseline_range=list(ranges[g.name].baseline) if ranges[g.name].baseline else None,
-            rules=ranges[g.name].rules,
+    def report(self) -> Report:
+        cfg, groups, ranges, chosen = self.cfg, self.groups, self.ranges, self.chosen
+        layer_reports = [
+            LayerReport(
+                name=g.name,
+                role=g.role,
+                shape=[g.units, g.unit_size] if g.kind == "heads" else [g.channels],
+                params=g.params,
+                range=[ranges[g.name].lo, ranges[g.name].hi],
+                sparsity=1.0 - chosen.widths[g.name] / g.units,
+                baseline_range=list(ranges[g.name].baseline) if ranges[g.name].baseline else None,
+                rules=ranges[g.name].rules,
+            )
+            for g in groups
+        ]
+        cfg_dict = asdict(cfg)
+        cfg_dict["signals"] = list(cfg.signals)
+        cfg_dict["round_to"] = self.round_to
+        cfg_dict["threads"] = self.threads
+        report = Report(
+            model=cfg.model,
+            data=self.data.name,
+            target=self.target.name,
+            granularity="channel",
+            method=cfg.method,
+            sparsity_target=cfg.sparsity,
+            dense=self.dense_summary,
+            strategies=[cc.candidate for cc in self.cands],
+            selected=self.selected,
+            layers=layer_reports,
+            timings={k: round(v, 3) for k, v in self.t.seconds.items()},
+            versions=versions(),
+            config=cfg_dict,
         )
-        for g in groups
-    ]
-    cfg_dict = asdict(cfg)
-    cfg_dict["signals"] = list(cfg.signals)
-    cfg_dict["round_to"] = round_to
-    report = Report(
-        model=cfg.model,
-        data=data.name,
-        target=target.name,
-        granularity="channel",
-        method=cfg.method,
-        sparsity_target=cfg.sparsity,
-        dense=dense,
-        strategies=plain,
-        selected=selected,
-        layers=layer_reports,
-        timings={k: round(v, 3) for k, v in t.seconds.items()},
-        versions=versions(),
-        config=cfg_dict,
-    )
-    report.timings["total"] = round(sum(t.seconds.values()), 3)
-    (staging / "report.md").write_text(render_markdown(report) + render_structured(report, dense_ms, groups, chosen))
-    plot_latency_pareto(report, dense_ms, staging / "pareto.png")
-    return report
+        report.timings["total"] = round(sum(self.t.seconds.values()), 3)
+        md = render_markdown(report) + render_structured(report, self.dense_ms, self.line, groups, chosen)
+        (self.staging / "report.md").write_text(md)
+        plot_latency_pareto(report, self.dense_ms, self.staging / "pareto.png")
+        return report
+
+    def _rebuild(self, cc: ChannelCandidate) -> nn.Module:
+        pruned = compact(self.model, self.example, cc.remove)
+        if self.use_bn:
+            recalibrate_bn(pruned, self.data.calib_x, self.cfg.batch_size)
+        return pruned
 
 
 def _copy_screening(src: ChannelCandidate, dst: ChannelCandidate) -> None:
@@ -476,17 +581,12 @@ def _copy_screening(src: ChannelCandidate, dst: ChannelCandidate) -> None:
     dst.params, dst.onnx, dst.parity = src.params, src.onnx, src.parity
 
 
-def _rebuild(model, example, cc: ChannelCandidate, calib_x, batch_size: int, use_bn: bool) -> nn.Module:
-    pruned = compact(model, example, cc.remove)
-    if use_bn:
-        recalibrate_bn(pruned, calib_x, batch_size)
-    return pruned
-
-
 # -- report additions ------------------------------------------------------------------------------------------
 
 
-def render_structured(report: Report, dense_ms: float, groups: list[ChannelGroup], chosen: ChannelCandidate) -> str:
+def render_structured(
+    report: Report, dense_ms: float, line: LatencyLine, groups: list[ChannelGroup], chosen: ChannelCandidate
+) -> str:
     """Markdown appended to the common report: latency, speedup and MACs of every candidate, group widths."""
     d = report.dense
     lines = [
@@ -494,7 +594,10 @@ def render_structured(report: Report, dense_ms: float, groups: list[ChannelGroup
         "## Structured candidates (measured latency)",
         "",
         f"Latency: onnxruntime p50 at batch 1, {report.config.get('threads') or 'target'} thread(s), measured "
-        f"interleaved with dense ({dense_ms:.3f} ms in that run). Pareto front: accuracy vs measured latency.",
+        f"interleaved with dense ({dense_ms:.3f} ms in that run). Pareto front: accuracy vs measured latency. "
+        f"The narrowest model this search could build (every group at its minimum width, {line.floor_macs / 1e6:.2f} "
+        f"MMACs) ran at {line.floor_ms:.3f} ms next to dense's {line.dense_ms:.3f} ms: operator overhead that no "
+        "channel pruning removes.",
         "",
         "| name | weights removed % | MMACs | MAC ratio | latency ms | speedup | accuracy % | Pareto |",
         "|---|---:|---:|---:|---:|---:|---:|:-:|",
