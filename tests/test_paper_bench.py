@@ -1,0 +1,80 @@
+"""The paper benchmark (`edgeprune.benchmarks.paper`): selection rule, and `--quick` end to end (schema)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from edgeprune.benchmarks import paper
+
+from edgeprune.pipeline import CompressConfig, Workspace, load_workspace_inputs
+
+
+def _cands(*pairs: tuple[float, float]) -> list[SimpleNamespace]:
+    return [SimpleNamespace(sparsity=s, accuracy=a) for s, a in pairs]
+
+
+def test_pick_candidate_prefers_the_window_then_compress_rule() -> None:
+    # In the window [0.9, 0.905]: the most accurate there, even if a sparser one outside is more accurate.
+    i, matched, _ = paper.pick_candidate(_cands((0.89, 0.99), (0.901, 0.80), (0.904, 0.85), (0.95, 0.90)), 0.9)
+    assert (i, matched) == (2, True)
+    # None in the window: compress's rule (most accurate at or above the level), flagged as unmatched.
+    i, matched, why = paper.pick_candidate(_cands((0.89, 0.99), (0.93, 0.80), (0.96, 0.85)), 0.9)
+    assert (i, matched) == (2, False) and "baselines run at its sparsity" in why
+    # None reaches the level: the sparsest.
+    i, matched, _ = paper.pick_candidate(_cands((0.80, 0.99), (0.85, 0.70)), 0.9)
+    assert (i, matched) == (1, False)
+
+
+def test_reduction() -> None:
+    assert paper.reduction(1.0, 2.0) == pytest.approx(0.5)
+    assert paper.reduction(3.0, 2.0) == pytest.approx(-0.5)
+    assert paper.reduction(1.0, 0.0) is None
+
+
+@pytest.mark.slow
+def test_plans_ignore_weights_left_by_previous_candidates() -> None:
+    """A baseline planned after another candidate was screened must rank the dense weights, not its zeros."""
+    torch.manual_seed(0)
+    cfg = CompressConfig(model="demo", data="demo", calib_size=64, eval_size=64, gradient_samples=64, batch_size=64)
+    model, data = load_workspace_inputs(cfg)
+    ws = Workspace(cfg, model, data, with_hessian=False)
+    fresh = paper.plans(ws, "snip", 0.8)[0].plan
+    ws.screen(paper.plans(ws, "mag", 0.8)[0])  # leaves MAG's mask in the live weights
+    assert paper.plans(ws, "snip", 0.8)[0].plan == fresh
+    assert fresh != paper.plans(ws, "mag", 0.8)[0].plan
+
+
+@pytest.mark.slow
+def test_quick_run_writes_the_schema(tmp_path) -> None:
+    torch.set_num_threads(1)
+    assert paper.main(["--quick", "--out", str(tmp_path), "--threads", "1"]) == 0
+    doc = json.loads((tmp_path / "paper_quick.json").read_text())
+    assert doc["schema"] == paper.SCHEMA
+    assert {"command", "machine", "versions", "seed", "wall_s", "settings"} <= set(doc)
+    assert doc["machine"]["cores"] >= 1 and doc["machine"]["cpu"]
+
+    (model,) = doc["models"].values()
+    assert model["model"] == "fmnist_resnet" and 0.5 < model["dense_fp32"] <= 1.0
+    (level,) = model["levels"]
+    assert level["level"] == 0.9
+    assert len(level["candidates"]) == 10  # --quick: one signal x ten strategies
+    assert sum(c["selected"] for c in level["candidates"]) == 1
+
+    methods = ["mix-and-match", "mag", "snip", "erk"]
+    rows = doc["results"]
+    assert sorted((r["method"], r["finetuned"]) for r in rows) == sorted((m, f) for m in methods for f in (0, 1))
+    mm_sparsity = next(r["sparsity"] for r in rows if r["method"] == "mix-and-match")
+    for r in rows:
+        assert 0.0 <= r["fp32"] <= 1.0 and r["int8"] is not None and 0.0 <= r["int8"] <= 1.0
+        assert r["drop"] == pytest.approx((model["dense_fp32"] - r["fp32"]) * 100)
+        # Matched sparsity: every baseline within 0.5 % of the selected Mix-and-Match candidate.
+        assert abs(r["sparsity"] - mm_sparsity) <= paper.WINDOW + 1e-6
+        assert r["finetune_epochs"] == (1 if r["finetuned"] else 0)
+    assert set(level["reduction"]) == {"mag", "snip", "erk"}
+
+    md = (tmp_path / "paper_quick.md").read_text()
+    assert "python -m edgeprune.benchmarks.paper --quick" in md and "Degradation reduction" in md
+    assert (tmp_path / "paper_quick_fmnist_resnet.png").stat().st_size > 10_000
