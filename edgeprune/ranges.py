@@ -49,12 +49,15 @@ class LayerRange:
     rules: list[str] = field(default_factory=list)  # the `why` of every rule that clipped it
 
 
-def parse_rules(data: dict, source: str) -> list[Rule]:
-    """Validate a rules document ({"rules": [...]}) and turn it into Rule objects."""
+def parse_rules(data: dict, source: str, key: str = "rules") -> list[Rule]:
+    """Validate a rules document ({"rules": [...]}) and turn the list under ``key`` into Rule objects."""
     if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
         raise EdgepruneError(f"rules file {source}: expected an object with a 'rules' list")
+    unknown = set(data) - {"description", "rules", "late_rules"}
+    if unknown:
+        raise EdgepruneError(f"rules file {source}: unknown top-level key(s) {sorted(unknown)}")
     rules = []
-    for i, raw in enumerate(data["rules"]):
+    for i, raw in enumerate(data.get(key, [])):
         where = f"rules file {source}, rule {i + 1}"
         if not isinstance(raw, dict):
             raise EdgepruneError(f"{where}: expected an object")
@@ -90,13 +93,14 @@ def parse_rules(data: dict, source: str) -> list[Rule]:
     return rules
 
 
-def _builtin(name: str) -> list[Rule]:
+def _builtin(name: str, key: str = "rules") -> list[Rule]:
     res = resources.files("edgeprune.rules").joinpath(f"{name}.json")
-    return parse_rules(json.loads(res.read_text()), f"{name}.json") if res.is_file() else []
+    return parse_rules(json.loads(res.read_text()), f"{name}.json", key) if res.is_file() else []
 
 
 def load_rules(family: str | None = None, user_file: str | Path | None = None) -> list[Rule]:
-    """Default rules, then the model family's rules (if a file exists), then the user's file."""
+    """Default rules, the model family's rules (if a file exists), the user's file, then the defaults'
+    late (safety) rules: small layers, patch embeddings and norms, which per-stage rules must not loosen."""
     rules = _builtin("default")
     if family:
         rules += _builtin(family)
@@ -109,8 +113,7 @@ def load_rules(family: str | None = None, user_file: str | Path | None = None) -
         except json.JSONDecodeError as exc:
             raise EdgepruneError(f"rules file {path} is not valid JSON: {exc}") from None
         rules += parse_rules(data, str(path))
-    # The norm rule is absolute: re-apply the defaults' last rule so no family/user rule can unfreeze norms.
-    return rules + [r for r in _builtin("default") if r.roles == ("norm",)]
+    return rules + _builtin("default", "late_rules")
 
 
 def range_targets(sparsity: float) -> tuple[float, float, float]:

@@ -77,10 +77,20 @@ def test_bad_user_rules_are_rejected(tmp_path, rule, message):
         load_rules(None, path)
 
 
-def test_user_rules_cannot_unfreeze_norms(tmp_path):
+def test_user_rules_cannot_loosen_the_safety_rules(tmp_path):
     path = tmp_path / "rules.json"
     path.write_text(json.dumps({"rules": [{"range": [0.5, 0.9]}]}))
     layers, runs = _phase1(tiny_cnn())
     ranges = apply_rules(layers, load_rules(None, path), baseline_ranges(runs))
     assert all((ranges[n.name].lo, ranges[n.name].hi) == (0, 0) for n in layers if n.role == "norm")
-    assert all(ranges[n.name].lo >= 0.5 for n in layers if n.prunable)
+    assert all(ranges[n.name].lo >= 0.5 for n in layers if n.prunable and n.numel >= 10_000)
+    assert all(ranges[n.name].hi <= 0.1 for n in layers if n.prunable and n.numel < 10_000)
+
+
+def test_family_stage_rules_do_not_override_small_layer_protection():
+    from edgeprune.models import load_model
+
+    model = load_model("demo")  # a narrow ResNet: layer1 convs have 2,304 weights
+    ranges = apply_rules(build_inventory(model), load_rules("resnet"))
+    assert ranges["layer1.0.conv1"].hi <= 0.1
+    assert (ranges["layer4.0.conv2"].lo, ranges["layer4.0.conv2"].hi) == (0.75, 0.95)
