@@ -131,6 +131,9 @@ class ModelResult:
     levels: list[LevelResult]
     timings: dict[str, float]
     wall_s: float
+    threads: int = 0  # torch threads of the run
+    command: str = ""  # the command that produced this model's numbers (results of several runs are merged)
+    finished: str = ""
 
 
 def log(msg: str) -> None:
@@ -338,6 +341,7 @@ def run_model(name: str, s: Settings) -> ModelResult:
         dense_int8=dense_int8,
         params=params,
         activation_swaps=swapped,
+        threads=torch.get_num_threads(),
         levels=levels,
         timings={k: round(v, 1) for k, v in t.items()},
         wall_s=round(time.perf_counter() - t_start, 1),
@@ -417,7 +421,7 @@ def _r(v: float | None) -> str:
 def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any]) -> str:
     L = ["# Mix-and-Match vs single-criterion pruning on Fashion-MNIST (edgeprune reference benchmark)", ""]
     L += [
-        f"Command: `{meta['command']}`  ",
+        "Command(s): " + ", ".join(f"`{c}`" for c in meta["commands"]) + " (each model's own in paper.json)  ",
         f"Machine: {meta['machine']['platform']}, {meta['machine']['cpu']}, {meta['machine']['cores']} cores, "
         f"{s.threads} torch thread(s); load average at the end {meta['machine']['load_average']} "
         "(the cores were shared with other jobs, so timings are pessimistic)  ",
@@ -428,7 +432,7 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
         f"Fine-tuning budget (every method): {s.finetune_epochs} epoch(s) Adam lr {s.finetune_lr:g} on the "
         f"calibration split (10 % held out for early stopping), masks enforced; INT8: static QDQ, per-channel, "
         f"{s.int8_calibration} calibration images  ",
-        f"Wall time: {meta['wall_s'] / 60:.1f} min for {len(results)} model(s)"
+        f"Wall time: {meta['wall_s'] / 60:.1f} min for {len(results)} model(s) (sum of per-model times)"
         + (f"; missing: {', '.join(meta['missing'])}" if meta.get("missing") else ""),
         "",
         "Sparsity = zeros / prunable weights (biases and norms excluded). Drop = dense FP32 − accuracy, in points. "
@@ -443,7 +447,7 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
         L += [f"## {m.model}", ""]
         L += [
             f"Dense: FP32 {_p(m.dense_fp32)} %, INT8 {_p(m.dense_int8)} %, {m.params:,} params; "
-            f"weights `{m.checkpoint}`; {m.wall_s / 60:.1f} min "
+            f"weights `{m.checkpoint}`; {m.wall_s / 60:.1f} min on {m.threads} thread(s) "
             f"({', '.join(f'{k} {v:.0f} s' for k, v in m.timings.items())})",
             "",
             "| level | method | candidate | sparsity % | zero-shot FP32 | zero-shot INT8 | drop | "
@@ -574,12 +578,50 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+# Settings that change the numbers: results of runs that agree on them can share one paper.json.
+COMPARABLE = ("levels", "baselines", "signals", "data", "calib_size", "eval_size", "gradient_samples",
+              "finetune_epochs", "finetune_lr", "int8_calibration", "seed")  # fmt: skip
+
+
+def model_from_dict(d: dict[str, Any]) -> ModelResult:
+    levels = []
+    for lv in d["levels"]:
+        rows = [Row(**r) for r in lv["rows"]]
+        levels.append(LevelResult(**{**lv, "rows": rows}))
+    return ModelResult(**{**d, "levels": levels})
+
+
+def previous_models(path: Path, s: Settings) -> list[ModelResult]:
+    """Models already in ``path`` from a run with the same comparable settings (others are not mixed in)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    mine = json.loads(json.dumps(asdict(s)))
+    old = doc.get("settings", {})
+    if doc.get("schema") != SCHEMA or any(old.get(k) != mine[k] for k in COMPARABLE):
+        log(f"{path}: written with other settings; its models are replaced, not merged")
+        return []
+    return [model_from_dict(m) for m in doc.get("models", {}).values()]
+
+
 def write_outputs(results: list[ModelResult], s: Settings, meta: dict[str, Any], out: Path, stem: str) -> None:
+    """Write JSON, Markdown and plots; models that an earlier compatible run left in ``out`` are kept.
+
+    The file is re-read right before writing, so runs over different ``--models`` can share ``out``.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    mine = {m.model for m in results}
+    merged = [m for m in previous_models(out / f"{stem}.json", s) if m.model not in mine] + results
+    order = {name: i for i, name in enumerate(MODELS)}
+    merged.sort(key=lambda m: order.get(m.model, len(order)))
     meta["machine"] = machine()
-    write_atomic(out / f"{stem}.json", json.dumps(to_json(results, s, meta), indent=1) + "\n")
-    write_atomic(out / f"{stem}.md", render_markdown(results, s, meta))
-    for m in results:
+    meta["wall_s"] = round(sum(m.wall_s for m in merged), 1)
+    meta["commands"] = sorted({m.command for m in merged if m.command})
+    meta["missing"] = [] if s.quick else [m for m in MODELS if m not in {r.model for r in merged}]
+    write_atomic(out / f"{stem}.json", json.dumps(to_json(merged, s, meta), indent=1) + "\n")
+    write_atomic(out / f"{stem}.md", render_markdown(merged, s, meta))
+    for m in merged:
         plot_model(m, out / f"{stem}_{m.model}.png")
 
 
@@ -625,7 +667,6 @@ def parse_settings(argv: list[str] | None) -> Settings:
 def main(argv: list[str] | None = None) -> int:
     s = parse_settings(argv)
     torch.set_num_threads(s.threads)
-    t0 = time.perf_counter()
     stem = "paper_quick" if s.quick else "paper"
     out = Path(s.out)
     meta: dict[str, Any] = {
@@ -642,8 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         except EdgepruneError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        meta["wall_s"] = round(time.perf_counter() - t0, 1)
-        meta["missing"] = [m for m in s.models if m not in {r.model for r in results}]
+        results[-1].command, results[-1].finished = meta["command"], time.strftime("%Y-%m-%d %H:%M:%S")
         write_outputs(results, s, meta, out, stem)
         log(f"{name}: done in {results[-1].wall_s / 60:.1f} min; wrote {out / stem}.json|md")
     return 0

@@ -78,3 +78,34 @@ def test_quick_run_writes_the_schema(tmp_path) -> None:
     md = (tmp_path / "paper_quick.md").read_text()
     assert "python -m edgeprune.benchmarks.paper --quick" in md and "Degradation reduction" in md
     assert (tmp_path / "paper_quick_fmnist_resnet.png").stat().st_size > 10_000
+
+
+def _fake_model(name: str, mm_drop: float, mag_drop: float) -> paper.ModelResult:
+    dense = 0.9
+    rows = [
+        paper.Row(name, 0.9, m, ft, 0.9, dense - d / 100, dense - d / 100, d, d, m, 0.9)
+        for m, d in (("mix-and-match", mm_drop), ("mag", mag_drop))
+        for ft in (False, True)
+    ]
+    cands = [{"name": "product/p50", "signal": "product", "strategy": "p50", "sparsity": 0.9, "zero_shot_raw": 0.5,
+              "fp32": 0.85, "selected": True}]  # fmt: skip
+    level = paper.LevelResult(0.9, 0.9, True, "test", cands, rows, {"mag": {"zero_shot": None, "finetuned": None}})
+    return paper.ModelResult(name, "weights.pt", dense, dense, 1000, 0, [level], {}, 1.0)
+
+
+def test_outputs_merge_models_of_compatible_runs(tmp_path) -> None:
+    s = paper.Settings(baselines=("mag",), out=str(tmp_path))
+    meta = {"command": "x", "versions": {}, "seed": 0}
+    paper.write_outputs([_fake_model("fmnist_vgg", 1.0, 2.0)], s, dict(meta), tmp_path, "paper")
+    paper.write_outputs([_fake_model("fmnist_vit", 3.0, 2.0)], s, dict(meta), tmp_path, "paper")
+    doc = json.loads((tmp_path / "paper.json").read_text())
+    assert list(doc["models"]) == ["fmnist_vgg", "fmnist_vit"]  # zoo order, both kept
+    assert "fmnist_resnet18" in doc["missing"]
+    checks = doc["checks"]["finetuned"]["vs_mag_at_highest_level"]
+    assert checks["fmnist_vgg"] == {"reduction": pytest.approx(0.5), "ok": True}
+    assert checks["fmnist_vit"]["ok"] is False
+    # Another evaluation split changes the numbers: the old models are dropped, not mixed in.
+    s2 = paper.Settings(baselines=("mag",), out=str(tmp_path), eval_size=123)
+    paper.write_outputs([_fake_model("fmnist_swin", 1.0, 2.0)], s2, dict(meta), tmp_path, "paper")
+    assert list(json.loads((tmp_path / "paper.json").read_text())["models"]) == ["fmnist_swin"]
+    assert (tmp_path / "paper_fmnist_swin.png").is_file() and "fmnist_swin" in (tmp_path / "paper.md").read_text()
