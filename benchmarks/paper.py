@@ -43,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,7 @@ class Settings:
     seed: int = 0
     out: str = "benchmarks/results"
     quick: bool = False
+    resume: bool = False
 
 
 @dataclass
@@ -132,6 +134,7 @@ class ModelResult:
     timings: dict[str, float]
     wall_s: float
     threads: int = 0  # torch threads of the run
+    complete: bool = True  # False while levels are missing (an interrupted run)
     command: str = ""  # the command that produced this model's numbers (results of several runs are merged)
     finished: str = ""
 
@@ -304,7 +307,17 @@ def twice_differentiable(model: nn.Module) -> int:
     return n
 
 
-def run_model(name: str, s: Settings) -> ModelResult:
+def run_model(
+    name: str,
+    s: Settings,
+    done: ModelResult | None = None,
+    on_level: Callable[[ModelResult], None] | None = None,
+) -> ModelResult:
+    """All levels of one model; levels already in ``done`` (an interrupted run's) are kept, not re-run.
+
+    ``on_level`` gets the model's result after every level (``complete`` False until the last), so an
+    interrupted run keeps its finished levels.
+    """
     t_start = time.perf_counter()
     ckpt = ensure_checkpoint(name) if name.startswith("fmnist_") else None
     cfg = CompressConfig(
@@ -333,19 +346,35 @@ def run_model(name: str, s: Settings) -> ModelResult:
         ev = Evaluator(ws, s, Path(tmp))
         dense_int8 = ev.int8_accuracy()
         log(f"{name}: dense FP32 {dense:.2%}, INT8 {dense_int8 if dense_int8 is None else f'{dense_int8:.2%}'}")
-        levels = [run_level(ws, ev, s, name, lv, dense, t) for lv in s.levels]
-    return ModelResult(
-        model=name,
-        checkpoint=str(ckpt.relative_to(REPO_ROOT)) if ckpt and ckpt.is_relative_to(REPO_ROOT) else str(ckpt),
-        dense_fp32=dense,
-        dense_int8=dense_int8,
-        params=params,
-        activation_swaps=swapped,
-        threads=torch.get_num_threads(),
-        levels=levels,
-        timings={k: round(v, 1) for k, v in t.items()},
-        wall_s=round(time.perf_counter() - t_start, 1),
-    )
+        levels = [lv for lv in (done.levels if done else []) if lv.level in s.levels]
+        if levels:
+            log(f"{name}: resuming; levels {', '.join(f'{lv.level:.0%}' for lv in levels)} kept from the last run")
+
+        def result() -> ModelResult:
+            timings = dict(done.timings) if done else {}
+            for k, v in t.items():
+                timings[k] = round(timings.get(k, 0.0) + v, 1)
+            return ModelResult(
+                model=name,
+                checkpoint=str(ckpt.relative_to(REPO_ROOT)) if ckpt and ckpt.is_relative_to(REPO_ROOT) else str(ckpt),
+                dense_fp32=dense,
+                dense_int8=dense_int8,
+                params=params,
+                activation_swaps=swapped,
+                levels=sorted(levels, key=lambda lv: lv.level),
+                timings=timings,
+                wall_s=round((done.wall_s if done else 0.0) + time.perf_counter() - t_start, 1),
+                threads=torch.get_num_threads(),
+                complete={lv.level for lv in levels} >= set(s.levels),
+            )
+
+        for lv in s.levels:
+            if lv in {x.level for x in levels}:
+                continue
+            levels.append(run_level(ws, ev, s, name, lv, dense, t))
+            if on_level is not None:
+                on_level(result())
+    return result()
 
 
 # ---------------------------------------------------------------------------------------------- outputs
@@ -388,6 +417,8 @@ def targets_check(results: list[ModelResult]) -> dict[str, Any]:
     for key, ft in (("finetuned", True), ("zero_shot", False)):
         vs_mag, beats_best = {}, {}
         for m in results:
+            if not m.complete:  # the highest level may be the one missing
+                continue
             top = max(m.levels, key=lambda lv: lv.level)
             rows = {r.method: r for r in top.rows if r.finetuned == ft}
             if "mag" in rows:
@@ -433,7 +464,7 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
         f"calibration split (10 % held out for early stopping), masks enforced; INT8: static QDQ, per-channel, "
         f"{s.int8_calibration} calibration images  ",
         f"Wall time: {meta['wall_s'] / 60:.1f} min for {len(results)} model(s) (sum of per-model times)"
-        + (f"; missing: {', '.join(meta['missing'])}" if meta.get("missing") else ""),
+        + (f"; missing or partial: {', '.join(meta['missing'])}" if meta.get("missing") else ""),
         "",
         "Sparsity = zeros / prunable weights (biases and norms excluded). Drop = dense FP32 − accuracy, in points. "
         "Zero-shot = masked, BatchNorm re-calibrated on the calibration split, no training. "
@@ -444,7 +475,8 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
         "",
     ]
     for m in results:
-        L += [f"## {m.model}", ""]
+        partial = "" if m.complete else f" (partial: only {', '.join(f'{lv.level:.0%}' for lv in m.levels)} finished)"
+        L += [f"## {m.model}{partial}", ""]
         L += [
             f"Dense: FP32 {_p(m.dense_fp32)} %, INT8 {_p(m.dense_int8)} %, {m.params:,} params; "
             f"weights `{m.checkpoint}`; {m.wall_s / 60:.1f} min on {m.threads} thread(s) "
@@ -618,7 +650,7 @@ def write_outputs(results: list[ModelResult], s: Settings, meta: dict[str, Any],
     meta["machine"] = machine()
     meta["wall_s"] = round(sum(m.wall_s for m in merged), 1)
     meta["commands"] = sorted({m.command for m in merged if m.command})
-    meta["missing"] = [] if s.quick else [m for m in MODELS if m not in {r.model for r in merged}]
+    meta["missing"] = [] if s.quick else [m for m in MODELS if m not in {r.model for r in merged if r.complete}]
     write_atomic(out / f"{stem}.json", json.dumps(to_json(merged, s, meta), indent=1) + "\n")
     write_atomic(out / f"{stem}.md", render_markdown(merged, s, meta))
     for m in merged:
@@ -641,8 +673,9 @@ def parse_settings(argv: list[str] | None) -> Settings:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--resume", action="store_true", help="keep models and levels already in --out (same settings)")
     a = p.parse_args(argv)
-    s = Settings(threads=a.threads, seed=a.seed, out=a.out, quick=a.quick)
+    s = Settings(threads=a.threads, seed=a.seed, out=a.out, quick=a.quick, resume=a.resume)
     if a.quick:
         s.models, s.levels, s.signals = ("fmnist_resnet",), (0.9,), ("product",)
         s.data, s.calib_size, s.eval_size, s.gradient_samples = "demo", 256, 256, 128
@@ -676,15 +709,25 @@ def main(argv: list[str] | None = None) -> int:
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     results: list[ModelResult] = []
+    previous = {m.model: m for m in previous_models(out / f"{stem}.json", s)} if s.resume else {}
+
+    def save(partial: ModelResult) -> None:
+        partial.command, partial.finished = meta["command"], time.strftime("%Y-%m-%d %H:%M:%S")
+        write_outputs(results + [partial], s, meta, out, stem)
+
     for name in s.models:
+        done = previous.get(name)
+        if done is not None and done.complete:
+            log(f"{name}: complete in {out / stem}.json, kept (--resume)")
+            results.append(done)
+            continue
         log(f"{name}: start")
         try:
-            results.append(run_model(name, s))
+            results.append(run_model(name, s, done=done, on_level=save))
         except EdgepruneError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        results[-1].command, results[-1].finished = meta["command"], time.strftime("%Y-%m-%d %H:%M:%S")
-        write_outputs(results, s, meta, out, stem)
+        save(results[-1])
         log(f"{name}: done in {results[-1].wall_s / 60:.1f} min; wrote {out / stem}.json|md")
     return 0
 

@@ -109,3 +109,37 @@ def test_outputs_merge_models_of_compatible_runs(tmp_path) -> None:
     paper.write_outputs([_fake_model("fmnist_swin", 1.0, 2.0)], s2, dict(meta), tmp_path, "paper")
     assert list(json.loads((tmp_path / "paper.json").read_text())["models"]) == ["fmnist_swin"]
     assert (tmp_path / "paper_fmnist_swin.png").is_file() and "fmnist_swin" in (tmp_path / "paper.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_run_resumes_finished_levels(tmp_path) -> None:
+    """An interrupted run keeps its finished levels; --resume completes only the missing one."""
+    torch.set_num_threads(1)
+    args = ["--quick", "--out", str(tmp_path), "--threads", "1", "--baselines", "mag", "--levels", "0.5,0.6"]
+    seen: list[paper.ModelResult] = []
+
+    s = paper.parse_settings(args)
+
+    def write_then_stop(partial: paper.ModelResult) -> None:
+        seen.append(partial)
+        paper.write_outputs([partial], s, _meta(), tmp_path, "paper_quick")
+        raise KeyboardInterrupt  # as if the run was killed right after writing the first level
+
+    with pytest.raises(KeyboardInterrupt):
+        paper.run_model("fmnist_resnet", s, on_level=write_then_stop)
+    assert len(seen) == 1
+    doc = json.loads((tmp_path / "paper_quick.json").read_text())
+    assert doc["models"]["fmnist_resnet"]["complete"] is False
+    assert [lv["level"] for lv in doc["models"]["fmnist_resnet"]["levels"]] == [0.5]
+    assert doc["checks"]["finetuned"]["vs_mag_at_highest_level"] == {}  # partial models are not judged
+    first = doc["models"]["fmnist_resnet"]["levels"][0]
+
+    assert paper.main([*args, "--resume"]) == 0
+    doc = json.loads((tmp_path / "paper_quick.json").read_text())
+    model = doc["models"]["fmnist_resnet"]
+    assert model["complete"] is True and [lv["level"] for lv in model["levels"]] == [0.5, 0.6]
+    assert model["levels"][0] == first  # kept, not recomputed
+
+
+def _meta() -> dict:
+    return {"command": "test", "versions": {}, "seed": 0}
