@@ -90,6 +90,7 @@ class Settings:
     out: str = "benchmarks/results"
     quick: bool = False
     resume: bool = False
+    int8: bool = True
 
 
 @dataclass
@@ -172,6 +173,8 @@ class Evaluator:
         self.n = 0
 
     def int8_accuracy(self) -> float | None:
+        if not self.s.int8:
+            return None
         self.n += 1
         fp32 = self.tmp / f"m{self.n}.onnx"
         int8 = self.tmp / f"m{self.n}.int8.onnx"
@@ -613,6 +616,7 @@ def write_atomic(path: Path, text: str) -> None:
 # Settings that change the numbers: results of runs that agree on them can share one paper.json.
 COMPARABLE = ("levels", "baselines", "signals", "data", "calib_size", "eval_size", "gradient_samples",
               "finetune_epochs", "finetune_lr", "int8_calibration", "seed")  # fmt: skip
+# (``int8`` is not among them: a run without INT8 only leaves those cells empty.)
 
 
 def model_from_dict(d: dict[str, Any]) -> ModelResult:
@@ -673,9 +677,10 @@ def parse_settings(argv: list[str] | None) -> Settings:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--no-int8", action="store_true", help="skip INT8 export and accuracy (FP32 only)")
     p.add_argument("--resume", action="store_true", help="keep models and levels already in --out (same settings)")
     a = p.parse_args(argv)
-    s = Settings(threads=a.threads, seed=a.seed, out=a.out, quick=a.quick, resume=a.resume)
+    s = Settings(threads=a.threads, seed=a.seed, out=a.out, quick=a.quick, resume=a.resume, int8=not a.no_int8)
     if a.quick:
         s.models, s.levels, s.signals = ("fmnist_resnet",), (0.9,), ("product",)
         s.data, s.calib_size, s.eval_size, s.gradient_samples = "demo", 256, 256, 128

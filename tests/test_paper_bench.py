@@ -116,6 +116,7 @@ def test_quick_run_resumes_finished_levels(tmp_path) -> None:
     """An interrupted run keeps its finished levels; --resume completes only the missing one."""
     torch.set_num_threads(1)
     args = ["--quick", "--out", str(tmp_path), "--threads", "1", "--baselines", "mag", "--levels", "0.5,0.6"]
+    args += ["--calib-size", "128", "--eval-size", "128", "--no-int8"]
     seen: list[paper.ModelResult] = []
 
     s = paper.parse_settings(args)
@@ -139,6 +140,7 @@ def test_quick_run_resumes_finished_levels(tmp_path) -> None:
     model = doc["models"]["fmnist_resnet"]
     assert model["complete"] is True and [lv["level"] for lv in model["levels"]] == [0.5, 0.6]
     assert model["levels"][0] == first  # kept, not recomputed
+    assert all(r["int8"] is None for r in doc["results"])  # --no-int8
 
 
 def _meta() -> dict:
