@@ -565,7 +565,7 @@ def plot_model(m: ModelResult, path: Path) -> None:
     front: list[tuple[float, float]] = []
     for lv in m.levels:
         for c in lv.candidates:
-            label = f"M&M {c['signal']} (zero-shot)" if c["signal"] not in seen else None
+            label = f"M&M {c['signal']} candidates (BN re-calibrated)" if c["signal"] not in seen else None
             seen.add(c["signal"])
             color = colors.get(c["signal"])
             ax.scatter(c["sparsity"] * 100, c["fp32"] * 100, s=14, alpha=0.5, color=color, label=label)
