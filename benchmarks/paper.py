@@ -269,6 +269,7 @@ def run_level(ws: Workspace, ev: Evaluator, s: Settings, name: str, level: float
     ws.materialize(chosen)
     res.rows.append(zero_shot_row(MM, chosen, target))
     res.rows.append(finetuned_row(MM, chosen, target))
+    log(f"  {level:.0%}: {'M&M':8s} {chosen.candidate.sparsity:.2%} fine-tuned {res.rows[-1].fp32:.2%}")
     for method in s.baselines:
         cp = plans(ws, method, target)[0]
         t0 = time.perf_counter()
