@@ -33,11 +33,12 @@ from ..report import Candidate, DenseSummary, LayerReport, Report, SelectedSumma
 from ..selection import Point, pareto_mask, select_index
 from ..strategies import STRATEGY_NAMES, LayerStats, make_all_plans
 from .groups import ROOT_TYPES, ChannelGroup, GroupGraph, check_forward
-from .planning import Widths, allowed_keeps, max_ratio, min_keep_units, units_to_remove, widths_for
-from .signals import accumulate_gradients, global_threshold_ratios, group_scores
+from .planning import Widths, allowed_keeps, max_ratio, units_to_remove, widths_for
+from .signals import global_threshold_ratios, group_scores
 
 RANGE_SIGNALS: tuple[str, ...] = ("magnitude", "gradient", "product")
 CHECK_IMAGES = 64  # evaluation images every exported candidate is compared on (ONNX vs PyTorch)
+TAYLOR_BATCH = 32  # images per mini-batch of the Taylor (gradient) signal
 
 
 @dataclass
@@ -318,12 +319,17 @@ class ChannelSearch:
             self.progress.finish()
 
     def probe(self) -> None:
-        """Every group at its narrowest width, once: a layer the dependency graph cannot follow fails here,
-        named, before any slow work; and its latency next to dense's calibrates latency against MACs."""
+        """Every group at the narrowest width the rules allow, once: a layer the dependency graph cannot
+        follow fails here, named, before any slow work; and its latency next to dense's calibrates
+        latency against MACs (and tells how fast this search can possibly get)."""
         with self.t("latency"):
             self.progress.start("probe: narrowest model vs dense (latency)")
-            narrow = {g.name: list(range(g.units - min_keep_units(g, self.round_to))) for g in self.groups}
-            probe = compact(self.model, self.example, narrow)
+            self.rules = load_structured_rules(self.cfg.rules)
+            caps = group_ranges(self.groups, {}, self.rules, self.round_to)  # the rules alone
+            narrowest = widths_for(self.groups, {n: r.hi for n, r in caps.items()}, self.round_to)
+            probe = compact(
+                self.model, self.example, {n: list(range(g.units - narrowest[n])) for n, g in self._by_name()}
+            )
             self._export(probe, self.work / "probe.onnx")
             lat = self._bench(
                 [self.staging / "dense.onnx", self.work / "probe.onnx"], warmup=5, runs=self.cfg.bench_runs
@@ -345,9 +351,7 @@ class ChannelSearch:
         with self.t("sensitivity"):
             self.progress.start("group signals (magnitude, Taylor gradient, product)")
             n = min(self.cfg.gradient_samples, len(d.calib_x))
-            accumulate_gradients(self.model, d.calib_x[:n], d.calib_y[:n], self.cfg.batch_size)
-            self.scores = group_scores(self.graph)
-            self.model.zero_grad(set_to_none=True)
+            self.scores = group_scores(self.graph, d.calib_x[:n], d.calib_y[:n], TAYLOR_BATCH)
             self.progress.finish()
 
     def plan(self) -> None:
@@ -363,8 +367,7 @@ class ChannelSearch:
                 for tgt in targets:
                     runs.append(global_threshold_ratios(groups, self.scores[signal], tgt, round_to))
                     self.progress.advance()
-            rules = load_structured_rules(self.cfg.rules)
-            self.ranges = group_ranges(groups, baseline_ranges(runs), rules, round_to)
+            self.ranges = group_ranges(groups, baseline_ranges(runs), self.rules, round_to)
             self.progress.finish()
         with self.t("strategies"):
             stats = {
@@ -404,12 +407,13 @@ class ChannelSearch:
                 seen[key] = cc
                 pruned = compact(self.model, self.example, cc.remove)
                 c = cc.candidate
-                c.zero_shot_accuracy = accuracy(pruned, d.eval_x, d.eval_y, cfg.batch_size)
+                # One evaluation per candidate, after BN re-calibration: a compacted network's zero-shot
+                # accuracy (BN statistics of the dense one) says little and would double the cost.
                 if self.use_bn:
                     recalibrate_bn(pruned, d.calib_x, cfg.batch_size)
-                    c.accuracy = accuracy(pruned, d.eval_x, d.eval_y, cfg.batch_size)
-                else:
-                    c.accuracy = c.zero_shot_accuracy
+                c.accuracy = accuracy(pruned, d.eval_x, d.eval_y, cfg.batch_size)
+                if not self.use_bn:
+                    c.zero_shot_accuracy = c.accuracy
                 cc.params, c.macs = params_and_macs(pruned, self.example)
                 c.sparsity = 1.0 - prunable_weights(pruned) / self.dense_weights
                 res = self._export(pruned, self.work / f"c{i}.onnx")
@@ -568,6 +572,9 @@ class ChannelSearch:
         plot_latency_pareto(report, self.dense_ms, self.staging / "pareto.png")
         return report
 
+    def _by_name(self) -> list[tuple[str, ChannelGroup]]:
+        return [(g.name, g) for g in self.groups]
+
     def _rebuild(self, cc: ChannelCandidate) -> nn.Module:
         pruned = compact(self.model, self.example, cc.remove)
         if self.use_bn:
@@ -595,7 +602,8 @@ def render_structured(
         "",
         f"Latency: onnxruntime p50 at batch 1, {report.config.get('threads') or 'target'} thread(s), measured "
         f"interleaved with dense ({dense_ms:.3f} ms in that run). Pareto front: accuracy vs measured latency. "
-        f"The narrowest model this search could build (every group at its minimum width, {line.floor_macs / 1e6:.2f} "
+        f"The narrowest model this search could build (every group at the narrowest width the rules allow, "
+        f"{line.floor_macs / 1e6:.2f} "
         f"MMACs) ran at {line.floor_ms:.3f} ms next to dense's {line.dense_ms:.3f} ms: operator overhead that no "
         "channel pruning removes.",
         "",

@@ -4,8 +4,13 @@ The three signals mirror the paper's per-weight ones, scored per *unit* (channel
 with torch-pruning's importance criteria over every layer the unit runs through:
 
 - ``magnitude``: group L2 norm of the unit's weights (``GroupMagnitudeImportance(p=2)``, summed, sqrt);
-- ``gradient``: first-order Taylor, sum of |w * dL/dw| over the group (``GroupTaylorImportance``), with
-  dL/dw accumulated over calibration batches in eval mode;
+- ``gradient``: first-order Taylor of the group: per calibration mini-batch (eval mode) the loss change
+  of removing a unit, |sum over its weights of w * dL/dw| per layer, summed over the group's layers
+  (``GroupTaylorImportance(multivariable=True)``), squared and summed over the batches (Molchanov et
+  al. 2019). Per batch, not on the gradient summed over all images: on a converged model that sum
+  nearly cancels; squared, not absolute: measured here on the Fashion-MNIST ResNet, ranking by the
+  plain per-batch sum of |w * g| removed the wrong half of the last stage (82 % vs 91 % after BN
+  re-calibration, magnitude 94 %);
 - ``product``: magnitude x gradient, each divided by its group mean (both must be high to keep a unit).
 
 A head's score is the mean of its channels' scores (as torch-pruning's MetaPruner does).
@@ -50,23 +55,33 @@ def _per_unit(g: ChannelGroup, channel_scores: torch.Tensor) -> torch.Tensor:
     return s.view(g.units, g.unit_size).mean(1)
 
 
-@torch.no_grad()
-def group_scores(graph: GroupGraph, with_gradient: bool = True) -> dict[str, GroupScores]:
-    """Scores of every unit of every group, per signal. ``with_gradient`` needs ``.grad`` filled
-    (``accumulate_gradients``); without it only ``magnitude`` is returned."""
+def group_scores(
+    graph: GroupGraph,
+    x: torch.Tensor | None = None,
+    y: torch.Tensor | None = None,
+    batch_size: int = 32,
+) -> dict[str, GroupScores]:
+    """Scores of every unit of every group, per signal. Without calibration data (``x``, ``y``) only
+    ``magnitude`` is returned. The model's ``.grad`` are cleared on return."""
+    model = graph.model
+    full = {g.name: graph.full_group(g.name) for g in graph.groups}
     magnitude_imp = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="sum", normalizer=None)
-    taylor_imp = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None)
-    out: dict[str, GroupScores] = {"magnitude": {}}
-    if with_gradient:
-        out["gradient"], out["product"] = {}, {}
-    for g in graph.groups:
-        full = graph.full_group(g.name)
-        mag = _per_unit(g, magnitude_imp(full).clamp_min(0).sqrt())
-        out["magnitude"][g.name] = mag
-        if with_gradient:
-            grad = _per_unit(g, taylor_imp(full))
-            out["gradient"][g.name] = grad
-            out["product"][g.name] = _mean_normalized(mag) * _mean_normalized(grad)
+    with torch.no_grad():
+        out: dict[str, GroupScores] = {
+            "magnitude": {g.name: _per_unit(g, magnitude_imp(full[g.name]).clamp_min(0).sqrt()) for g in graph.groups}
+        }
+    if x is None or y is None:
+        return out
+    taylor_imp = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None, multivariable=True)
+    taylor = {g.name: torch.zeros(g.units) for g in graph.groups}
+    for i in range(0, len(x), batch_size):
+        accumulate_gradients(model, x[i : i + batch_size], y[i : i + batch_size], batch_size)
+        with torch.no_grad():
+            for g in graph.groups:
+                taylor[g.name] += _per_unit(g, taylor_imp(full[g.name])) ** 2
+    model.zero_grad(set_to_none=True)
+    out["gradient"] = taylor
+    out["product"] = {n: _mean_normalized(out["magnitude"][n]) * _mean_normalized(taylor[n]) for n in taylor}
     return out
 
 
