@@ -649,6 +649,8 @@ def write_outputs(results: list[ModelResult], s: Settings, meta: dict[str, Any],
     """
     out.mkdir(parents=True, exist_ok=True)
     mine = {m.model for m in results}
+    if len(mine) != len(results):
+        raise ValueError("write_outputs got the same model twice")
     merged = [m for m in previous_models(out / f"{stem}.json", s) if m.model not in mine] + results
     order = {name: i for i, name in enumerate(MODELS)}
     merged.sort(key=lambda m: order.get(m.model, len(order)))
@@ -719,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(partial: ModelResult) -> None:
         partial.command, partial.finished = meta["command"], time.strftime("%Y-%m-%d %H:%M:%S")
-        write_outputs(results + [partial], s, meta, out, stem)
+        write_outputs([r for r in results if r.model != partial.model] + [partial], s, meta, out, stem)
 
     for name in s.models:
         done = previous.get(name)
