@@ -214,6 +214,7 @@ class Workspace:
 
     def ranges(self, sparsity: float, method: str = "mix-and-match") -> dict[str, LayerRange]:
         """Phase 1 for mix-and-match (baseline runs at three targets, clipped by rules); rules only otherwise."""
+        self.model.load_state_dict(self.original)  # score the dense weights, not the last candidate's
         base = None
         if method == "mix-and-match":
             runs = [
@@ -226,6 +227,7 @@ class Workspace:
 
     def plans(self, method: str, sparsity: float, ranges: dict[str, LayerRange] | None = None) -> list[CandidatePlan]:
         """The candidates of a method: 10 strategies x signals for mix-and-match, one plan for a baseline."""
+        self.model.load_state_dict(self.original)  # score the dense weights, not the last candidate's
         if method != "mix-and-match":
             b = BASELINES[method]
             plan = b.plan(self.prunable, self.sens, sparsity, self.cfg.seed)

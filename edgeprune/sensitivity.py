@@ -64,20 +64,49 @@ def compute_sensitivity(
             tot += g
     hess_grad = None
     if with_hessian:
-        # GraSP: H·g via the gradient of (g_fixed · g(w)) where g_fixed is the full-batch gradient.
-        hg = [torch.zeros_like(p) for p in params]
         g_fixed = [g.detach() for g in grad_sum]
-        for xb, yb in _batches(x, y, batch_size):
-            # Fused attention kernels have no double-backward on CPU; the math kernel does.
-            with sdpa_kernel(SDPBackend.MATH):
-                loss = F.cross_entropy(model(xb), yb)
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            dot = sum((g * gf).sum() for g, gf in zip(grads, g_fixed))
-            for acc, h in zip(hg, torch.autograd.grad(dot, params)):
-                acc += h.detach()
+        try:
+            hg = _hessian_grad_exact(model, params, g_fixed, x, y, batch_size)
+        except RuntimeError:
+            # Some activations (e.g. hardsigmoid in MobileNetV3) have no double backward: use a finite difference.
+            hg = _hessian_grad_fd(model, params, g_fixed, grad_sum, x, y, batch_size)
         hess_grad = {layer.name: h for layer, h in zip(prunable, hg)}
     model.train(was_training)
     return Sensitivity(abs_grad={layer.name: g for layer, g in zip(prunable, abs_grad)}, hess_grad=hess_grad)
+
+
+def _hessian_grad_exact(model, params, g_fixed, x, y, batch_size) -> list[torch.Tensor]:
+    """GraSP's H·g as the gradient of (g_fixed · g(w)): one double-backward pass per batch."""
+    hg = [torch.zeros_like(p) for p in params]
+    for xb, yb in _batches(x, y, batch_size):
+        # Fused attention kernels have no double-backward on CPU; the math kernel does.
+        with sdpa_kernel(SDPBackend.MATH):
+            loss = F.cross_entropy(model(xb), yb)
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        dot = sum((g * gf).sum() for g, gf in zip(grads, g_fixed))
+        for acc, h in zip(hg, torch.autograd.grad(dot, params)):
+            acc += h.detach()
+    return hg
+
+
+def _hessian_grad_fd(model, params, g_fixed, grad_sum, x, y, batch_size, rel_step: float = 1e-4) -> list[torch.Tensor]:
+    """H·g ≈ (∇L(w + εg) − ∇L(w)) / ε with first-order gradients only; ε scaled to a small relative step."""
+    norm = torch.sqrt(sum((g * g).sum() for g in g_fixed)).item()
+    w_norm = torch.sqrt(sum((p.detach() * p.detach()).sum() for p in params)).item()
+    eps = rel_step * w_norm / max(norm, 1e-12)
+    with torch.no_grad():
+        for p, g in zip(params, g_fixed):
+            p.add_(g, alpha=eps)
+    try:
+        shifted = [torch.zeros_like(p) for p in params]
+        for xb, yb in _batches(x, y, batch_size):
+            for acc, g in zip(shifted, torch.autograd.grad(F.cross_entropy(model(xb), yb), params)):
+                acc += g
+    finally:
+        with torch.no_grad():
+            for p, g in zip(params, g_fixed):
+                p.sub_(g, alpha=eps)
+    return [(s - g0) / eps for s, g0 in zip(shifted, grad_sum)]
 
 
 def normalized(t: torch.Tensor) -> torch.Tensor:
