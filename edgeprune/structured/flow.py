@@ -1,10 +1,13 @@
 """``--granularity channel``: structured Mix-and-Match, compacted ONNX, selection on measured latency.
 
-groups (DependencyGraph) → dense eval + dense ONNX → group signals → ranges (3 signals x 3 global
+groups (DependencyGraph) → dense eval + dense ONNX → probe: the narrowest model the rules allow,
+compacted, exported and timed next to dense (fails early, naming the layer, where the graph cannot
+follow a model; turns a latency goal into MACs) → group signals → ranges (3 signals x 3 global
 targets, one threshold each, clipped by ``rules/structured.json``) → ten strategies per signal → widths
 rounded to ``round_to`` → screening (compact + BN re-calibration + eval + ONNX export with parity) →
-latency of every distinct architecture (onnxruntime, the target's threads, interleaved with dense) →
-fine-tune the best few → Pareto on accuracy vs measured latency → select → export + benchmark → report.
+latency of every distinct architecture (onnxruntime, the target's threads, batch 1, interleaved with
+dense) → fine-tune the best few → Pareto on accuracy vs measured latency → select → export + benchmark
+→ report.
 
 Candidates of different signals but equal widths are the same architecture: their latency is measured
 once (their accuracy is not: different channels survive).
@@ -16,7 +19,7 @@ import copy
 import json
 import math
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -51,7 +54,6 @@ class ChannelCandidate:
     onnx: Path | None = None
     parity: float | None = None
     params: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def shape_key(self) -> tuple[tuple[str, int], ...]:
@@ -146,35 +148,29 @@ class LatencyLine:
         return self.floor_macs + w * (self.dense_macs - self.floor_macs)
 
 
-def channel_target(cfg, line: LatencyLine | None) -> tuple[float, str | None]:
-    """Fraction of channels to remove around which the three baseline targets are placed, and a warning
-    when the requested latency looks out of reach.
-
-    Removing a fraction r of every group's channels leaves about (1 - r)^2 of the MACs and weights. A
-    weight sparsity s needs r = 1 - sqrt(1 - s). A latency (``--latency-budget``, or dense / ``--speedup``)
-    is turned into MACs through the measured ``line`` first, since latency does not fall as fast as MACs.
-    """
-    want_ms = None
+def latency_goal_ms(cfg, line: LatencyLine | None) -> float | None:
+    """The latency the user asked for: ``--latency-budget``, or dense / ``--speedup``; None if neither."""
     if cfg.latency_budget_ms is not None:
-        want_ms = cfg.latency_budget_ms
-    elif cfg.speedup is not None and line is not None:
-        want_ms = line.dense_ms / cfg.speedup
-    warning = None
-    if want_ms is not None and line is not None:
-        macs = line.macs_for(want_ms)
-        if macs is None:
-            warning = (
-                f"{want_ms:.3f} ms is below the narrowest model's measured {line.floor_ms:.3f} ms "
-                f"(dense {line.dense_ms:.3f} ms); candidates go as far as the rules allow"
-            )
-            r = 1.0
-        else:
-            r = 1.0 - math.sqrt(min(1.0, macs / line.dense_macs))
-    elif cfg.speedup is not None:
+        return cfg.latency_budget_ms
+    if cfg.speedup is not None and line is not None:
+        return line.dense_ms / cfg.speedup
+    return None
+
+
+def channel_target(cfg) -> float:
+    """Fraction of channels to remove when no latency measurement guides it.
+
+    Removing a fraction r of every group's channels leaves about (1 - r)^2 of the MACs and weights, so a
+    weight sparsity s needs r = 1 - sqrt(1 - s) and a MAC reduction X needs r = 1 - 1/sqrt(X).
+    """
+    if cfg.speedup is not None:
         r = 1.0 - 1.0 / math.sqrt(cfg.speedup)
     else:
         r = 1.0 - math.sqrt(1.0 - cfg.sparsity)
-    return min(0.85, max(0.05, r)), warning
+    return min(0.85, max(0.05, r))
+
+
+NEAR_FASTEST = 1.05  # latencies within 5 % of the fastest: one measurement apart on a busy CPU
 
 
 def meets(c: Candidate, cfg, dense_ms: float) -> bool:
@@ -188,12 +184,26 @@ def meets(c: Candidate, cfg, dense_ms: float) -> bool:
     return c.sparsity >= cfg.sparsity - 1e-6
 
 
+def eligible(cands: list[Candidate], cfg, dense_ms: float) -> tuple[list[int], bool]:
+    """Candidates that satisfy the constraint, and True; if none does, those closest to it, and False:
+    for a latency goal the fastest (within 5 %), for a sparsity the sparsest."""
+    ok = [i for i, c in enumerate(cands) if meets(c, cfg, dense_ms)]
+    if ok or not cands:
+        return ok, True
+    if cfg.latency_budget_ms is not None or cfg.speedup is not None:
+        fastest = min(c.latency_ms for c in cands)
+        return [i for i, c in enumerate(cands) if c.latency_ms <= fastest * NEAR_FASTEST], False
+    top = max(c.sparsity for c in cands)
+    return [i for i, c in enumerate(cands) if c.sparsity >= top - 1e-6], False
+
+
 def select_structured(cands: list[Candidate], cfg, dense_accuracy: float, dense_ms: float) -> tuple[int, str]:
     """Pick the candidate to ship; returns (index, why).
 
     ``--latency-budget MS``: the most accurate candidate measured at <= MS; ``--speedup X``: the most
-    accurate one at least X times faster than dense; else ``--max-drop`` (the fastest within D points) or
-    ``--sparsity`` (the most accurate with at least that fraction of weights removed).
+    accurate one at least X times faster than dense (if none is, the most accurate of the fastest);
+    else ``--max-drop`` (the fastest within D points) or ``--sparsity`` (the most accurate with at least
+    that fraction of weights removed).
     """
     if not cands:
         raise EdgepruneError("no candidates to select from")
@@ -203,12 +213,11 @@ def select_structured(cands: list[Candidate], cfg, dense_accuracy: float, dense_
             if cfg.latency_budget_ms is not None
             else f"speedup >= {cfg.speedup:g}x"
         )
-        ok = [i for i, c in enumerate(cands) if meets(c, cfg, dense_ms)]
-        if ok:
-            i = max(ok, key=lambda j: (cands[j].final_accuracy, -cands[j].latency_ms))
+        pool, met = eligible(cands, cfg, dense_ms)
+        i = max(pool, key=lambda j: (cands[j].final_accuracy, -cands[j].latency_ms))
+        if met:
             return i, f"most accurate candidate with {what} (measured)"
-        i = min(range(len(cands)), key=lambda j: cands[j].latency_ms)
-        return i, f"no candidate reached {what}; picked the fastest"
+        return i, f"no candidate reached {what}; picked the most accurate of the fastest"
     if cfg.max_drop is not None:
         ok = [i for i, c in enumerate(cands) if (dense_accuracy - c.final_accuracy) * 100 <= cfg.max_drop + 1e-9]
         if ok:
@@ -325,8 +334,9 @@ class ChannelSearch:
         with self.t("latency"):
             self.progress.start("probe: narrowest model vs dense (latency)")
             self.rules = load_structured_rules(self.cfg.rules)
-            caps = group_ranges(self.groups, {}, self.rules, self.round_to)  # the rules alone
-            narrowest = widths_for(self.groups, {n: r.hi for n, r in caps.items()}, self.round_to)
+            self.caps = group_ranges(self.groups, {}, self.rules, self.round_to)  # the rules alone
+            self._macs_cache: dict[tuple, int] = {}
+            narrowest = widths_for(self.groups, {n: r.hi for n, r in self.caps.items()}, self.round_to)
             probe = compact(
                 self.model, self.example, {n: list(range(g.units - narrowest[n])) for n, g in self._by_name()}
             )
@@ -357,9 +367,7 @@ class ChannelSearch:
     def plan(self) -> None:
         groups, round_to = self.groups, self.round_to
         with self.t("ranges"):
-            r, warning = channel_target(self.cfg, self.line)
-            if warning:
-                self.progress.log(f"warning: {warning}")
+            r = self.target_ratio()
             targets = range_targets(r)
             self.progress.start("Phase 1: group baseline ranges", total=len(RANGE_SIGNALS) * len(targets))
             runs = []
@@ -388,6 +396,44 @@ class ChannelSearch:
                     )
                     remove = units_to_remove(groups, widths, self.scores[signal])
                     self.cands.append(ChannelCandidate(cand, widths, remove))
+
+    def target_ratio(self) -> float:
+        """The global fraction of channels around which the baselines' three targets are placed.
+
+        For a latency goal: the measured latency line gives the MACs that reach it, and a bisection finds
+        the fraction at which the magnitude signal's global-threshold plan (clipped by the rules, rounded)
+        lands on those MACs: the unprunable parts (a stem stream at round_to, say) are accounted for.
+        """
+        goal_ms = latency_goal_ms(self.cfg, self.line)
+        if goal_ms is None:
+            return channel_target(self.cfg)
+        goal_macs = self.line.macs_for(goal_ms)
+        if goal_macs is None:
+            self.progress.log(
+                f"warning: {goal_ms:.3f} ms is below the narrowest allowed model (measured "
+                f"{self.line.floor_ms:.3f} ms, dense {self.line.dense_ms:.3f} ms): "
+                "candidates go as far as the rules allow"
+            )
+            goal_macs = self.line.floor_macs
+        lo, hi = 0.0, 0.95
+        for _ in range(7):
+            mid = (lo + hi) / 2
+            if self._plan_macs(mid) > goal_macs:
+                lo = mid
+            else:
+                hi = mid
+        self.progress.log(f"latency goal {goal_ms:.3f} ms ~ {goal_macs / 1e6:.2f} MMACs ~ {hi:.0%} of the channels")
+        return hi
+
+    def _plan_macs(self, ratio: float) -> int:
+        ratios = global_threshold_ratios(self.groups, self.scores["magnitude"], ratio, self.round_to)
+        ratios = {n: min(v, self.caps[n].hi) for n, v in ratios.items()}
+        widths = widths_for(self.groups, ratios, self.round_to)
+        key = tuple(sorted(widths.items()))
+        if key not in self._macs_cache:
+            remove = {n: list(range(g.units - widths[n])) for n, g in self._by_name()}
+            self._macs_cache[key] = params_and_macs(compact(self.model, self.example, remove), self.example)[1]
+        return self._macs_cache[key]
 
     def screen(self) -> None:
         d, cfg = self.data, self.cfg
@@ -446,9 +492,9 @@ class ChannelSearch:
             if cfg.finetune_epochs <= 0 or cfg.finetune_top <= 0:
                 return
             cands = self.cands
-            pool = [i for i, cc in enumerate(cands) if meets(cc.candidate, cfg, self.dense_ms)] or list(
-                range(len(cands))
-            )
+            # the candidates that meet the goal, or those closest to it: fine-tuning the most accurate
+            # (most conservative) ones instead would leave nothing recovered near the goal to select
+            pool, _ = eligible([cc.candidate for cc in cands], cfg, self.dense_ms)
             top = sorted(pool, key=lambda i: -cands[i].candidate.accuracy)[: cfg.finetune_top]
             self.progress.start(
                 f"fine-tune top {len(top)} ({cfg.finetune_epochs} epochs each)", total=len(top) * cfg.finetune_epochs
