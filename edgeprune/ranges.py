@@ -53,7 +53,7 @@ def parse_rules(data: dict, source: str, key: str = "rules") -> list[Rule]:
     """Validate a rules document ({"rules": [...]}) and turn the list under ``key`` into Rule objects."""
     if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
         raise EdgepruneError(f"rules file {source}: expected an object with a 'rules' list")
-    unknown = set(data) - {"description", "rules", "late_rules"}
+    unknown = set(data) - {"description", "rules", "late_rules", "structured"}
     if unknown:
         raise EdgepruneError(f"rules file {source}: unknown top-level key(s) {sorted(unknown)}")
     rules = []
@@ -105,15 +105,19 @@ def load_rules(family: str | None = None, user_file: str | Path | None = None) -
     if family:
         rules += _builtin(family)
     if user_file is not None:
-        path = Path(user_file)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise EdgepruneError(f"rules file not found: {path}") from None
-        except json.JSONDecodeError as exc:
-            raise EdgepruneError(f"rules file {path} is not valid JSON: {exc}") from None
-        rules += parse_rules(data, str(path))
+        rules += parse_rules(read_rules_file(user_file), str(user_file))
     return rules + _builtin("default", "late_rules")
+
+
+def read_rules_file(path: str | Path) -> dict:
+    """A user's rules file as JSON, with one-line errors for a missing or malformed file."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise EdgepruneError(f"rules file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise EdgepruneError(f"rules file {path} is not valid JSON: {exc}") from None
 
 
 def range_targets(sparsity: float) -> tuple[float, float, float]:

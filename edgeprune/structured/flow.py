@@ -30,7 +30,7 @@ from torch import nn
 from ..errors import EdgepruneError
 from ..evaluation import accuracy, params_and_macs
 from ..inventory import Layer
-from ..ranges import LayerRange, Rule, apply_rules, baseline_ranges, parse_rules, range_targets
+from ..ranges import LayerRange, Rule, apply_rules, baseline_ranges, parse_rules, range_targets, read_rules_file
 from ..recovery import finetune, has_batchnorm, recalibrate_bn
 from ..report import Candidate, DenseSummary, LayerReport, Report, SelectedSummary, render_markdown, versions
 from ..selection import Point, pareto_mask, select_index
@@ -68,15 +68,9 @@ def load_structured_rules(user_file: str | Path | None = None) -> list[Rule]:
     res = resources.files("edgeprune.rules").joinpath("structured.json")
     rules = parse_rules(json.loads(res.read_text()), "structured.json")
     if user_file is not None:
-        path = Path(user_file)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise EdgepruneError(f"rules file not found: {path}") from None
-        except json.JSONDecodeError as exc:
-            raise EdgepruneError(f"rules file {path} is not valid JSON: {exc}") from None
+        data = read_rules_file(user_file)
         if isinstance(data, dict) and "structured" in data:
-            rules += parse_rules({"rules": data["structured"]}, f"{path} (structured)")
+            rules += parse_rules({"rules": data["structured"]}, f"{user_file} (structured)")
     return rules
 
 
