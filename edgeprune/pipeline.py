@@ -243,14 +243,7 @@ class Workspace:
         for signal in self.cfg.signals:
             scores = {p.name: signal_scores(signal, p.weight, self.sens.abs_grad[p.name]) for p in self.prunable}
             for strategy in STRATEGY_NAMES:
-                cand = Candidate(
-                    name=f"{signal}/{strategy}",
-                    signal=signal,
-                    strategy=strategy,
-                    method="mix-and-match",
-                    sparsity=0.0,
-                    accuracy=0.0,
-                )
+                cand = Candidate.mix_and_match(signal, strategy)
                 out.append(CandidatePlan(cand, scores, plans[strategy]))
         return out
 

@@ -39,6 +39,11 @@ class Candidate:
     macs: int | None = None
     latency_ms: float | None = None
 
+    @classmethod
+    def mix_and_match(cls, signal: str, strategy: str) -> Candidate:
+        """A not-yet-evaluated Mix-and-Match candidate, named ``signal/strategy``."""
+        return cls(f"{signal}/{strategy}", signal, strategy, "mix-and-match", sparsity=0.0, accuracy=0.0)
+
     @property
     def final_accuracy(self) -> float:
         return self.finetuned_accuracy if self.finetuned_accuracy is not None else self.accuracy

@@ -380,14 +380,7 @@ class ChannelSearch:
             for signal in self.cfg.signals:
                 for strategy in STRATEGY_NAMES:
                     widths = widths_for(groups, plans[strategy], round_to)
-                    cand = Candidate(
-                        name=f"{signal}/{strategy}",
-                        signal=signal,
-                        strategy=strategy,
-                        method="mix-and-match",
-                        sparsity=0.0,
-                        accuracy=0.0,
-                    )
+                    cand = Candidate.mix_and_match(signal, strategy)
                     remove = units_to_remove(groups, widths, self.scores[signal])
                     self.cands.append(ChannelCandidate(cand, widths, remove))
 
