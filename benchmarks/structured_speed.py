@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -46,12 +47,13 @@ from edgeprune.export import export_onnx
 from torch import nn
 
 from edgeprune.data import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, DataBundle, read_fashion_mnist, uint8_to_normalized
-from edgeprune.evaluation import params_and_macs
+from edgeprune.evaluation import accuracy, params_and_macs
 from edgeprune.models import load_model
 from edgeprune.pipeline import CompressConfig, Progress, Timings
 from edgeprune.recovery import finetune, recalibrate_bn
 from edgeprune.report import versions
-from edgeprune.structured import accumulate_gradients, compress_channels
+from edgeprune.structured import accumulate_gradients, compact
+from edgeprune.structured.flow import ChannelCandidate, ChannelSearch
 from edgeprune.targets import get_target
 
 
@@ -155,21 +157,35 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def recover(model: nn.Module, data: DataBundle, epochs: int, lr: float, batch_size: int, seed: int) -> None:
+    """The recovery budget, the same for every model compared: BN re-calibration, then fine-tuning."""
+    recalibrate_bn(model, data.calib_x, batch_size)
+    finetune(model, {}, data.calib_x, data.calib_y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """Piecewise-linear y(x) through (x, y) points sorted by x; None outside their span."""
+    pts = sorted(points)
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (x - x0) / (x1 - x0) * (y1 - y0)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="fmnist_resnet18")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--pretrained", action="store_true", help="zoo models: load the bundled weights")
-    p.add_argument("--calib-images", type=int, default=10000, help="training-split images for calibration")
+    p.add_argument("--calib-images", type=int, default=20000, help="training-split images for calibration")
     p.add_argument("--screen-images", type=int, default=2000, help="test images for screening and selection")
     p.add_argument("--target", default="x86_64", help="target profile (opset, default round_to)")
     p.add_argument("--round-to", type=int, default=None, help="channel multiple (default: the target's)")
-    p.add_argument("--speedup", type=float, default=2.0, help="selection: most accurate candidate >= this speedup")
+    p.add_argument("--speedups", default="1.5,2.0", help="search goals (--speedup); the last one selects")
     p.add_argument("--finetune-epochs", type=int, default=5)
-    p.add_argument("--finetune-top", type=int, default=3)
     p.add_argument("--finetune-lr", type=float, default=1e-3)
     p.add_argument("--gradient-samples", type=int, default=1024)
-    p.add_argument("--uniform-ratios", default="0.3,0.4,0.5,0.6,0.7")
+    p.add_argument("--uniform-ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8")
     p.add_argument("--runs", type=int, default=300, help="timed runs per artifact in the final latency check")
     p.add_argument("--batch-check", type=int, default=32, help="also time this batch size (throughput view)")
     p.add_argument("--out", default="benchmarks/results")
@@ -181,116 +197,134 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="edgeprune-structured-bench-"))
     target = get_target(args.target)
     round_to = args.round_to or target.round_to
+    goals = [float(v) for v in args.speedups.split(",") if v.strip()]
     data, held_x, held_y = fmnist_split(args.calib_images, args.screen_images)
     model = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, num_classes=10, in_chans=1)
     example = data.eval_x[:1]
     sample = example.numpy().astype(np.float32)
-
-    # 1. structured Mix-and-Match: the pipeline's own stage, selection on 1-thread measured latency
     cfg = CompressConfig(
         model=args.model,
         checkpoint=args.checkpoint,
         pretrained=args.pretrained,
         target=args.target,
         granularity="channel",
-        speedup=args.speedup,
+        speedup=goals[-1],
         round_to=args.round_to,
         finetune_epochs=args.finetune_epochs,
-        finetune_top=args.finetune_top,
         finetune_lr=args.finetune_lr,
         gradient_samples=args.gradient_samples,
         threads=1,
         bench_runs=100,
         out=str(work),
     )
-    staging = work / "mm"
-    staging.mkdir()
-    timings = Timings()
-    report = compress_channels(cfg, target, model, data, staging, Log(), timings)
+    log = Log()
+
+    # 1. structured Mix-and-Match, the pipeline's own stages up to the measured latency of every candidate,
+    #    once per goal (a broader front: each goal centres the search's ranges on itself)
+    searches = []
+    for goal in goals:
+        cfg_g = dataclasses.replace(cfg, speedup=goal)
+        stage_dir = work / f"goal_{goal:g}"
+        stage_dir.mkdir()
+        search = ChannelSearch(cfg_g, target, model, data, stage_dir, work, log, Timings())
+        for stage in (search.discover, search.dense, search.probe, search.signals, search.plan):
+            stage()
+        search.screen()
+        search.measure()
+        search.finetuned = {}
+        searches.append(search)
+    # Recovery instead of the pipeline's top-k: every distinct architecture, its best-screened signal, so the
+    # whole accuracy/latency front is recovered (BN-only screening ranks heavily pruned candidates poorly).
+    best: dict[tuple, ChannelCandidate] = {}
+    for search in searches:
+        for cc in search.cands:
+            b = best.get(cc.shape_key)
+            if b is None or cc.candidate.accuracy > b.candidate.accuracy:
+                best[cc.shape_key] = cc
+    mm, recovered = [], {}
+    for k, cc in enumerate(sorted(best.values(), key=lambda c: c.candidate.macs)):
+        log.start(f"recover {cc.candidate.name} ({cc.candidate.macs / 1e6:.2f} MMACs)")
+        pruned = compact(model, example, cc.remove)
+        recover(pruned, data, args.finetune_epochs, args.finetune_lr, cfg.batch_size, cfg.seed)
+        screen_acc = accuracy(pruned, data.eval_x, data.eval_y, cfg.batch_size)
+        recovered[(cc.candidate.signal, cc.shape_key)] = (pruned, screen_acc)
+        path = work / f"mm_{k}.onnx"
+        export_onnx(pruned, example, path, check_inputs=data.eval_x[:64])
+        mm.append({"name": cc.candidate.name, "macs": cc.candidate.macs, "onnx": path, "shape": cc.shape_key})
+        log.finish()
+    # the pipeline's selection for the last goal among its candidates (recovered ones carry their accuracy)
+    search = searches[-1]
+    for i, cc in enumerate(search.cands):
+        hit = recovered.get((cc.candidate.signal, cc.shape_key))
+        if hit is not None:
+            search.finetuned[i], cc.candidate.finetuned_accuracy = hit
+    search.select()
+    search.export_selected()
+    report = search.report()
     sel = report.selected
-    chosen = next(c for c in report.strategies if c.selected)
-    dense_onnx, mm_onnx = staging / "dense.onnx", staging / "model.onnx"
+    staging = work / f"goal_{goals[-1]:g}"
     screen_dense_ms, line = _screen_facts(staging / "report.md")
 
-    # 2. torch-pruning uniform ratio sweep (same importance signal, same round_to), exported
-    uniform = []
+    # 2. torch-pruning uniform ratio sweep (same importance signal, same round_to), every distinct size recovered
+    uniform, seen = [], set()
     n = args.gradient_samples
     for r in [float(v) for v in args.uniform_ratios.split(",") if v.strip()]:
-        print(f"[structured_speed] torch-pruning uniform ratio {r:.2f} ...", flush=True)
-        pr = uniform_prune(model, example, r, chosen.signal, round_to, data.calib_x[:n], data.calib_y[:n])
+        log.start(f"torch-pruning uniform ratio {r:.2f} + recovery")
+        pr = uniform_prune(model, example, r, sel.signal, round_to, data.calib_x[:n], data.calib_y[:n])
+        shape = tuple(m.weight.shape for m in pr.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        if shape in seen:
+            log.finish()
+            continue
+        seen.add(shape)
+        recover(pr, data, args.finetune_epochs, args.finetune_lr, cfg.batch_size, cfg.seed)
         path = work / f"uniform_{r:.2f}.onnx"
         export_onnx(pr, example, path, check_inputs=data.eval_x[:64])
-        uniform.append({"ratio": r, "macs": params_and_macs(pr, example)[1], "onnx": path, "model": pr})
+        uniform.append({"ratio": r, "macs": params_and_macs(pr, example)[1], "onnx": path})
+        log.finish()
 
-    # 3. latency, batch 1, 1 and 2 threads: dense, selected and every uniform model interleaved
-    paths = [dense_onnx, mm_onnx] + [u["onnx"] for u in uniform]
+    # 3. latency at batch 1, 1 and 2 threads, everything interleaved in one run per thread count
+    dense_onnx = staging / "dense.onnx"
+    paths = [dense_onnx] + [m["onnx"] for m in mm] + [u["onnx"] for u in uniform]
     lat = {th: latency(paths, sample, th, args.runs) for th in (1, 2)}
-    for i, u in enumerate(uniform):
-        u["ms_1t"], u["ms_2t"] = lat[1][2 + i], lat[2][2 + i]
-    mm_1t = lat[1][1]
-
-    # 4. recover the uniform models that bracket the selected latency, with the same budget
-    below = [u for u in uniform if u["ms_1t"] <= mm_1t]
-    above = [u for u in uniform if u["ms_1t"] > mm_1t]
-    bracket = ([max(below, key=lambda u: u["ms_1t"])] if below else []) + (
-        [min(above, key=lambda u: u["ms_1t"])] if above else []
-    )
-    for u in bracket:
-        print(
-            f"[structured_speed] recover uniform {u['ratio']:.2f} (BN + {args.finetune_epochs} epochs) ...", flush=True
+    accs = onnx_accuracy(paths, held_x, held_y)
+    dense_acc = accs[0]
+    for k, row in enumerate(mm + uniform, start=1):
+        row["accuracy"] = accs[k]
+        row["drop_points"] = (dense_acc - accs[k]) * 100
+        for th in (1, 2):
+            row[f"ms_{th}t"] = lat[th][k]
+            row[f"speedup_{th}t"] = lat[th][0] / lat[th][k]
+        row["mac_ratio"] = report.dense.macs / row["macs"]
+        row["speedup_over_mac_ratio_1t"] = row["speedup_1t"] / row["mac_ratio"]
+        row["speedup_over_mac_ratio_2t"] = row["speedup_2t"] / row["mac_ratio"]
+    sel_row = next(m for m in mm if m["shape"] == search.chosen.shape_key)
+    for row in mm:
+        row["uniform_accuracy_at_same_latency_1t"] = interpolate(
+            [(u["ms_1t"], u["accuracy"]) for u in uniform], row["ms_1t"]
         )
-        m = u["model"]
-        recalibrate_bn(m, data.calib_x, cfg.batch_size)
-        finetune(
-            m,
-            {},
-            data.calib_x,
-            data.calib_y,
-            epochs=args.finetune_epochs,
-            lr=args.finetune_lr,
-            batch_size=cfg.batch_size,
-            seed=cfg.seed,
-        )
-        u["recovered_onnx"] = work / f"uniform_{u['ratio']:.2f}_recovered.onnx"
-        export_onnx(m, example, u["recovered_onnx"], check_inputs=data.eval_x[:64])
-
-    # 5. held-out accuracy, through onnxruntime, of everything shipped
-    acc_paths = [dense_onnx, mm_onnx] + [u["recovered_onnx"] for u in bracket]
-    accs = onnx_accuracy(acc_paths, held_x, held_y)
-    dense_acc, mm_acc = accs[0], accs[1]
-    for u, a in zip(bracket, accs[2:], strict=True):
-        u["accuracy"] = a
-    uniform_at_mm = None
-    if len(bracket) == 2:
-        a, b = bracket
-        w = (mm_1t - a["ms_1t"]) / (b["ms_1t"] - a["ms_1t"])
-        uniform_at_mm = a["accuracy"] + w * (b["accuracy"] - a["accuracy"])
-    elif bracket:
-        uniform_at_mm = bracket[0]["accuracy"]
-
-    # 6. throughput view: a batch of --batch-check images
     big = data.eval_x[: args.batch_check].numpy().astype(np.float32)
-    batch_lat = {th: latency([dense_onnx, mm_onnx], big, th, max(20, args.runs // 10)) for th in (1, 2)}
+    batch_lat = {th: latency([dense_onnx, sel_row["onnx"]], big, th, max(20, args.runs // 10)) for th in (1, 2)}
 
-    dense_macs = report.dense.macs
-    mac_ratio = dense_macs / chosen.macs
-    sp = {th: lat[th][0] / lat[th][1] for th in (1, 2)}
-    drop = (dense_acc - mm_acc) * 100
-    archs: dict[tuple[int, float], str] = {}
-    for c in report.strategies:
-        archs.setdefault((c.macs, c.latency_ms), c.name)
-    candidates = [
-        {
-            "example": name,
-            "macs": macs,
-            "mac_ratio": dense_macs / macs,
-            "latency_ms_1t": ms,
-            "speedup_1t": screen_dense_ms / ms,
-            "speedup_over_mac_ratio": (screen_dense_ms / ms) / (dense_macs / macs),
-            "screen_accuracy": max(c.final_accuracy for c in report.strategies if c.macs == macs),
+    def best_speedup_within(points: list[dict], th: int, drop: float) -> dict | None:
+        ok = [r for r in points if r["drop_points"] <= drop]
+        return max(ok, key=lambda r: r[f"speedup_{th}t"]) if ok else None
+
+    def best_accuracy_at(points: list[dict], th: int, speedup: float) -> dict | None:
+        ok = [r for r in points if r[f"speedup_{th}t"] >= speedup]
+        return max(ok, key=lambda r: r["accuracy"]) if ok else None
+
+    summary = {}
+    for th in (1, 2):
+        a, b = best_speedup_within(mm, th, 1.0), best_accuracy_at(mm, th, 2.0)
+        ua, ub = best_speedup_within(uniform, th, 1.0), best_accuracy_at(uniform, th, 2.0)
+        summary[f"{th}t"] = {
+            "mm_best_speedup_within_1_point": a and {k: a[k] for k in ("name", f"speedup_{th}t", "drop_points")},
+            "mm_best_drop_at_2x": b and {k: b[k] for k in ("name", f"speedup_{th}t", "drop_points")},
+            "uniform_best_speedup_within_1_point": ua
+            and {k: ua[k] for k in ("ratio", f"speedup_{th}t", "drop_points")},
+            "uniform_best_drop_at_2x": ub and {k: ub[k] for k in ("ratio", f"speedup_{th}t", "drop_points")},
         }
-        for (macs, ms), name in sorted(archs.items(), key=lambda kv: kv[0][1])
-    ]
+    wins = [r for r in mm if r["uniform_accuracy_at_same_latency_1t"] is not None]
     result = {
         "command": "python -m edgeprune.benchmarks.structured_speed "
         + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
@@ -304,56 +338,49 @@ def main(argv: list[str] | None = None) -> int:
             "bn_recalibration": f"{min(len(data.calib_x), 8 * cfg.batch_size)} calibration images",
             "finetune": f"{args.finetune_epochs} epochs, Adam lr {args.finetune_lr}, batch {cfg.batch_size}, "
             f"early stopping (patience 3) on 10 % of the {len(data.calib_x)} calibration images",
-            "finetuned_candidates": args.finetune_top,
+            "applied_to": "every distinct Mix-and-Match architecture (its best-screened signal) and every distinct "
+            "uniform-ratio model",
         },
         "dense": {
             "accuracy": dense_acc,
-            "macs": dense_macs,
+            "macs": report.dense.macs,
             "latency_ms_1t": lat[1][0],
             "latency_ms_2t": lat[2][0],
             f"latency_ms_batch{args.batch_check}_1t": batch_lat[1][0],
             f"latency_ms_batch{args.batch_check}_2t": batch_lat[2][0],
         },
-        "selected": {
+        "selected_by_pipeline": {
             "name": sel.name,
             "why": sel.why,
-            "accuracy": mm_acc,
-            "accuracy_drop_points": drop,
-            "screen_accuracy": sel.accuracy,
-            "macs": chosen.macs,
-            "mac_ratio": mac_ratio,
-            "weights_removed": sel.sparsity,
+            "goal": f"--speedup {goals[-1]:g}",
+            **{k: v for k, v in sel_row.items() if k not in ("onnx", "shape")},
             "parity_max_abs_diff": sel.parity_max_abs_diff,
-            "latency_ms_1t": lat[1][1],
-            "latency_ms_2t": lat[2][1],
-            "speedup_1t": sp[1],
-            "speedup_2t": sp[2],
-            "speedup_over_mac_ratio_1t": sp[1] / mac_ratio,
-            "speedup_over_mac_ratio_2t": sp[2] / mac_ratio,
-            f"latency_ms_batch{args.batch_check}_1t": batch_lat[1][1],
-            f"latency_ms_batch{args.batch_check}_2t": batch_lat[2][1],
+            "onnx_bytes": sel.onnx_bytes,
+            "dense_onnx_bytes": report.dense.onnx_bytes,
             f"speedup_batch{args.batch_check}_1t": batch_lat[1][0] / batch_lat[1][1],
             f"speedup_batch{args.batch_check}_2t": batch_lat[2][0] / batch_lat[2][1],
-            "onnx_bytes": mm_onnx.stat().st_size,
-            "dense_onnx_bytes": dense_onnx.stat().st_size,
-            "group_widths": [(layer.name, layer.shape, round(1 - layer.sparsity, 4)) for layer in report.layers],
+            "group_widths": {
+                layer.name: f"{round(layer.shape[0] * (1 - layer.sparsity))}/{layer.shape[0]}"
+                for layer in report.layers
+            },
         },
+        "summary": summary,
         "latency_floor": line,
-        "candidates_by_architecture": candidates,
-        "uniform_torch_pruning": [
-            {k: (str(v) if isinstance(v, Path) else v) for k, v in u.items() if k not in ("model", "onnx")}
-            for u in uniform
-        ],
-        "uniform_accuracy_at_selected_latency": uniform_at_mm,
+        "screening_dense_ms_1t": screen_dense_ms,
+        "search_goals": [f"--speedup {g:g}" for g in goals],
+        "mix_and_match": [{k: v for k, v in r.items() if k not in ("onnx", "shape")} for r in mm],
+        "uniform_torch_pruning": [{k: v for k, v in u.items() if k != "onnx"} for u in uniform],
         "checks": {
-            "drop_le_1_point": drop <= 1.0,
-            "speedup_ge_2_1t": sp[1] >= 2.0,
-            "speedup_ge_2_2t": sp[2] >= 2.0,
-            "speedup_ge_0.8_mac_ratio_1t": sp[1] >= 0.8 * mac_ratio,
-            "speedup_ge_0.8_mac_ratio_2t": sp[2] >= 0.8 * mac_ratio,
-            "beats_uniform_at_equal_latency": uniform_at_mm is not None and mm_acc > uniform_at_mm,
+            "drop_le_1_point_at_speedup_ge_2_1t": bool(summary["1t"]["mm_best_drop_at_2x"])
+            and summary["1t"]["mm_best_drop_at_2x"]["drop_points"] <= 1.0,
+            "drop_le_1_point_at_speedup_ge_2_2t": bool(summary["2t"]["mm_best_drop_at_2x"])
+            and summary["2t"]["mm_best_drop_at_2x"]["drop_points"] <= 1.0,
+            "speedup_ge_0.8_mac_ratio_all_mm_1t": all(r["speedup_over_mac_ratio_1t"] >= 0.8 for r in mm),
+            "speedup_ge_0.8_mac_ratio_selected_1t": sel_row["speedup_over_mac_ratio_1t"] >= 0.8,
+            "speedup_ge_0.8_mac_ratio_selected_2t": sel_row["speedup_over_mac_ratio_2t"] >= 0.8,
+            "mm_more_accurate_than_uniform_at_equal_latency": bool(wins)
+            and all(r["accuracy"] > r["uniform_accuracy_at_same_latency_1t"] for r in wins),
         },
-        "pipeline_timings_s": report.timings,
         "wall_s": round(time.time() - t_start, 1),
         "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cpu": _cpu()},
         "versions": versions(),
@@ -397,71 +424,87 @@ def _cpu() -> str | None:
 
 
 def render(r: dict, batch: int) -> str:
-    d, s = r["dense"], r["selected"]
+    d, s = r["dense"], r["selected_by_pipeline"]
     ok = {True: "yes", False: "**no**"}
+
+    def pt(x: dict | None, key: str) -> str:
+        if not x:
+            return "none"
+        label = x.get("name") or f"ratio {x['ratio']:.2f}"
+        return f"{x[key]:.2f}x, drop {x['drop_points']:.2f} pts (`{label}`)"
+
     lines = [
         f"# Structured Mix-and-Match speed: {r['model']} on Fashion-MNIST",
         "",
         f"Command: `{r['command']}`  ",
-        f"Data: {r['data']}; accuracies on the {r['held_out_test_images']} held-out test images, through "
-        f"onnxruntime. Target `{r['target']}`, round_to {r['round_to']}. Recovery: BN re-calibration "
-        f"({r['recovery']['bn_recalibration']}), fine-tuning {r['recovery']['finetune']}, for the top "
-        f"{r['recovery']['finetuned_candidates']} candidates. Latency: onnxruntime p50, batch 1, interleaved "
-        f"runs. Machine: {r['machine']['cpu']}, {r['machine']['cpu_count']} cores (shared); wall {r['wall_s']} s.",
+        f"Data: {r['data']}; every accuracy below is measured on the {r['held_out_test_images']} held-out test "
+        f"images through onnxruntime. Target `{r['target']}`, round_to {r['round_to']}. Recovery (identical for "
+        f"every model): BN re-calibration ({r['recovery']['bn_recalibration']}), then fine-tuning "
+        f"{r['recovery']['finetune']}; applied to {r['recovery']['applied_to']}. Latency: onnxruntime p50, batch 1, "
+        f"all models interleaved in one run per thread count. Machine: {r['machine']['cpu']}, "
+        f"{r['machine']['cpu_count']} cores (shared with other jobs); wall {r['wall_s']} s.",
         "",
-        "| | held-out accuracy % | MMACs | ms, 1 thread | ms, 2 threads | speedup 1t | speedup 2t |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        f"| dense | {d['accuracy'] * 100:.2f} | {d['macs'] / 1e6:.2f} | {d['latency_ms_1t']:.4f} "
-        f"| {d['latency_ms_2t']:.4f} | 1.00 | 1.00 |",
-        f"| selected `{s['name']}` | {s['accuracy'] * 100:.2f} | {s['macs'] / 1e6:.2f} | {s['latency_ms_1t']:.4f} "
-        f"| {s['latency_ms_2t']:.4f} | {s['speedup_1t']:.2f} | {s['speedup_2t']:.2f} |",
+        f"Dense: {d['accuracy'] * 100:.2f} %, {d['macs'] / 1e6:.2f} MMACs, {d['latency_ms_1t']:.4f} ms (1 thread), "
+        f"{d['latency_ms_2t']:.4f} ms (2 threads).",
         "",
-        f"Accuracy drop **{s['accuracy_drop_points']:.2f} points**; MAC reduction {s['mac_ratio']:.2f}x; measured "
-        f"speedup / MAC ratio = {s['speedup_over_mac_ratio_1t']:.2f} (1 thread), "
-        f"{s['speedup_over_mac_ratio_2t']:.2f} (2 threads); ONNX parity {s['parity_max_abs_diff']:.1e}; "
-        f"ONNX {s['onnx_bytes']:,} bytes vs dense {s['dense_onnx_bytes']:,}. Batch {batch}: speedup "
-        f"{s[f'speedup_batch{batch}_1t']:.2f} (1 thread), {s[f'speedup_batch{batch}_2t']:.2f} (2 threads).",
+        "| | 1 thread | 2 threads |",
+        "|---|---|---|",
+    ]
+    for key, label in (
+        ("mm_best_speedup_within_1_point", "Mix-and-Match: fastest within 1 point"),
+        ("mm_best_drop_at_2x", "Mix-and-Match: most accurate at >= 2x"),
+        ("uniform_best_speedup_within_1_point", "uniform (torch-pruning): fastest within 1 point"),
+        ("uniform_best_drop_at_2x", "uniform (torch-pruning): most accurate at >= 2x"),
+    ):
+        lines.append(
+            f"| {label} | {pt(r['summary']['1t'][key], 'speedup_1t')} | {pt(r['summary']['2t'][key], 'speedup_2t')} |"
+        )
+    lines += [
         "",
-        f"Latency floor: the narrowest model the search can build ({r['latency_floor']['narrowest_mmacs']:.2f} "
-        "MMACs, every group at the narrowest width the rules allow) ran at "
-        f"{r['latency_floor']['narrowest_ms_1t']:.3f} ms next to dense's "
-        f"{r['latency_floor']['dense_ms_1t']:.3f} ms (1 thread, probe run).",
+        f"Pipeline selection for `{s['goal']}`: `{s['name']}` ({s['why']}): {s['accuracy'] * 100:.2f} % "
+        f"(drop {s['drop_points']:.2f} pts), speedup {s['speedup_1t']:.2f}x / {s['speedup_2t']:.2f}x (1 / 2 threads), "
+        f"MAC reduction {s['mac_ratio']:.2f}x, speedup / MAC ratio {s['speedup_over_mac_ratio_1t']:.2f} / "
+        f"{s['speedup_over_mac_ratio_2t']:.2f}; batch {batch}: {s[f'speedup_batch{batch}_1t']:.2f}x / "
+        f"{s[f'speedup_batch{batch}_2t']:.2f}x; ONNX parity {s['parity_max_abs_diff']:.1e}, "
+        f"{s['onnx_bytes']:,} bytes vs dense {s['dense_onnx_bytes']:,}. Widths: "
+        + ", ".join(f"{k} {v}" for k, v in s["group_widths"].items())
+        + ".",
+        "",
+        f"Latency floor: the narrowest model the rules allow ({r['latency_floor']['narrowest_mmacs']:.2f} MMACs) ran "
+        f"at {r['latency_floor']['narrowest_ms_1t']:.3f} ms next to dense's {r['latency_floor']['dense_ms_1t']:.3f} ms "
+        "(1 thread, probe run): no channel pruning goes faster than that on this CPU.",
         "",
         "| check | met |",
         "|---|:-:|",
         *[f"| {k} | {ok[bool(v)]} |" for k, v in r["checks"].items()],
         "",
-        "## Speedup vs MAC reduction (every distinct candidate architecture, 1 thread, screening run)",
+        "## Mix-and-Match, every distinct candidate architecture, recovered",
         "",
-        "| example candidate | MMACs | MAC ratio | latency ms | speedup | speedup / MAC ratio | best screened acc % |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| candidate | MMACs | MAC ratio | ms 1t | speedup 1t | speedup/MAC 1t | ms 2t | speedup 2t | acc % | drop pts "
+        "| uniform acc % at same 1t latency |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for c in r["candidates_by_architecture"]:
+    for m in r["mix_and_match"]:
+        ua = m["uniform_accuracy_at_same_latency_1t"]
         lines.append(
-            f"| {c['example']} | {c['macs'] / 1e6:.2f} | {c['mac_ratio']:.2f} | {c['latency_ms_1t']:.4f} "
-            f"| {c['speedup_1t']:.2f} | {c['speedup_over_mac_ratio']:.2f} | {c['screen_accuracy'] * 100:.2f} |"
+            f"| {m['name']} | {m['macs'] / 1e6:.2f} | {m['mac_ratio']:.2f} | {m['ms_1t']:.4f} | {m['speedup_1t']:.2f} "
+            f"| {m['speedup_over_mac_ratio_1t']:.2f} | {m['ms_2t']:.4f} | {m['speedup_2t']:.2f} "
+            f"| {m['accuracy'] * 100:.2f} | {m['drop_points']:.2f} | {'—' if ua is None else f'{ua * 100:.2f}'} |"
         )
     lines += [
         "",
-        "## torch-pruning uniform ratio (MetaPruner, local, same importance and round_to)",
+        "## torch-pruning uniform ratio (MetaPruner, local ranking, same importance and round_to), recovered",
         "",
-        "| ratio | MMACs | ms, 1 thread | ms, 2 threads | recovered held-out acc % |",
-        "|---:|---:|---:|---:|---:|",
+        "| ratio | MMACs | MAC ratio | ms 1t | speedup 1t | ms 2t | speedup 2t | acc % | drop pts |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for u in r["uniform_torch_pruning"]:
-        acc = u.get("accuracy")
         lines.append(
-            f"| {u['ratio']:.2f} | {u['macs'] / 1e6:.2f} | {u['ms_1t']:.4f} | {u['ms_2t']:.4f} "
-            f"| {'—' if acc is None else f'{acc * 100:.2f}'} |"
+            f"| {u['ratio']:.2f} | {u['macs'] / 1e6:.2f} | {u['mac_ratio']:.2f} | {u['ms_1t']:.4f} "
+            f"| {u['speedup_1t']:.2f} | {u['ms_2t']:.4f} | {u['speedup_2t']:.2f} | {u['accuracy'] * 100:.2f} "
+            f"| {u['drop_points']:.2f} |"
         )
-    ua = r["uniform_accuracy_at_selected_latency"]
-    lines += [
-        "",
-        f"At the selected candidate's latency ({s['latency_ms_1t']:.4f} ms, 1 thread) uniform pruning reaches "
-        f"{'—' if ua is None else f'{ua * 100:.2f} %'} (interpolated between the two ratios that bracket it, same "
-        f"recovery) vs **{s['accuracy'] * 100:.2f} %** for structured Mix-and-Match.",
-        "",
-    ]
+    lines.append("")
     return "\n".join(lines)
 
 
