@@ -1,9 +1,16 @@
 """Sensitivity signals: how much each weight matters, computed once per run and reused by every strategy.
 
 - ``magnitude``: |w|
-- ``gradient``: |dL/dw| accumulated over the calibration batches, divided by its layer mean so that layers
-  of different sizes and depths are comparable (the paper normalizes; ranking *within* a layer is unchanged)
+- ``gradient``: |dL/dw| accumulated over the calibration batches, normalized per output filter and per
+  input channel (``filter_normalized``), then by its layer mean so that layers are comparable
 - ``product``: |w| * normalized |dL/dw|
+
+Why per filter and channel, not only per layer: a weight's gradient is a sum of (output gradient x input
+activation), so |g| is set mostly by how active its filter and its input channel are. Ranked raw, the
+low-|g| weights cluster in whole filters/channels and masking removes them outright (measured on the demo
+ResNet at MAG's 80 % plan: 100 of 730 filters emptied vs 27 by magnitude). Dividing out the filter and
+channel levels keeps the within-filter information; product at 90 % went from 32.9 to 74.0 % accuracy
+(benchmarks/results/paper_notes.md §1).
 
 GraSP's Hessian-gradient product (for the GraSP baseline) is computed here too, since it needs the same
 calibration batches.
@@ -115,6 +122,25 @@ def normalized(t: torch.Tensor) -> torch.Tensor:
     return t / mean if mean > 0 else t
 
 
+def filter_normalized(g: torch.Tensor) -> torch.Tensor:
+    """|g| over what its output filter and input channel predict: g[o, i, ...] * mean / (mean_o * mean_i).
+
+    ``mean_o`` and ``mean_i`` are the mean |g| of filter o and of input channel i (the product of the two over
+    the layer mean is the level an independent filter and channel factor would give). Tensors with fewer
+    than two dimensions are returned as they are.
+    """
+    if g.dim() < 2:
+        return g
+    dims = tuple(range(g.dim()))
+    per_out = g.mean(dim=dims[1:], keepdim=True)
+    per_in = g.mean(dim=(0, *dims[2:]), keepdim=True)
+    mean = g.mean()
+    if mean <= 0:
+        return g
+    tiny = torch.finfo(g.dtype).tiny
+    return g * mean / (per_out.clamp_min(tiny) * per_in.clamp_min(tiny))
+
+
 def signal_scores(signal: str, weight: torch.Tensor, abs_grad: torch.Tensor | None) -> torch.Tensor:
     """Importance of each weight of one layer: low scores are pruned first."""
     w = weight.detach().abs()
@@ -122,7 +148,7 @@ def signal_scores(signal: str, weight: torch.Tensor, abs_grad: torch.Tensor | No
         return w
     if abs_grad is None:
         raise ValueError(f"signal '{signal}' needs gradients")
-    g = normalized(abs_grad)
+    g = normalized(filter_normalized(abs_grad))
     if signal == "gradient":
         return g
     if signal == "product":

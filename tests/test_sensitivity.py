@@ -2,7 +2,13 @@ import timm
 import torch
 
 from edgeprune.inventory import build_inventory
-from edgeprune.sensitivity import _hessian_grad_exact, _hessian_grad_fd, compute_sensitivity
+from edgeprune.sensitivity import (
+    _hessian_grad_exact,
+    _hessian_grad_fd,
+    compute_sensitivity,
+    filter_normalized,
+    signal_scores,
+)
 
 from .core_models import batch, tiny_vit
 
@@ -44,3 +50,22 @@ def test_workspace_plans_score_the_dense_weights_after_screening():
     ws.screen(ws.plans("mag", 0.9)[0])  # leaves the model masked
     after = ws.plans("snip", 0.8)[0].plan
     assert before == after
+
+
+def test_filter_normalized_removes_filter_and_channel_levels():
+    """|g| = filter activity x channel activity x within-filter detail: only the detail is left to rank by,
+    so a quiet filter is not emptied as a whole (the channel collapse measured in paper_notes.md)."""
+    torch.manual_seed(0)
+    detail = torch.rand(6, 5, 3, 3) + 0.5
+    per_filter = torch.tensor([1e-3, 1.0, 10.0, 0.1, 5.0, 2.0]).view(6, 1, 1, 1)
+    per_channel = torch.tensor([0.01, 1.0, 3.0, 0.5, 7.0]).view(1, 5, 1, 1)
+    g = filter_normalized(per_filter * per_channel * detail)
+    raw = per_filter * per_channel * detail / detail
+    ratio = g / detail  # arithmetic means mix the detail into the factors: about +-15 % is left of a 1e6 spread
+    assert raw.max() / raw.min() > 1e5 and ratio.max() / ratio.min() < 1.4
+    assert torch.equal(filter_normalized(torch.ones(4)), torch.ones(4))  # 1-D: unchanged
+    # the product signal then spreads a layer's low scores over all filters instead of the quietest one
+    w = torch.ones(6, 5, 3, 3)
+    scores = signal_scores("product", w, per_filter * per_channel * detail)
+    lowest = scores.flatten().argsort()[: scores.numel() // 4]
+    assert len({int(i) // (5 * 9) for i in lowest}) > 2
