@@ -18,7 +18,7 @@ from .baselines import Plan
 from .errors import EdgepruneError
 from .inventory import ROLES, Layer
 
-RULE_KEYS = {"roles", "not_roles", "name", "max_params", "min_params", "range", "why"}
+RULE_KEYS = {"roles", "not_roles", "name", "max_params", "min_params", "max_share", "range", "why"}
 
 
 @dataclass(frozen=True)
@@ -29,15 +29,18 @@ class Rule:
     name: str | None = None  # regex searched in the layer name
     max_params: int | None = None
     min_params: int | None = None
+    max_share: float | None = None  # the layer's share of the model's prunable weights, at most
     why: str = ""
 
-    def matches(self, layer: Layer) -> bool:
+    def matches(self, layer: Layer, total: int = 0) -> bool:
+        """``total``: the model's prunable weights (for ``max_share``; 0 = unknown, the share test passes)."""
         return (
             (self.roles is None or layer.role in self.roles)
             and layer.role not in self.not_roles
             and (self.name is None or re.search(self.name, layer.name) is not None)
             and (self.max_params is None or layer.numel <= self.max_params)
             and (self.min_params is None or layer.numel >= self.min_params)
+            and (self.max_share is None or total <= 0 or layer.numel <= self.max_share * total)
         )
 
 
@@ -74,6 +77,9 @@ def parse_rules(data: dict, source: str, key: str = "rules") -> list[Rule]:
             bad = [r for r in raw.get(key, []) if r not in ROLES]
             if bad:
                 raise EdgepruneError(f"{where}: unknown role(s) {bad}; known roles: {', '.join(ROLES)}")
+        share = raw.get("max_share")
+        if share is not None and not (isinstance(share, (int, float)) and 0.0 < share <= 1.0):
+            raise EdgepruneError(f"{where}: 'max_share' must be a fraction in (0, 1], got {share!r}")
         if "name" in raw:
             try:
                 re.compile(raw["name"])
@@ -87,6 +93,7 @@ def parse_rules(data: dict, source: str, key: str = "rules") -> list[Rule]:
                 name=raw.get("name"),
                 max_params=raw.get("max_params"),
                 min_params=raw.get("min_params"),
+                max_share=None if share is None else float(share),
                 why=raw.get("why", f"{source} rule {i + 1}"),
             )
         )
@@ -142,12 +149,13 @@ def apply_rules(
 ) -> dict[str, LayerRange]:
     """Final per-layer ranges. Without ``base`` the rules alone define them (what ``inspect`` shows)."""
     out = {}
+    total = sum(layer.numel for layer in layers if layer.prunable)
     for layer in layers:
         start = base.get(layer.name) if base else None
         lo, hi = start if start is not None else (0.0, 0.99)
         applied = []
         for rule in rules:
-            if rule.matches(layer):
+            if rule.matches(layer, total):
                 new = clip_range(lo, hi, rule.range)
                 if new != (lo, hi):
                     applied.append(rule.why)

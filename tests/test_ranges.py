@@ -68,6 +68,7 @@ def test_clip_range_collapses_disjoint_ranges_to_the_rule_bound():
         ({"roles": ["conv"], "range": [0.6, 0.2]}, "0 <= min <= max < 1"),
         ({"roles": ["conv"], "range": [0.1, 1.0]}, "0 <= min <= max < 1"),
         ({"role": "conv", "range": [0, 0.5]}, "unknown key"),
+        ({"max_share": 1.5, "range": [0, 0.5]}, "max_share"),
     ],
 )
 def test_bad_user_rules_are_rejected(tmp_path, rule, message):
@@ -94,3 +95,20 @@ def test_family_stage_rules_do_not_override_small_layer_protection():
     ranges = apply_rules(build_inventory(model), load_rules("resnet"))
     assert ranges["layer1.0.conv1"].hi <= 0.1
     assert (ranges["layer4.0.conv2"].lo, ranges["layer4.0.conv2"].hi) == (0.75, 0.95)
+
+
+def test_small_layer_rule_scales_with_the_model():
+    """An 8 K-weight layer is 'small' (capped at 10 %) in a 2 M-weight model, not in a 200 K one, where it holds
+    4 % of the weights: on the tiny reference ViT the absolute rule capped 63 % of the weights and Mix-and-Match
+    could not pass 42 % sparsity."""
+    from edgeprune.inventory import Layer
+
+    def ranges(total: int) -> dict:
+        layers = [
+            Layer("small", "mlp_fc1", "linear", (128, 64), 8192, True),
+            Layer("big", "mlp_fc1", "linear", (total - 8192, 1), total - 8192, True),
+        ]
+        return apply_rules(layers, load_rules(None))
+
+    assert ranges(200_000)["small"].hi == 0.95
+    assert ranges(2_000_000)["small"].hi == 0.1
