@@ -91,6 +91,7 @@ class Settings:
     quick: bool = False
     resume: bool = False
     int8: bool = True
+    merge: tuple[str, ...] = ()  # paper.json files to merge instead of running
 
 
 @dataclass
@@ -138,6 +139,7 @@ class ModelResult:
     complete: bool = True  # False while levels are missing (an interrupted run)
     command: str = ""  # the command that produced this model's numbers (results of several runs are merged)
     finished: str = ""
+    machine: dict[str, Any] = field(default_factory=dict)  # where this model ran (runs may be merged)
 
 
 def log(msg: str) -> None:
@@ -370,6 +372,7 @@ def run_model(
                 wall_s=round((done.wall_s if done else 0.0) + time.perf_counter() - t_start, 1),
                 threads=torch.get_num_threads(),
                 complete={lv.level for lv in levels} >= set(s.levels),
+                machine=machine(),
             )
 
         for lv in s.levels:
@@ -484,7 +487,8 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
         L += [
             f"Dense: FP32 {_p(m.dense_fp32)} %, INT8 {_p(m.dense_int8)} %, {m.params:,} params; "
             f"weights `{m.checkpoint}`; {m.wall_s / 60:.1f} min on {m.threads} thread(s) "
-            f"({', '.join(f'{k} {v:.0f} s' for k, v in m.timings.items())})",
+            + (f"of {m.machine.get('cpu', '?')} ({m.machine.get('cores', '?')} cores) " if m.machine else "")
+            + f"({', '.join(f'{k} {v:.0f} s' for k, v in m.timings.items())})",
             "",
             "| level | method | candidate | sparsity % | zero-shot FP32 | zero-shot INT8 | drop | "
             f"fine-tuned FP32 ({s.finetune_epochs} ep) | fine-tuned INT8 | drop |",
@@ -664,6 +668,45 @@ def write_outputs(results: list[ModelResult], s: Settings, meta: dict[str, Any],
         plot_model(m, out / f"{stem}_{m.model}.png")
 
 
+def merge_runs(paths: list[Path], out: Path) -> Path:
+    """Merge paper.json files of runs that split the work (per model or per level, e.g. on several machines)
+    into one ``out/paper.json|md|png``; same-model results are joined level by level.
+
+    The runs must agree on every setting in ``COMPARABLE`` except ``levels``, which become their union.
+    """
+    docs = [json.loads(p.read_text()) for p in paths]
+    first = docs[0]["settings"]
+    for p, d in zip(paths, docs):
+        if d.get("schema") != SCHEMA:
+            raise EdgepruneError(f"{p}: not a {SCHEMA} file")
+        diff = [k for k in COMPARABLE if k != "levels" and d["settings"].get(k) != first.get(k)]
+        if diff:
+            raise EdgepruneError(f"{p}: settings {diff} differ from {paths[0]}'s; these runs cannot be merged")
+    fields = {f for f in Settings.__dataclass_fields__}
+    s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in first.items() if k in fields})
+    s.levels = tuple(sorted({lv for d in docs for lv in d["settings"]["levels"]}))
+    by_model: dict[str, ModelResult] = {}
+    for d in docs:
+        for m in map(model_from_dict, d["models"].values()):
+            old = by_model.get(m.model)
+            if old is None:
+                by_model[m.model] = m
+                continue
+            have = {lv.level for lv in old.levels}
+            old.levels = sorted(old.levels + [lv for lv in m.levels if lv.level not in have], key=lambda lv: lv.level)
+            old.timings = {k: round(old.timings.get(k, 0.0) + m.timings.get(k, 0.0), 1)
+                           for k in {*old.timings, *m.timings}}  # fmt: skip
+            old.wall_s = round(old.wall_s + m.wall_s, 1)
+            old.command = "; ".join(dict.fromkeys([*old.command.split("; "), m.command]))
+    results = list(by_model.values())
+    for m in results:
+        m.complete = {lv.level for lv in m.levels} >= set(s.levels)
+    meta = {k: docs[0][k] for k in ("versions", "seed", "started") if k in docs[0]}
+    meta["command"] = "python -m edgeprune.benchmarks.paper --merge " + ",".join(map(str, paths))
+    write_outputs(results, s, meta, out, "paper")
+    return out / "paper.json"
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -682,8 +725,10 @@ def parse_settings(argv: list[str] | None) -> Settings:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--no-int8", action="store_true", help="skip INT8 export and accuracy (FP32 only)")
     p.add_argument("--resume", action="store_true", help="keep models and levels already in --out (same settings)")
+    p.add_argument("--merge", default=None, help="comma-separated paper.json files of split runs: merge into --out")
     a = p.parse_args(argv)
     s = Settings(threads=a.threads, seed=a.seed, out=a.out, quick=a.quick, resume=a.resume, int8=not a.no_int8)
+    s.merge = tuple(x.strip() for x in a.merge.split(",") if x.strip()) if a.merge else ()
     if a.quick:
         s.models, s.levels, s.signals = ("fmnist_resnet",), (0.9,), ("product",)
         s.data, s.calib_size, s.eval_size, s.gradient_samples = "demo", 256, 256, 128
@@ -707,6 +752,17 @@ def parse_settings(argv: list[str] | None) -> Settings:
 
 def main(argv: list[str] | None = None) -> int:
     s = parse_settings(argv)
+    if s.merge:
+        try:
+            path = merge_runs([Path(p) for p in s.merge], Path(s.out))
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"error: cannot merge {', '.join(s.merge)}: {exc}", file=sys.stderr)
+            return 2
+        except EdgepruneError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        log(f"merged {len(s.merge)} run(s) into {path}")
+        return 0
     torch.set_num_threads(s.threads)
     stem = "paper_quick" if s.quick else "paper"
     out = Path(s.out)

@@ -80,17 +80,17 @@ def test_quick_run_writes_the_schema(tmp_path) -> None:
     assert (tmp_path / "paper_quick_fmnist_resnet.png").stat().st_size > 10_000
 
 
-def _fake_model(name: str, mm_drop: float, mag_drop: float) -> paper.ModelResult:
+def _fake_model(name: str, mm_drop: float, mag_drop: float, lv: float = 0.9) -> paper.ModelResult:
     dense = 0.9
     rows = [
-        paper.Row(name, 0.9, m, ft, 0.9, dense - d / 100, dense - d / 100, d, d, m, 0.9)
+        paper.Row(name, lv, m, ft, lv, dense - d / 100, dense - d / 100, d, d, m, lv)
         for m, d in (("mix-and-match", mm_drop), ("mag", mag_drop))
         for ft in (False, True)
     ]
-    cands = [{"name": "product/p50", "signal": "product", "strategy": "p50", "sparsity": 0.9, "zero_shot_raw": 0.5,
+    cands = [{"name": "product/p50", "signal": "product", "strategy": "p50", "sparsity": lv, "zero_shot_raw": 0.5,
               "fp32": 0.85, "selected": True}]  # fmt: skip
-    level = paper.LevelResult(0.9, 0.9, True, "test", cands, rows, {"mag": {"zero_shot": None, "finetuned": None}})
-    return paper.ModelResult(name, "weights.pt", dense, dense, 1000, 0, [level], {}, 1.0)
+    level = paper.LevelResult(lv, lv, True, "test", cands, rows, {"mag": {"zero_shot": None, "finetuned": None}})
+    return paper.ModelResult(name, "weights.pt", dense, dense, 1000, 0, [level], {"screen_mm": 2.0}, 1.0)
 
 
 def test_outputs_merge_models_of_compatible_runs(tmp_path) -> None:
@@ -109,6 +109,28 @@ def test_outputs_merge_models_of_compatible_runs(tmp_path) -> None:
     paper.write_outputs([_fake_model("fmnist_swin", 1.0, 2.0)], s2, dict(meta), tmp_path, "paper")
     assert list(json.loads((tmp_path / "paper.json").read_text())["models"]) == ["fmnist_swin"]
     assert (tmp_path / "paper_fmnist_swin.png").is_file() and "fmnist_swin" in (tmp_path / "paper.md").read_text()
+
+
+def test_merge_joins_runs_split_by_level_and_model(tmp_path) -> None:
+    """Runs split over machines (one level or model each) merge into one paper.json; other settings refuse."""
+    meta = {"command": "x", "versions": {}, "seed": 0}
+    paths = []
+    for i, (name, lv) in enumerate((("fmnist_vgg", 0.8), ("fmnist_vgg", 0.9), ("fmnist_vit", 0.9))):
+        s = paper.Settings(baselines=("mag",), levels=(lv,))
+        d = tmp_path / f"run{i}"
+        paper.write_outputs([_fake_model(name, 1.0, 2.0, lv)], s, dict(meta), d, "paper")
+        paths.append(d / "paper.json")
+    out = paper.merge_runs(paths, tmp_path / "merged")
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["levels"] == [0.8, 0.9]
+    vgg = doc["models"]["fmnist_vgg"]
+    assert [lv["level"] for lv in vgg["levels"]] == [0.8, 0.9] and vgg["complete"] is True
+    assert vgg["wall_s"] == 2.0 and vgg["timings"] == {"screen_mm": 4.0}
+    assert doc["models"]["fmnist_vit"]["complete"] is False  # its 80 % run is missing
+    other = tmp_path / "other"
+    paper.write_outputs([_fake_model("fmnist_swin", 1.0, 2.0)], paper.Settings(eval_size=7), dict(meta), other, "paper")
+    with pytest.raises(paper.EdgepruneError, match="eval_size"):
+        paper.merge_runs([paths[0], other / "paper.json"], tmp_path / "merged2")
 
 
 @pytest.mark.slow
