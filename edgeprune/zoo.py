@@ -202,34 +202,36 @@ def fmnist_vgg(pretrained: bool = False, **kwargs: Any) -> VGG:
     )
 
 
-@register_model
-def fmnist_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
-    """ViT with 4×4 patches (7×7 tokens + class token at 28 px), width 64, 6 blocks, 4 heads."""
+def _transformer(name: str, cls: type, classifier: str, pretrained: bool, kwargs: dict[str, Any], **arch: Any):
+    """A timm ViT/Swin at 28 px: the zoo's I/O defaults (1 channel, 10 classes), ``arch`` the rest."""
     num_classes = kwargs.pop("num_classes", 10)
     in_chans = kwargs.pop("in_chans", 1)
     img_size = kwargs.pop("img_size", 28)
-    model = VisionTransformer(
+    model = cls(
         img_size=img_size,
-        patch_size=4,
         in_chans=in_chans,
         num_classes=num_classes,
-        embed_dim=64,
-        depth=6,
-        num_heads=4,
-        mlp_ratio=2.0,
         drop_rate=kwargs.pop("drop_rate", 0.0),
         drop_path_rate=kwargs.pop("drop_path_rate", 0.0),
+        **arch,
     )
     return _finish(
-        "fmnist_vit",
+        name,
         model,
         in_chans=in_chans,
         input_size=img_size,
         first_conv="patch_embed.proj",
-        classifier="head",
+        classifier=classifier,
         pretrained=pretrained,
         kwargs=kwargs,
     )
+
+
+@register_model
+def fmnist_vit(pretrained: bool = False, **kwargs: Any) -> VisionTransformer:
+    """ViT with 4×4 patches (7×7 tokens + class token at 28 px), width 64, 6 blocks, 4 heads."""
+    arch = dict(patch_size=4, embed_dim=64, depth=6, num_heads=4, mlp_ratio=2.0)
+    return _transformer("fmnist_vit", VisionTransformer, "head", pretrained, kwargs, **arch)
 
 
 @register_model
@@ -239,32 +241,8 @@ def fmnist_swin(pretrained: bool = False, **kwargs: Any) -> SwinTransformer:
     Token grids are 14×14 (2×2 windows, shifted by 3 in every second block, as in Swin-T's early stages),
     then 7×7 (one window, like Swin-T's last stage at 224 px), then 4×4 (the merge pads 7 to 8).
     """
-    num_classes = kwargs.pop("num_classes", 10)
-    in_chans = kwargs.pop("in_chans", 1)
-    img_size = kwargs.pop("img_size", 28)
-    model = SwinTransformer(
-        img_size=img_size,
-        patch_size=2,
-        in_chans=in_chans,
-        num_classes=num_classes,
-        embed_dim=32,
-        depths=(2, 2, 2),
-        num_heads=(2, 4, 8),
-        window_size=7,
-        mlp_ratio=2.0,
-        drop_rate=kwargs.pop("drop_rate", 0.0),
-        drop_path_rate=kwargs.pop("drop_path_rate", 0.0),
-    )
-    return _finish(
-        "fmnist_swin",
-        model,
-        in_chans=in_chans,
-        input_size=img_size,
-        first_conv="patch_embed.proj",
-        classifier="head.fc",
-        pretrained=pretrained,
-        kwargs=kwargs,
-    )
+    arch = dict(patch_size=2, embed_dim=32, depths=(2, 2, 2), num_heads=(2, 4, 8), window_size=7, mlp_ratio=2.0)
+    return _transformer("fmnist_swin", SwinTransformer, "head.fc", pretrained, kwargs, **arch)
 
 
 @register_model

@@ -11,24 +11,22 @@ from rich.table import Table
 from ..pipeline import METHODS, CompressConfig, compress
 from ..report import Report
 from ..sensitivity import SIGNALS
-from ._app import app
+from ._app import CheckpointOpt, InChansOpt, ModelOpt, NumClassesOpt, PretrainedOpt, TargetOpt, app
 from .progress import RichProgress
 
 
 @app.command("compress")
 def compress_cmd(
-    model: str = typer.Option(
-        "demo", help="'demo', a timm name (resnet18, timm:vit_tiny_patch16_224) or pkg.mod:factory"
-    ),
-    checkpoint: Path | None = typer.Option(None, help="state_dict to load (torch.load with weights_only=True)"),
-    pretrained: bool = typer.Option(False, help="download timm's pretrained weights (needs internet)"),
-    num_classes: int | None = typer.Option(None, help="classifier outputs (default: from the data)"),
-    in_chans: int | None = typer.Option(None, help="input channels (default: from the data)"),
+    model: ModelOpt = "demo",
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = False,
+    num_classes: NumClassesOpt = None,
+    in_chans: InChansOpt = None,
     image_size: int | None = typer.Option(None, help="input size in pixels (default: from the data / model)"),
     data: str = typer.Option("demo", help="'demo', 'fashion-mnist' or 'imagefolder:PATH'"),
     calib_size: int = typer.Option(1000, help="calibration images (gradients, BN re-calibration, fine-tuning)"),
     eval_size: int = typer.Option(2000, help="evaluation images (disjoint from calibration)"),
-    target: str = typer.Option("arm64", help="deployment target profile (see `edgeprune targets`)"),
+    target: TargetOpt = "arm64",
     sparsity: float = typer.Option(0.8, help="global sparsity to reach, in [0, 1)"),
     max_drop: float | None = typer.Option(None, help="instead: sparsest candidate within this many accuracy points"),
     method: str = typer.Option("mix-and-match", help=f"one of: {', '.join(METHODS)}"),

@@ -11,23 +11,21 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import EdgepruneError
-from ._app import app
+from ._app import CheckpointOpt, InChansOpt, ModelOpt, NumClassesOpt, PretrainedOpt, TargetOpt, app
 
 
 @app.command("export")
 def export_cmd(
-    model: str = typer.Option(
-        "demo", help="'demo', a timm name (resnet18, timm:vit_tiny_patch16_224) or pkg.mod:factory"
-    ),
-    checkpoint: Path | None = typer.Option(None, help="state_dict to load (torch.load with weights_only=True)"),
-    pretrained: bool = typer.Option(False, help="download timm's pretrained weights (needs internet)"),
-    num_classes: int | None = typer.Option(None, help="classifier outputs (default: from the data)"),
-    in_chans: int | None = typer.Option(None, help="input channels (default: from the data)"),
+    model: ModelOpt = "demo",
+    checkpoint: CheckpointOpt = None,
+    pretrained: PretrainedOpt = False,
+    num_classes: NumClassesOpt = None,
+    in_chans: InChansOpt = None,
     image_size: int | None = typer.Option(None, help="input size in pixels (default: from the data)"),
     data: str = typer.Option("demo", help="'demo', 'fashion-mnist' or 'imagefolder:PATH' (calibration, checks)"),
     calib_size: int = typer.Option(256, help="calibration images for INT8"),
     eval_size: int = typer.Option(500, help="evaluation images (parity check, ONNX accuracy)"),
-    target: str = typer.Option("arm64", help="deployment target profile (see `edgeprune targets`)"),
+    target: TargetOpt = "arm64",
     quantize: str | None = typer.Option(None, help="int8 or none (default: the target profile's)"),
     pack: str = typer.Option("dense", help="dense, or sparse: zeroed weights as ONNX sparse initializers"),
     ort_format: bool = typer.Option(False, "--ort-format", help="also write model.ort for onnxruntime mobile"),
