@@ -44,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +214,18 @@ def pick_candidate(cands: list, level: float) -> tuple[int, bool, str]:
     return i, False, f"no candidate in [{level:.1%}, {level + WINDOW:.1%}]: {why}; baselines run at its sparsity"
 
 
-def run_level(ws: Workspace, ev: Evaluator, s: Settings, name: str, level: float, dense: float, t: dict) -> LevelResult:
+def run_level(
+    ws: Workspace,
+    ev: Evaluator,
+    s: Settings,
+    name: str,
+    level: float,
+    dense: float,
+    t: dict,
+    earlier: list[LevelResult] | None = None,
+) -> LevelResult:
+    """One level; ``earlier`` levels of the same model whose comparison this one repeats are reused (below)."""
+
     def timed(stage: str, t0: float) -> None:
         t[stage] = t.get(stage, 0.0) + time.perf_counter() - t0
 
@@ -268,6 +279,15 @@ def run_level(ws: Workspace, ev: Evaluator, s: Settings, name: str, level: float
         }
         for j, c in enumerate(cands)
     ]
+    # When no candidate reaches this level or an earlier one, both compare the same sparsest candidate with the
+    # baselines at the same sparsity: the rows are the same runs, so they are reused rather than recomputed.
+    same = next((lv for lv in earlier or [] if not matched and not lv.matched and lv.target_sparsity == target), None)
+    if same is not None and next(c["name"] for c in same.candidates if c["selected"]) == chosen.candidate.name:
+        res.selection += f"; the same candidate and sparsity as at {same.level:.0%}, whose rows are reused"
+        res.rows = [replace(r, level=level) for r in same.rows]
+        res.reduction = {k: dict(v) for k, v in same.reduction.items()}
+        log(f"  {level:.0%}: same comparison as at {same.level:.0%}; rows reused")
+        return res
     ws.materialize(chosen)
     res.rows.append(zero_shot_row(MM, chosen, target))
     res.rows.append(finetuned_row(MM, chosen, target))
@@ -378,7 +398,7 @@ def run_model(
         for lv in s.levels:
             if lv in {x.level for x in levels}:
                 continue
-            levels.append(run_level(ws, ev, s, name, lv, dense, t))
+            levels.append(run_level(ws, ev, s, name, lv, dense, t, earlier=levels))
             if on_level is not None:
                 on_level(result())
     return result()
