@@ -128,7 +128,8 @@ def test_merge_joins_runs_split_by_level_and_model(tmp_path) -> None:
     assert vgg["wall_s"] == 2.0 and vgg["timings"] == {"screen_mm": 4.0}
     assert doc["models"]["fmnist_vit"]["complete"] is False  # its 80 % run is missing
     other = tmp_path / "other"
-    paper.write_outputs([_fake_model("fmnist_swin", 1.0, 2.0)], paper.Settings(eval_size=7), dict(meta), other, "paper")
+    odd = paper.Settings(baselines=("mag",), eval_size=7)
+    paper.write_outputs([_fake_model("fmnist_swin", 1.0, 2.0)], odd, dict(meta), other, "paper")
     with pytest.raises(paper.EdgepruneError, match="eval_size"):
         paper.merge_runs([paths[0], other / "paper.json"], tmp_path / "merged2")
 
