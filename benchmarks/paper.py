@@ -692,7 +692,8 @@ def merge_runs(paths: list[Path], out: Path) -> Path:
     """Merge paper.json files of runs that split the work (per model or per level, e.g. on several machines)
     into one ``out/paper.json|md|png``; same-model results are joined level by level.
 
-    The runs must agree on every setting in ``COMPARABLE`` except ``levels``, which become their union.
+    The runs must agree on every setting in ``COMPARABLE`` except ``levels``, which become their union; a model is
+    complete when it has every level that its own runs were asked for.
     """
     docs = [json.loads(p.read_text()) for p in paths]
     first = docs[0]["settings"]
@@ -706,8 +707,10 @@ def merge_runs(paths: list[Path], out: Path) -> Path:
     s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in first.items() if k in fields})
     s.levels = tuple(sorted({lv for d in docs for lv in d["settings"]["levels"]}))
     by_model: dict[str, ModelResult] = {}
+    asked: dict[str, set[float]] = {}  # the levels the runs of each model were asked for
     for d in docs:
         for m in map(model_from_dict, d["models"].values()):
+            asked.setdefault(m.model, set()).update(d["settings"]["levels"])
             old = by_model.get(m.model)
             if old is None:
                 by_model[m.model] = m
@@ -715,12 +718,12 @@ def merge_runs(paths: list[Path], out: Path) -> Path:
             have = {lv.level for lv in old.levels}
             old.levels = sorted(old.levels + [lv for lv in m.levels if lv.level not in have], key=lambda lv: lv.level)
             old.timings = {k: round(old.timings.get(k, 0.0) + m.timings.get(k, 0.0), 1)
-                           for k in {*old.timings, *m.timings}}  # fmt: skip
+                           for k in dict.fromkeys([*old.timings, *m.timings])}  # fmt: skip
             old.wall_s = round(old.wall_s + m.wall_s, 1)
             old.command = "; ".join(dict.fromkeys([*old.command.split("; "), m.command]))
     results = list(by_model.values())
-    for m in results:
-        m.complete = {lv.level for lv in m.levels} >= set(s.levels)
+    for m in results:  # complete: every level its runs were asked for (models may use different levels)
+        m.complete = {lv.level for lv in m.levels} >= asked[m.model]
     meta = {k: docs[0][k] for k in ("versions", "seed", "started") if k in docs[0]}
     meta["command"] = "python -m edgeprune.benchmarks.paper --merge " + ",".join(map(str, paths))
     write_outputs(results, s, meta, out, "paper")
