@@ -50,6 +50,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from edgeprune.benchmarks.machine import cpu_model
 from edgeprune.export import export_onnx
 from edgeprune.export.quantize import onnx_accuracy, quantize_int8
 from timm.layers.activations import HardSigmoid, HardSwish
@@ -408,17 +409,9 @@ def run_model(
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or ""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return {
         "platform": platform.platform(),
-        "cpu": cpu,
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "load_average": [round(v, 2) for v in os.getloadavg()] if hasattr(os, "getloadavg") else None,
@@ -703,7 +696,7 @@ def merge_runs(paths: list[Path], out: Path) -> Path:
         diff = [k for k in COMPARABLE if k != "levels" and d["settings"].get(k) != first.get(k)]
         if diff:
             raise EdgepruneError(f"{p}: settings {diff} differ from {paths[0]}'s; these runs cannot be merged")
-    fields = {f for f in Settings.__dataclass_fields__}
+    fields = set(Settings.__dataclass_fields__)
     s = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in first.items() if k in fields})
     s.levels = tuple(sorted({lv for d in docs for lv in d["settings"]["levels"]}))
     by_model: dict[str, ModelResult] = {}

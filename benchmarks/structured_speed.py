@@ -42,8 +42,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch_pruning as tp
+from edgeprune.benchmarks.machine import cpu_model
 from edgeprune.benchmarks.runner import bench
 from edgeprune.export import export_onnx
+from edgeprune.export.quantize import onnx_accuracy
 from torch import nn
 
 from edgeprune.data import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, DataBundle, read_fashion_mnist, uint8_to_normalized
@@ -142,10 +144,6 @@ class Log(Progress):
 
     def log(self, message: str) -> None:
         print(f"[structured_speed]   {message}", flush=True)
-
-
-def onnx_accuracy(paths: list[Path], x: np.ndarray, y: np.ndarray) -> list[float]:
-    return [r["accuracy"] for r in bench([str(p) for p in paths], x[:1], threads=2, warmup=1, runs=1, x=x, y=y)]
 
 
 def latency(paths: list[Path], sample: np.ndarray, threads: int, runs: int) -> list[float]:
@@ -286,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     dense_onnx = staging / "dense.onnx"
     paths = [dense_onnx] + [m["onnx"] for m in mm] + [u["onnx"] for u in uniform]
     lat = {th: latency(paths, sample, th, args.runs) for th in (1, 2)}
-    accs = onnx_accuracy(paths, held_x, held_y)
+    accs = [onnx_accuracy(p, held_x, held_y, threads=2) for p in paths]
     dense_acc = accs[0]
     for k, row in enumerate(mm + uniform, start=1):
         row["accuracy"] = accs[k]
@@ -382,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             and all(r["accuracy"] > r["uniform_accuracy_at_same_latency_1t"] for r in wins),
         },
         "wall_s": round(time.time() - t_start, 1),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cpu": _cpu()},
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_model()},
         "versions": versions(),
     }
     label = Path(args.checkpoint).stem if args.checkpoint else args.model
@@ -411,16 +409,6 @@ def _weights_sha(args) -> str | None:
         return sha256(Path(args.checkpoint))
     path = bundled_weights(args.model) if args.pretrained else None
     return sha256(path) if path else None
-
-
-def _cpu() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
 
 
 def render(r: dict, batch: int) -> str:
