@@ -261,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     report = search.report()
     sel = report.selected
     staging = work / f"goal_{goals[-1]:g}"
-    screen_dense_ms, line = _screen_facts(staging / "report.md")
+    screen_dense_ms, line = _screen_facts(search)
 
     # 2. torch-pruning uniform ratio sweep (same importance signal, same round_to), every distinct size recovered
     uniform, seen = [], set()
@@ -391,15 +391,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _screen_facts(report_md: Path) -> tuple[float, dict]:
-    """Dense latency of the screening run and the latency floor, as the report states them."""
-    text = report_md.read_text()
-    dense_ms = float(text.split("interleaved with dense (", 1)[1].split(" ms", 1)[0])
-    tail = text.split("every group at the narrowest width the rules allow, ", 1)[1]
-    floor_macs = float(tail.split(" MMACs", 1)[0])
-    floor_ms = float(tail.split("ran at ", 1)[1].split(" ms", 1)[0])
-    probe_dense = float(tail.split("next to dense's ", 1)[1].split(" ms", 1)[0])
-    return dense_ms, {"narrowest_mmacs": floor_macs, "narrowest_ms_1t": floor_ms, "dense_ms_1t": probe_dense}
+def _screen_facts(search: ChannelSearch) -> tuple[float, dict]:
+    """Dense latency of the screening run and the latency floor (the probe), at the precision the report
+    states them."""
+    line = search.line
+    floor = {
+        "narrowest_mmacs": round(line.floor_macs / 1e6, 2),
+        "narrowest_ms_1t": round(line.floor_ms, 3),
+        "dense_ms_1t": round(line.dense_ms, 3),
+    }
+    return round(search.dense_ms, 3), floor
 
 
 def _weights_sha(args) -> str | None:
