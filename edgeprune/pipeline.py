@@ -29,7 +29,7 @@ from .inventory import build_inventory
 from .masking import apply_masks_, build_masks
 from .models import load_model, model_family
 from .ranges import LayerRange, apply_rules, baseline_ranges, load_rules, range_targets
-from .recovery import finetune, has_batchnorm, recalibrate_bn
+from .recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, teacher_logits
 from .report import (
     Candidate,
     DenseSummary,
@@ -71,6 +71,7 @@ class CompressConfig:
     finetune_epochs: int = 3
     finetune_top: int = 2
     finetune_lr: float = 1e-4
+    recovery: str = "distill"  # fine-tuning recipe, a name in recovery.RECIPES
     gradient_samples: int = 512  # calibration images used for the gradient / GraSP signals
     batch_size: int = 128
     out: str = "edgeprune-out"
@@ -106,6 +107,8 @@ class CompressConfig:
                 raise EdgepruneError(f"--{name.replace('_', '-')} must be >= 1")
         if self.finetune_epochs < 0 or self.finetune_top < 0:
             raise EdgepruneError("--finetune-epochs and --finetune-top must be >= 0")
+        if self.recovery not in RECIPES:
+            raise EdgepruneError(f"unknown --recovery '{self.recovery}'; choose from {', '.join(RECIPES)}")
 
 
 class Progress:
@@ -208,6 +211,17 @@ class Workspace:
             model, self.layers, data.calib_x[:n], data.calib_y[:n], cfg.batch_size, with_hessian=with_hessian
         )
         self.original = copy.deepcopy(model.state_dict())
+        self.recipe = RECIPES[cfg.recovery]
+        self._teacher: torch.Tensor | None = None
+
+    def teacher(self) -> torch.Tensor | None:
+        """The dense model's calibration logits, once, when the recovery recipe distills."""
+        if self.recipe.distill <= 0:
+            return None
+        if self._teacher is None:
+            self.model.load_state_dict(self.original)
+            self._teacher = teacher_logits(self.model, self.data.calib_x, self.cfg.batch_size)
+        return self._teacher
 
     def accuracy(self) -> float:
         return accuracy(self.model, self.data.eval_x, self.data.eval_y, self.cfg.batch_size)
@@ -270,6 +284,7 @@ class Workspace:
 
     def finetune(self, cp: CandidatePlan, epochs: int, on_epoch=None) -> dict:
         """Fine-tune one candidate with its masks enforced; returns the weights, fills finetuned_accuracy."""
+        teacher = self.teacher()
         self.materialize(cp)
         masks = build_masks(cp.scores, cp.plan)
         d, cfg = self.data, self.cfg
@@ -282,6 +297,8 @@ class Workspace:
             lr=cfg.finetune_lr,
             batch_size=cfg.batch_size,
             seed=cfg.seed,
+            recipe=self.recipe,
+            teacher=teacher,
             on_epoch=on_epoch,
         )
         cp.candidate.finetuned_accuracy = self.accuracy()
@@ -388,7 +405,7 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
             pool = [i for i, c in enumerate(cands) if cfg.max_drop is not None or c.sparsity >= cfg.sparsity - 1e-6]
             top = sorted(pool or range(len(cands)), key=lambda i: -cands[i].accuracy)[: cfg.finetune_top]
             epochs = cfg.finetune_epochs
-            progress.start(f"fine-tune top {len(top)} ({epochs} epochs each)", total=len(top) * epochs)
+            progress.start(f"fine-tune top {len(top)} ({epochs} epochs each, {cfg.recovery})", total=len(top) * epochs)
             for i in top:
                 finetuned[i] = ws.finetune(cplans[i], epochs, on_epoch=lambda e, v: progress.advance())
             progress.finish()

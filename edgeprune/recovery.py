@@ -3,13 +3,18 @@
 Pruning shifts the activation statistics that BatchNorm's running mean/var were trained on; recomputing
 them on a few calibration batches recovers most of the zero-shot loss on CNNs. Fine-tuning then trains the
 surviving weights with the masks enforced as parametrizations (`masking.attach_masks`).
+
+Two fine-tuning recipes (`RECIPES`, data like the rules): ``paper`` is the paper's (Adam at a constant rate,
+cross-entropy); ``distill`` also learns from the dense model's logits (knowledge distillation, computed once
+with `teacher_logits`), translates inputs by a few pixels and anneals the rate (one-cycle). Channel pruning
+removes capacity that the paper's short recipe does not win back; distillation does most of it.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +54,70 @@ def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 128, max
     model.eval()
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """How fine-tuning trains."""
+
+    name: str
+    distill: float = 0.0  # weight of the KL term to the dense model's softened logits (0: cross-entropy only)
+    temperature: float = 4.0  # softening of both logit sets in the KL term
+    shift: float = 0.0  # random translation, up to this fraction of the image side (zero fill)
+    schedule: str = "constant"  # "constant" or "onecycle" (warm-up 10 %, cosine annealing to ~0)
+    description: str = field(default="", compare=False)
+
+
+RECIPES: dict[str, Recipe] = {
+    r.name: r
+    for r in (
+        Recipe("paper", description="Adam at a constant rate, cross-entropy (the paper's)"),
+        Recipe(
+            "distill",
+            distill=0.7,
+            shift=1 / 14,
+            schedule="onecycle",
+            description="distillation from the dense model (weight 0.7, T 4), ±7 % shifts, one-cycle Adam",
+        ),
+    )
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recovery recipe '{name}'; choose from {', '.join(RECIPES)}")
+    return RECIPES[name]
+
+
+@torch.no_grad()
+def teacher_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """The dense model's logits on the calibration images, computed once and shared by every candidate."""
+    was_training = model.training
+    model.eval()
+    out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+    model.train(was_training)
+    return out
+
+
+def random_shift(x: torch.Tensor, max_fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """Translate a batch by one random offset of up to ``max_fraction`` of its side, zero filled."""
+    h, w = x.shape[-2:]
+    mh, mw = int(round(h * max_fraction)), int(round(w * max_fraction))
+    if mh == 0 and mw == 0:
+        return x
+    dy, dx = (int(torch.randint(-m, m + 1, (1,), generator=gen)) for m in (mh, mw))
+    padded = F.pad(x, (mw, mw, mh, mh))
+    return padded[..., mh - dy : mh - dy + h, mw - dx : mw - dx + w]
+
+
+def recovery_loss(logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor | None, recipe: Recipe) -> torch.Tensor:
+    """Cross-entropy, mixed with the distillation term (Hinton et al.: KL at temperature T, scaled by T²)."""
+    ce = F.cross_entropy(logits, y)
+    if teacher is None or recipe.distill <= 0:
+        return ce
+    t = recipe.temperature
+    kl = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True)
+    return (1 - recipe.distill) * ce + recipe.distill * kl * t * t
+
+
 @dataclass
 class FinetuneResult:
     epochs_run: int
@@ -69,13 +138,18 @@ def finetune(
     patience: int = 3,
     val_fraction: float = 0.1,
     seed: int = 0,
+    recipe: Recipe = RECIPES["paper"],
+    teacher: torch.Tensor | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> FinetuneResult:
-    """Fine-tune in place with masks enforced (paper: Adam, early stopping). Keeps the best epoch's weights.
+    """Fine-tune in place with masks enforced (Adam, early stopping). Keeps the best epoch's weights.
 
     ``x, y`` are the user's calibration data; ``val_fraction`` of it is held out for early stopping.
+    ``teacher``: the dense model's logits on ``x`` (`teacher_logits`), used when the recipe distills.
     On return the masks are folded into the weights (no parametrizations remain).
     """
+    if teacher is not None and len(teacher) != len(x):
+        raise ValueError(f"teacher logits for {len(teacher)} images, but {len(x)} calibration images")
     gen = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(x), generator=gen)
     n_val = max(1, int(len(x) * val_fraction))
@@ -84,6 +158,12 @@ def finetune(
     attach_masks(model, masks)
     try:
         opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        steps = epochs * -(-len(train_idx) // batch_size)
+        sched = (
+            torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+            if recipe.schedule == "onecycle"
+            else None
+        )
         best = (accuracy(model, xv, yv), -1, copy.deepcopy(model.state_dict()))
         history: list[float] = []
         stale = 0
@@ -94,9 +174,12 @@ def finetune(
                 idx = perm[i : i + batch_size]
                 if len(idx) < 2:  # BatchNorm cannot train on a single sample
                     continue
+                xb = random_shift(x[idx], recipe.shift, gen) if recipe.shift > 0 else x[idx]
                 opt.zero_grad(set_to_none=True)
-                F.cross_entropy(model(x[idx]), y[idx]).backward()
+                recovery_loss(model(xb), y[idx], None if teacher is None else teacher[idx], recipe).backward()
                 opt.step()
+                if sched is not None:
+                    sched.step()
             val = accuracy(model, xv, yv)
             history.append(val)
             if on_epoch:

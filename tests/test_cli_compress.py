@@ -143,6 +143,7 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "unknown signal": (["--signals", "hessian"], "signal"),
         "unwritable output": (["--out", str(blocker / "sub")], "output directory"),
         "unknown target": (["--target", "z80"], "target"),
+        "unknown recovery recipe": (["--recovery", "magic"], "--recovery"),
     }
 
 
@@ -158,7 +159,7 @@ def bad_cases(tmp_path_factory):
         "checkpoint with other classes", "unknown timm name", "sparsity 1.0", "negative sparsity",
         "missing data folder", "empty data folder", "classes mismatch", "channels mismatch",
         "rules with unknown role", "rules with inverted range", "unknown method", "unknown signal",
-        "unwritable output", "unknown target",
+        "unwritable output", "unknown target", "unknown recovery recipe",
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_leaves_nothing(case, bad_cases, tmp_path, capsys):

@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..pipeline import METHODS, CompressConfig, compress
+from ..recovery import RECIPES
 from ..report import Report
 from ..sensitivity import SIGNALS
 from ._app import CheckpointOpt, InChansOpt, ModelOpt, NumClassesOpt, PretrainedOpt, TargetOpt, app
@@ -42,6 +43,9 @@ def compress_cmd(
     finetune_epochs: int = typer.Option(3, help="fine-tuning epochs for the best candidates (0 = none)"),
     finetune_top: int = typer.Option(2, help="how many screened candidates to fine-tune"),
     finetune_lr: float = typer.Option(1e-4, help="Adam learning rate for fine-tuning"),
+    recovery: str = typer.Option(
+        "distill", help="fine-tuning recipe: " + "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values())
+    ),
     quantize: str | None = typer.Option(None, help="int8 or none (default: the target profile's choice)"),
     pack: str = typer.Option("dense", help="dense, or sparse: store zeroed weights as ONNX sparse initializers"),
     ort_format: bool = typer.Option(False, help="also write .ort files for onnxruntime mobile/minimal builds"),
@@ -76,6 +80,7 @@ def compress_cmd(
         finetune_epochs=finetune_epochs,
         finetune_top=finetune_top,
         finetune_lr=finetune_lr,
+        recovery=recovery,
         latency_budget_ms=latency_budget,
         speedup=speedup,
         round_to=round_to,

@@ -31,7 +31,7 @@ from ..errors import EdgepruneError
 from ..evaluation import accuracy, params_and_macs
 from ..inventory import Layer
 from ..ranges import LayerRange, Rule, apply_rules, baseline_ranges, parse_rules, range_targets, read_rules_file
-from ..recovery import finetune, has_batchnorm, recalibrate_bn
+from ..recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, teacher_logits
 from ..report import Candidate, DenseSummary, LayerReport, Report, SelectedSummary, render_markdown, versions
 from ..selection import Point, pareto_mask, select_index
 from ..strategies import STRATEGY_NAMES, LayerStats, make_all_plans
@@ -483,8 +483,11 @@ class ChannelSearch:
             # (most conservative) ones instead would leave nothing recovered near the goal to select
             pool, _ = eligible([cc.candidate for cc in cands], cfg, self.dense_ms)
             top = sorted(pool, key=lambda i: -cands[i].candidate.accuracy)[: cfg.finetune_top]
+            recipe = RECIPES[cfg.recovery]
+            teacher = teacher_logits(self.model, d.calib_x, cfg.batch_size) if recipe.distill > 0 else None
             self.progress.start(
-                f"fine-tune top {len(top)} ({cfg.finetune_epochs} epochs each)", total=len(top) * cfg.finetune_epochs
+                f"fine-tune top {len(top)} ({cfg.finetune_epochs} epochs each, {recipe.name})",
+                total=len(top) * cfg.finetune_epochs,
             )
             for i in top:
                 pruned = self._rebuild(cands[i])
@@ -497,6 +500,8 @@ class ChannelSearch:
                     lr=cfg.finetune_lr,
                     batch_size=cfg.batch_size,
                     seed=cfg.seed,
+                    recipe=recipe,
+                    teacher=teacher,
                     on_epoch=lambda e, v: self.progress.advance(),
                 )
                 cands[i].candidate.finetuned_accuracy = accuracy(pruned, d.eval_x, d.eval_y, cfg.batch_size)
