@@ -31,9 +31,35 @@ from .planning import min_keep_units
 GroupScores = dict[str, torch.Tensor]  # group name -> one score per unit (low = pruned first)
 
 
+_MAGNITUDE = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="sum", normalizer=None)
+_TAYLOR = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None, multivariable=True)
+
+
 def _mean_normalized(t: torch.Tensor) -> torch.Tensor:
     mean = t.mean()
     return t / mean if mean > 0 else torch.ones_like(t)
+
+
+@torch.no_grad()
+def channel_magnitude(tp_group) -> torch.Tensor:
+    """Group L2 norm of each channel of a torch-pruning group (all layers the channel runs through)."""
+    return _MAGNITUDE(tp_group).clamp_min(0).sqrt()
+
+
+@torch.no_grad()
+def channel_taylor(tp_group) -> torch.Tensor:
+    """|Σ w·dL/dw| of each channel of a torch-pruning group, from the gradients now in ``.grad`` (one
+    mini-batch); the gradient signal is the sum of its squares over mini-batches."""
+    return _TAYLOR(tp_group)
+
+
+def combine(signal: str, magnitude: torch.Tensor, taylor_sq: torch.Tensor) -> torch.Tensor:
+    """The named signal from a group's magnitude and summed squared Taylor scores."""
+    if signal == "magnitude":
+        return magnitude
+    if signal == "gradient":
+        return taylor_sq
+    return _mean_normalized(magnitude) * _mean_normalized(taylor_sq)
 
 
 def accumulate_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> None:
@@ -65,23 +91,19 @@ def group_scores(
     ``magnitude`` is returned. The model's ``.grad`` are cleared on return."""
     model = graph.model
     full = {g.name: graph.full_group(g.name) for g in graph.groups}
-    magnitude_imp = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="sum", normalizer=None)
-    with torch.no_grad():
-        out: dict[str, GroupScores] = {
-            "magnitude": {g.name: _per_unit(g, magnitude_imp(full[g.name]).clamp_min(0).sqrt()) for g in graph.groups}
-        }
+    out: dict[str, GroupScores] = {
+        "magnitude": {g.name: _per_unit(g, channel_magnitude(full[g.name])) for g in graph.groups}
+    }
     if x is None or y is None:
         return out
-    taylor_imp = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None, multivariable=True)
     taylor = {g.name: torch.zeros(g.units) for g in graph.groups}
     for i in range(0, len(x), batch_size):
         accumulate_gradients(model, x[i : i + batch_size], y[i : i + batch_size], batch_size)
-        with torch.no_grad():
-            for g in graph.groups:
-                taylor[g.name] += _per_unit(g, taylor_imp(full[g.name])) ** 2
+        for g in graph.groups:
+            taylor[g.name] += _per_unit(g, channel_taylor(full[g.name])) ** 2
     model.zero_grad(set_to_none=True)
-    out["gradient"] = taylor
-    out["product"] = {n: _mean_normalized(out["magnitude"][n]) * _mean_normalized(taylor[n]) for n in taylor}
+    for signal in ("gradient", "product"):
+        out[signal] = {n: combine(signal, out["magnitude"][n], taylor[n]) for n in taylor}
     return out
 
 
