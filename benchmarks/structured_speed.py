@@ -1,25 +1,27 @@
 """Structured Mix-and-Match on a ResNet-style Fashion-MNIST model: accuracy drop vs measured ONNX speedup.
 
-    python -m edgeprune.benchmarks.structured_speed --model fmnist_resnet18 --pretrained \\
-        --round-to 16 --out benchmarks/results
+    python -m edgeprune.benchmarks.structured_speed --pretrained --out benchmarks/results
 
 Data (Fashion-MNIST from the Debian package or $EDGEPRUNE_FASHION_MNIST): ``--calib-images`` images of
-the *training* split are the calibration set (signals, BN re-calibration, fine-tuning: what a user
-holds besides the model); the 10 000 test images are split once (seed 0) into ``--screen-images``
-used by the pipeline to screen and select, and the rest, held out, on which every reported accuracy
-is measured through onnxruntime from the exported ONNX files.
+the *training* split (default all 60 000) are the calibration set (signals, BN re-calibration,
+fine-tuning: what a user holds besides the model); the 10 000 test images are split once (seed 0) into
+``--screen-images`` used by the pipeline to screen and select, and the rest, held out, on which every
+reported accuracy is measured through onnxruntime from the exported ONNX files.
 
 What it measures (issue 3's numbers), on this machine's CPU, onnxruntime, batch 1, interleaved runs:
 
-1. structured Mix-and-Match (``compress_channels``: 30 candidates, BN re-calibration, top
-   ``--finetune-top`` fine-tuned ``--finetune-epochs`` epochs, selection ``--speedup X`` on 1-thread
-   measured latency): accuracy drop and speedup over dense at 1 and 2 threads.
-2. measured speedup vs MAC reduction ratio, every distinct candidate architecture (screening run).
+1. structured Mix-and-Match (the pipeline's search for each ``--speedups`` goal: 30 candidates, BN
+   re-calibration, latency of each measured); the distinct architectures on the screening front
+   (``--recover front``; ``all`` for every one) get the recovery budget: BN re-calibration, then
+   ``--finetune-epochs`` of the ``--recovery`` recipe (default ``distill``: knowledge distillation from the
+   dense model, shifts, one-cycle Adam). Selection ``--speedup X`` (the last goal) on 1-thread latency;
+   accuracy drop and speedup over dense at 1 and 2 threads.
+2. measured speedup vs MAC reduction ratio, every recovered architecture, and the selected one at larger
+   inputs (``--scale-sizes``), where compute rather than per-operator overhead sets the latency.
 3. torch-pruning's own uniform ratio pruning (``MetaPruner``, local ranking, the same importance as the
-   selected candidate's signal, the same ``round_to``, classifier outputs kept) over a sweep of ratios;
-   the two ratios whose 1-thread latency brackets the selected candidate's get the same recovery (BN
-   re-calibration + ``--finetune-epochs`` on the same images, same optimizer) and their held-out
-   accuracy is interpolated at the selected candidate's latency.
+   selected candidate's signal, the same ``round_to``, classifier outputs kept) over ``--uniform-ratios``,
+   each distinct model with the same recovery budget; its held-out accuracy interpolated at each
+   Mix-and-Match candidate's latency.
 
 Writes ``structured_speed_<model>.json`` and ``.md`` into ``--out``.
 """
@@ -52,24 +54,24 @@ from edgeprune.data import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, DataBundle, 
 from edgeprune.evaluation import accuracy, params_and_macs
 from edgeprune.models import load_model
 from edgeprune.pipeline import CompressConfig, Progress, Timings
-from edgeprune.recovery import finetune, recalibrate_bn
+from edgeprune.recovery import RECIPES, Recipe, finetune, recalibrate_bn, teacher_logits
 from edgeprune.report import versions
+from edgeprune.selection import Point, pareto_mask
 from edgeprune.structured import accumulate_gradients, compact
 from edgeprune.structured.flow import ChannelCandidate, ChannelSearch
+from edgeprune.structured.signals import channel_magnitude, channel_taylor, combine
 from edgeprune.targets import get_target
 
 
 class SignalImportance:
-    """Our group signal as a torch-pruning importance, computed as in ``edgeprune.structured.signals``
-    (magnitude: group L2; gradient: squared group Taylor summed over mini-batches; product: both over
-    their group mean), so MetaPruner ranks channels exactly like our candidates do."""
+    """Our group signal as a torch-pruning importance (``edgeprune.structured.signals``: the same channel
+    magnitude, per-batch squared Taylor and their combination), so MetaPruner ranks channels like our
+    candidates do; MetaPruner hands it its own groups."""
 
     def __init__(self, signal: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 32):
         self.signal = signal
-        self.mag = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="sum", normalizer=None)
-        self.taylor = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None, multivariable=True)
         self.params = list(model.parameters())
-        self.grads: list[list[torch.Tensor | None]] = []
+        self.grads: list[list[torch.Tensor | None]] = []  # one gradient snapshot per mini-batch
         if signal != "magnitude":
             for i in range(0, len(x), batch):
                 accumulate_gradients(model, x[i : i + batch], y[i : i + batch], batch)
@@ -78,19 +80,17 @@ class SignalImportance:
 
     @torch.no_grad()
     def __call__(self, group) -> torch.Tensor:
-        m = self.mag(group).clamp_min(0).sqrt()
+        m = channel_magnitude(group)
         if self.signal == "magnitude":
             return m
         g = torch.zeros_like(m)
         for grads in self.grads:
             for p, grad in zip(self.params, grads, strict=True):
                 p.grad = grad
-            g += self.taylor(group) ** 2
+            g += channel_taylor(group) ** 2
         for p in self.params:
             p.grad = None
-        if self.signal == "gradient":
-            return g
-        return (m / m.mean().clamp_min(1e-12)) * (g / g.mean().clamp_min(1e-12))
+        return combine(self.signal, m, g)
 
 
 def uniform_prune(model: nn.Module, example: torch.Tensor, ratio: float, signal: str, round_to: int, x, y) -> nn.Module:
@@ -155,10 +155,78 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def recover(model: nn.Module, data: DataBundle, epochs: int, lr: float, batch_size: int, seed: int) -> None:
-    """The recovery budget, the same for every model compared: BN re-calibration, then fine-tuning."""
-    recalibrate_bn(model, data.calib_x, batch_size)
-    finetune(model, {}, data.calib_x, data.calib_y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+@dataclasses.dataclass
+class Recovery:
+    """The recovery budget, the same for every model compared: BN re-calibration, then fine-tuning with one
+    recipe (and, when it distills, the dense model's logits computed once)."""
+
+    data: DataBundle
+    epochs: int
+    lr: float
+    batch_size: int
+    seed: int
+    recipe: Recipe
+    teacher: torch.Tensor | None
+
+    def __call__(self, model: nn.Module) -> None:
+        d = self.data
+        recalibrate_bn(model, d.calib_x, self.batch_size)
+        finetune(
+            model,
+            {},
+            d.calib_x,
+            d.calib_y,
+            epochs=self.epochs,
+            lr=self.lr,
+            batch_size=self.batch_size,
+            seed=self.seed,
+            recipe=self.recipe,
+            teacher=self.teacher,
+        )
+
+
+def input_scaling(
+    model: nn.Module, example: torch.Tensor, remove: dict, sizes: list[int], work: Path, runs: int
+) -> list[dict]:
+    """Speedup against MAC ratio of one pruned architecture as the input grows (compute takes over from
+    per-operator overhead). Weights as they are: latency does not depend on their values."""
+    pruned = compact(model, example, remove)
+    rows = []
+    for size in sizes:
+        x = torch.randn(1, example.shape[1], size, size)
+        paths = []
+        for tag, m in (("dense", model), ("pruned", pruned)):
+            paths.append(work / f"scale_{tag}_{size}.onnx")
+            export_onnx(m, x, paths[-1], check_inputs=x)
+        macs = [params_and_macs(m, x)[1] for m in (model, pruned)]
+        row = {"input": size, "dense_mmacs": macs[0] / 1e6, "mac_ratio": macs[0] / macs[1]}
+        for th in (1, 2):
+            ms = latency(paths, x.numpy(), th, runs)
+            row[f"dense_ms_{th}t"], row[f"ms_{th}t"] = ms
+            row[f"speedup_{th}t"] = ms[0] / ms[1]
+            row[f"speedup_over_mac_ratio_{th}t"] = row[f"speedup_{th}t"] / row["mac_ratio"]
+        rows.append(row)
+    return rows
+
+
+def spread(items: list, keys: list[float], k: int, marks: tuple[float, ...] = ()) -> list:
+    """At most ``k`` of ``items`` in ``keys`` order: for each mark the item with the lowest key >= it (on a
+    front: the most accurate one reaching it), then the rest evenly spaced in ``keys`` (both ends)."""
+    order = sorted(range(len(items)), key=lambda i: keys[i])
+    if len(order) <= k:
+        return [items[i] for i in order]
+    lo, hi = keys[order[0]], keys[order[-1]]
+    picked: list[int] = []
+    for mark in marks:
+        hit = next((i for i in order if keys[i] >= mark), None)
+        if hit is not None and hit not in picked and len(picked) < k:
+            picked.append(hit)
+    rest = k - len(picked)
+    for j in range(rest):
+        want = lo + (hi - lo) * j / (rest - 1) if rest > 1 else hi
+        best = min((i for i in order if i not in picked), key=lambda i: abs(keys[i] - want))
+        picked.append(best)
+    return [items[i] for i in sorted(picked, key=lambda i: keys[i])]
 
 
 def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
@@ -175,15 +243,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="fmnist_resnet18")
     p.add_argument("--checkpoint", default=None)
     p.add_argument("--pretrained", action="store_true", help="zoo models: load the bundled weights")
-    p.add_argument("--calib-images", type=int, default=20000, help="training-split images for calibration")
+    p.add_argument("--calib-images", type=int, default=60000, help="training-split images for calibration")
     p.add_argument("--screen-images", type=int, default=2000, help="test images for screening and selection")
     p.add_argument("--target", default="x86_64", help="target profile (opset, default round_to)")
     p.add_argument("--round-to", type=int, default=None, help="channel multiple (default: the target's)")
     p.add_argument("--speedups", default="1.5,2.0", help="search goals (--speedup); the last one selects")
-    p.add_argument("--finetune-epochs", type=int, default=5)
-    p.add_argument("--finetune-lr", type=float, default=1e-3)
+    p.add_argument("--finetune-epochs", type=int, default=6)
+    p.add_argument("--finetune-lr", type=float, default=3e-3)
+    p.add_argument("--recovery", default="distill", choices=sorted(RECIPES), help="fine-tuning recipe")
+    p.add_argument(
+        "--recover",
+        default="front",
+        choices=("front", "all"),
+        help="Mix-and-Match architectures to recover: those on the screening front (accuracy vs latency), or all",
+    )
+    p.add_argument(
+        "--recover-max",
+        type=int,
+        default=5,
+        help="front: at most this many, spread over speedup, from 0.9x the lowest goal up (recovery is the cost)",
+    )
+    p.add_argument("--scale-sizes", default="28,56,112", help="input sizes for the speedup-vs-MAC-ratio scaling")
     p.add_argument("--gradient-samples", type=int, default=1024)
-    p.add_argument("--uniform-ratios", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8")
+    p.add_argument("--uniform-ratios", default="0.3,0.4,0.5,0.6,0.7")
     p.add_argument("--runs", type=int, default=300, help="timed runs per artifact in the final latency check")
     p.add_argument("--batch-check", type=int, default=32, help="also time this batch size (throughput view)")
     p.add_argument("--out", default="benchmarks/results")
@@ -210,12 +292,16 @@ def main(argv: list[str] | None = None) -> int:
         round_to=args.round_to,
         finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr,
+        recovery=args.recovery,
         gradient_samples=args.gradient_samples,
         threads=1,
         bench_runs=100,
         out=str(work),
     )
     log = Log()
+    recipe = RECIPES[args.recovery]
+    teacher = teacher_logits(model, data.calib_x, cfg.batch_size) if recipe.distill > 0 else None
+    recover = Recovery(data, args.finetune_epochs, args.finetune_lr, cfg.batch_size, cfg.seed, recipe, teacher)
 
     # 1. structured Mix-and-Match, the pipeline's own stages up to the measured latency of every candidate,
     #    once per goal (a broader front: each goal centres the search's ranges on itself)
@@ -231,19 +317,29 @@ def main(argv: list[str] | None = None) -> int:
         search.measure()
         search.finetuned = {}
         searches.append(search)
-    # Recovery instead of the pipeline's top-k: every distinct architecture, its best-screened signal, so the
-    # whole accuracy/latency front is recovered (BN-only screening ranks heavily pruned candidates poorly).
+    # Recovery instead of the pipeline's top-k: every distinct architecture (its best-screened signal) on the
+    # screening front, or all of them, so the accuracy/latency front is recovered, not just its top.
     best: dict[tuple, ChannelCandidate] = {}
+    speedup: dict[tuple, float] = {}  # each search timed its own dense model
     for search in searches:
         for cc in search.cands:
+            speedup[cc.shape_key] = search.dense_ms / cc.candidate.latency_ms
             b = best.get(cc.shape_key)
             if b is None or cc.candidate.accuracy > b.candidate.accuracy:
                 best[cc.shape_key] = cc
+    to_recover = sorted(best.values(), key=lambda c: c.candidate.macs)
+    if args.recover == "front":
+        front = pareto_mask([Point(c.candidate.accuracy, speedup[c.shape_key]) for c in to_recover])
+        to_recover = [
+            c for c, keep in zip(to_recover, front, strict=True) if keep and speedup[c.shape_key] >= 0.9 * min(goals)
+        ]
+        to_recover = spread(to_recover, [speedup[c.shape_key] for c in to_recover], args.recover_max, tuple(goals))
+    log.log(f"recovering {len(to_recover)} of {len(best)} distinct Mix-and-Match architectures ({args.recover})")
     mm, recovered = [], {}
-    for k, cc in enumerate(sorted(best.values(), key=lambda c: c.candidate.macs)):
+    for k, cc in enumerate(to_recover):
         log.start(f"recover {cc.candidate.name} ({cc.candidate.macs / 1e6:.2f} MMACs)")
         pruned = compact(model, example, cc.remove)
-        recover(pruned, data, args.finetune_epochs, args.finetune_lr, cfg.batch_size, cfg.seed)
+        recover(pruned)
         screen_acc = accuracy(pruned, data.eval_x, data.eval_y, cfg.batch_size)
         recovered[(cc.candidate.signal, cc.shape_key)] = (pruned, screen_acc)
         path = work / f"mm_{k}.onnx"
@@ -274,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
             log.finish()
             continue
         seen.add(shape)
-        recover(pr, data, args.finetune_epochs, args.finetune_lr, cfg.batch_size, cfg.seed)
+        recover(pr)
         path = work / f"uniform_{r:.2f}.onnx"
         export_onnx(pr, example, path, check_inputs=data.eval_x[:64])
         uniform.append({"ratio": r, "macs": params_and_macs(pr, example)[1], "onnx": path})
@@ -302,6 +398,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     big = data.eval_x[: args.batch_check].numpy().astype(np.float32)
     batch_lat = {th: latency([dense_onnx, sel_row["onnx"]], big, th, max(20, args.runs // 10)) for th in (1, 2)}
+
+    sizes = [int(v) for v in args.scale_sizes.split(",") if v.strip()]
+    log.start(f"speedup vs MAC ratio of the selection at inputs {sizes}")
+    scaling = input_scaling(model, example, search.chosen.remove, sizes, work, max(30, args.runs // 3))
+    log.finish()
 
     def best_speedup_within(points: list[dict], th: int, drop: float) -> dict | None:
         ok = [r for r in points if r["drop_points"] <= drop]
@@ -334,10 +435,17 @@ def main(argv: list[str] | None = None) -> int:
         "round_to": round_to,
         "recovery": {
             "bn_recalibration": f"{min(len(data.calib_x), 8 * cfg.batch_size)} calibration images",
-            "finetune": f"{args.finetune_epochs} epochs, Adam lr {args.finetune_lr}, batch {cfg.batch_size}, "
-            f"early stopping (patience 3) on 10 % of the {len(data.calib_x)} calibration images",
-            "applied_to": "every distinct Mix-and-Match architecture (its best-screened signal) and every distinct "
-            "uniform-ratio model",
+            "finetune": f"{args.finetune_epochs} epochs, recipe `{recipe.name}` ({recipe.description}), "
+            f"lr {args.finetune_lr}, batch {cfg.batch_size}, best epoch kept (early stopping, patience 3) on 10 % "
+            f"of the {len(data.calib_x)} calibration images",
+            "applied_to": f"{len(mm)} of the {len(best)} distinct Mix-and-Match architectures "
+            + (
+                f"(on the screening front, screening speedup >= {0.9 * min(goals):.2f}x, at most "
+                f"{args.recover_max} spread over speedup; each with its best-screened signal)"
+                if args.recover == "front"
+                else ""
+            )
+            + " and every distinct uniform-ratio model",
         },
         "dense": {
             "accuracy": dense_acc,
@@ -366,6 +474,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency_floor": line,
         "screening_dense_ms_1t": screen_dense_ms,
         "search_goals": [f"--speedup {g:g}" for g in goals],
+        "input_scaling": scaling,
         "mix_and_match": [{k: v for k, v in r.items() if k not in ("onnx", "shape")} for r in mm],
         "uniform_torch_pruning": [{k: v for k, v in u.items() if k != "onnx"} for u in uniform],
         "checks": {
@@ -376,6 +485,10 @@ def main(argv: list[str] | None = None) -> int:
             "speedup_ge_0.8_mac_ratio_all_mm_1t": all(r["speedup_over_mac_ratio_1t"] >= 0.8 for r in mm),
             "speedup_ge_0.8_mac_ratio_selected_1t": sel_row["speedup_over_mac_ratio_1t"] >= 0.8,
             "speedup_ge_0.8_mac_ratio_selected_2t": sel_row["speedup_over_mac_ratio_2t"] >= 0.8,
+            f"speedup_ge_0.8_mac_ratio_selected_1t_at_{scaling[-1]['input']}px": scaling[-1][
+                "speedup_over_mac_ratio_1t"
+            ]
+            >= 0.8,
             "mm_more_accurate_than_uniform_at_equal_latency": bool(wins)
             and all(r["accuracy"] > r["uniform_accuracy_at_same_latency_1t"] for r in wins),
         },
@@ -467,7 +580,20 @@ def render(r: dict, batch: int) -> str:
         "|---|:-:|",
         *[f"| {k} | {ok[bool(v)]} |" for k, v in r["checks"].items()],
         "",
-        "## Mix-and-Match, every distinct candidate architecture, recovered",
+        "## Speedup against MAC ratio as the input grows (the selected architecture, batch 1)",
+        "",
+        "| input px | dense MMACs | MAC ratio | dense ms 1t | ms 1t | speedup 1t | speedup/MAC 1t "
+        "| dense ms 2t | ms 2t | speedup 2t | speedup/MAC 2t |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *[
+            f"| {c['input']} | {c['dense_mmacs']:.1f} | {c['mac_ratio']:.2f} | {c['dense_ms_1t']:.3f} "
+            f"| {c['ms_1t']:.3f} "
+            f"| {c['speedup_1t']:.2f} | {c['speedup_over_mac_ratio_1t']:.2f} | {c['dense_ms_2t']:.3f} "
+            f"| {c['ms_2t']:.3f} | {c['speedup_2t']:.2f} | {c['speedup_over_mac_ratio_2t']:.2f} |"
+            for c in r.get("input_scaling", [])
+        ],
+        "",
+        "## Mix-and-Match, distinct candidate architectures, recovered",
         "",
         "| candidate | MMACs | MAC ratio | ms 1t | speedup 1t | speedup/MAC 1t | ms 2t | speedup 2t | acc % | drop pts "
         "| uniform acc % at same 1t latency |",

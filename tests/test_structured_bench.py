@@ -1,0 +1,48 @@
+"""The structured speed benchmark (issue 3): its selection helpers, and one small end-to-end run."""
+
+import json
+import math
+
+import pytest
+from edgeprune.benchmarks.structured_speed import interpolate, main, spread
+
+
+def test_spread_keeps_the_goal_crossings_and_both_ends():
+    items = list("abcdefgh")
+    keys = [1.4, 1.5, 1.6, 1.7, 1.9, 2.2, 2.3, 2.4]
+    # b: lowest >= 1.5, f: lowest >= 2.0; then 1.4, 1.9, 2.4 evenly
+    assert spread(items, keys, 5, (1.5, 2.0)) == ["a", "b", "e", "f", "h"]
+    assert spread(items, keys, 2) == ["a", "h"]
+    assert spread(["x", "y"], [2.0, 1.0], 5) == ["y", "x"]  # fewer than k: all, in key order
+    assert spread(items, keys, 1, (3.0,)) == ["h"]  # no item reaches the mark: the top end
+
+
+def test_interpolate_is_linear_inside_and_none_outside():
+    pts = [(2.0, 0.9), (1.0, 0.8)]
+    assert interpolate(pts, 1.5) == pytest.approx(0.85)
+    assert interpolate(pts, 1.0) == pytest.approx(0.8)
+    assert interpolate(pts, 2.5) is None
+
+
+@pytest.mark.slow
+def test_small_run_writes_consistent_results(fmnist_idx_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("EDGEPRUNE_FASHION_MNIST", str(fmnist_idx_dir))
+    argv = [
+        "--model", "fmnist_resnet", "--pretrained", "--calib-images", "300", "--screen-images", "100",
+        "--speedups", "2.0", "--finetune-epochs", "1", "--uniform-ratios", "0.5", "--runs", "10",
+        "--batch-check", "4", "--recover-max", "2", "--scale-sizes", "28,40", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    r = json.loads((tmp_path / "structured_speed_fmnist_resnet.json").read_text())
+    assert (tmp_path / "structured_speed_fmnist_resnet.md").read_text().startswith("# Structured")
+    assert 1 <= len(r["mix_and_match"]) <= 2 and len(r["uniform_torch_pruning"]) == 1
+    for row in r["mix_and_match"] + r["uniform_torch_pruning"]:
+        assert 0 < row["ms_1t"] < 50 and 0 < row["ms_2t"] < 50
+        assert row["mac_ratio"] > 1.0 and 0.0 <= row["accuracy"] <= 1.0
+        assert math.isclose(row["drop_points"], (r["dense"]["accuracy"] - row["accuracy"]) * 100)
+    sel = r["selected_by_pipeline"]
+    assert sel["parity_max_abs_diff"] <= 1e-4 and sel["onnx_bytes"] < sel["dense_onnx_bytes"]
+    assert [c["input"] for c in r["input_scaling"]] == [28, 40]
+    assert r["input_scaling"][1]["dense_mmacs"] > r["input_scaling"][0]["dense_mmacs"]
+    assert all(c["mac_ratio"] > 1.0 and c["speedup_1t"] > 0 for c in r["input_scaling"])
+    assert "distill" in r["recovery"]["finetune"]
