@@ -46,3 +46,14 @@ def test_small_run_writes_consistent_results(fmnist_idx_dir, monkeypatch, tmp_pa
     assert r["input_scaling"][1]["dense_mmacs"] > r["input_scaling"][0]["dense_mmacs"]
     assert all(c["mac_ratio"] > 1.0 and c["speedup_1t"] > 0 for c in r["input_scaling"])
     assert "distill" in r["recovery"]["finetune"]
+
+
+def test_width_variants_keep_only_the_named_stages_whole():
+    from edgeprune.benchmarks.width_latency import variants
+
+    widths = {"conv1": 16, "layer1.0.conv1": 8, "layer2.0.conv1": 16, "layer10.conv": 4}
+    full = {"conv1": 16, "layer1.0.conv1": 16, "layer2.0.conv1": 32, "layer10.conv": 8}
+    v = variants(widths, full, ["layer1.", "layer1.,layer2."])
+    assert v["selected"] == widths
+    assert v["selected, layer1. whole"] == {**widths, "layer1.0.conv1": 16}  # layer10 is not layer1.
+    assert v["selected, layer1.,layer2. whole"] == {**widths, "layer1.0.conv1": 16, "layer2.0.conv1": 32}

@@ -1,0 +1,112 @@
+"""Where channel pruning buys latency: the structured benchmark's selected widths, with chosen stages kept whole.
+
+    python -m edgeprune.benchmarks.width_latency --keep layer1 --keep layer1.,layer2. --out benchmarks/results
+
+Reads the selected architecture's widths (``group_widths``) from a ``structured_speed_<model>.json``,
+rebuilds it with ``compact`` (magnitude ranking; latency does not depend on which channels go), and times it
+against dense and against variants in which the groups whose name starts with any ``--keep`` prefix keep all
+their channels — at each ``--sizes`` input, 1 and 2 threads, all models interleaved. No training: this
+answers how much of the MAC reduction each stage turns into speed, not what accuracy it costs.
+Writes ``width_latency_<model>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from edgeprune.benchmarks.machine import machine_info
+from edgeprune.benchmarks.runner import bench
+from edgeprune.export import export_onnx
+
+from edgeprune.evaluation import params_and_macs
+from edgeprune.models import load_model
+from edgeprune.structured import GroupGraph, compact, group_scores
+
+
+def variants(widths: dict[str, int], full: dict[str, int], keeps: list[str]) -> dict[str, dict[str, int]]:
+    """The selected widths, then one variant per ``--keep`` (comma-separated name prefixes kept whole)."""
+    out = {"selected": dict(widths)}
+    for keep in keeps:
+        prefixes = tuple(p for p in keep.split(",") if p)
+        out[f"selected, {keep} whole"] = {n: full[n] if n.startswith(prefixes) else w for n, w in widths.items()}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", default="benchmarks/results/structured_speed_fmnist_resnet18.json")
+    p.add_argument("--keep", action="append", default=[], help="name prefixes kept whole (comma-separated)")
+    p.add_argument("--sizes", default="28,112", help="input sizes")
+    p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--out", default="benchmarks/results")
+    args = p.parse_args(argv)
+
+    src = json.loads(Path(args.results).read_text())
+    model = load_model(src["model"], pretrained=True, num_classes=10, in_chans=1).eval()
+    example = torch.zeros(1, 1, 28, 28)
+    graph = GroupGraph(model, example)
+    scores = group_scores(graph)["magnitude"]
+    full = {g.name: g.units for g in graph.groups}
+    widths = {n: int(v.split("/")[0]) for n, v in src["selected_by_pipeline"]["group_widths"].items()}
+    work = Path(tempfile.mkdtemp(prefix="edgeprune-width-latency-"))
+    rows = []
+    for name, w in variants(widths, full, args.keep).items():
+        remove = {n: scores[n].argsort()[: full[n] - w[n]].tolist() for n in full if w[n] < full[n]}
+        rows.append({"variant": name, "widths": w, "model": compact(model, example, remove)})
+    table = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        x = torch.zeros(1, 1, size, size)
+        paths = []
+        for k, m in enumerate([model] + [r["model"] for r in rows]):
+            paths.append(str(work / f"m{k}_{size}.onnx"))
+            export_onnx(m, x, paths[-1], check_inputs=torch.randn(2, 1, size, size))
+        macs = [params_and_macs(m, x)[1] for m in [model] + [r["model"] for r in rows]]
+        ms = {
+            th: [r["latency_ms"]["p50"] for r in bench(paths, x.numpy(), threads=th, runs=args.runs)] for th in (1, 2)
+        }
+        for k, r in enumerate(rows, start=1):
+            row = {"input": size, "variant": r["variant"], "mmacs": macs[k] / 1e6, "mac_ratio": macs[0] / macs[k]}
+            for th in (1, 2):
+                row[f"speedup_{th}t"] = ms[th][0] / ms[th][k]
+                row[f"speedup_over_mac_ratio_{th}t"] = row[f"speedup_{th}t"] / row["mac_ratio"]
+            table.append(row)
+    result = {
+        "command": "python -m edgeprune.benchmarks.width_latency "
+        + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "model": src["model"],
+        "source": args.results,
+        "variants": {r["variant"]: r["widths"] for r in rows},
+        "rows": table,
+        "machine": machine_info(),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"width_latency_{src['model']}"
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    lines = [
+        f"# Where channel pruning buys latency: {src['model']}",
+        "",
+        f"Command: `{result['command']}`; widths from `{args.results}`; onnxruntime p50, batch 1, interleaved.",
+        "",
+        "| input px | variant | MMACs | MAC ratio | speedup 1t | speedup/MAC 1t | speedup 2t | speedup/MAC 2t |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+        *[
+            f"| {r['input']} | {r['variant']} | {r['mmacs']:.2f} | {r['mac_ratio']:.2f} | {r['speedup_1t']:.2f} "
+            f"| {r['speedup_over_mac_ratio_1t']:.2f} | {r['speedup_2t']:.2f} | {r['speedup_over_mac_ratio_2t']:.2f} |"
+            for r in table
+        ],
+        "",
+    ]
+    (out / f"{stem}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
