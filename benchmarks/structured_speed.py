@@ -36,6 +36,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -270,11 +271,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-check", type=int, default=32, help="also time this batch size (throughput view)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="edgeprune-structured-bench-"))
+    try:
+        return run(args, argv, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # every candidate's ONNX: hundreds of MB over a run
 
+
+def run(args: argparse.Namespace, argv: list[str] | None, work: Path) -> int:
+    """The benchmark, its intermediate files in ``work``; writes the results into ``args.out``."""
     t_start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="edgeprune-structured-bench-"))
     target = get_target(args.target)
     round_to = args.round_to or target.round_to
     goals = [float(v) for v in args.speedups.split(",") if v.strip()]

@@ -2,6 +2,7 @@
 
 import json
 import math
+import tempfile
 
 import pytest
 from edgeprune.benchmarks.structured_speed import interpolate, main, spread
@@ -27,12 +28,16 @@ def test_interpolate_is_linear_inside_and_none_outside():
 @pytest.mark.slow
 def test_small_run_writes_consistent_results(fmnist_idx_dir, monkeypatch, tmp_path):
     monkeypatch.setenv("EDGEPRUNE_FASHION_MNIST", str(fmnist_idx_dir))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the benchmark's work folder goes
     argv = [
         "--model", "fmnist_resnet", "--pretrained", "--calib-images", "300", "--screen-images", "100",
         "--speedups", "2.0", "--finetune-epochs", "1", "--uniform-ratios", "0.5", "--runs", "10",
         "--batch-check", "4", "--recover-max", "2", "--scale-sizes", "28,40", "--out", str(tmp_path),
     ]  # fmt: skip
     assert main(argv) == 0
+    assert list(scratch.iterdir()) == []  # intermediate ONNX files removed
     r = json.loads((tmp_path / "structured_speed_fmnist_resnet.json").read_text())
     assert (tmp_path / "structured_speed_fmnist_resnet.md").read_text().startswith("# Structured")
     assert 1 <= len(r["mix_and_match"]) <= 2 and len(r["uniform_torch_pruning"]) == 1
