@@ -36,7 +36,6 @@ import json
 import os
 import platform
 import shlex
-import shutil
 import sys
 import tempfile
 import time
@@ -55,7 +54,7 @@ from edgeprune.data import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, DataBundle, 
 from edgeprune.evaluation import accuracy, params_and_macs
 from edgeprune.models import load_model
 from edgeprune.pipeline import CompressConfig, Progress, Timings
-from edgeprune.recovery import RECIPES, Recipe, finetune, recalibrate_bn, teacher_logits
+from edgeprune.recovery import RECIPES, Recipe, finetune, recalibrate_bn, teacher_logits_if_distilling
 from edgeprune.report import versions
 from edgeprune.selection import Point, pareto_mask
 from edgeprune.structured import accumulate_gradients, compact
@@ -186,27 +185,28 @@ class Recovery:
         )
 
 
-def input_scaling(
-    model: nn.Module, example: torch.Tensor, remove: dict, sizes: list[int], work: Path, runs: int
+def speedup_at_sizes(
+    dense: nn.Module, variants: dict[str, nn.Module], sizes: list[int], runs: int, work: Path
 ) -> list[dict]:
-    """Speedup against MAC ratio of one pruned architecture as the input grows (compute takes over from
-    per-operator overhead). Weights as they are: latency does not depend on their values."""
-    pruned = compact(model, example, remove)
+    """Speedup over ``dense`` and speedup / MAC ratio of each variant at each input size, 1 and 2 threads,
+    all interleaved per size. Latency does not depend on weight values, so any weights will do."""
     rows = []
     for size in sizes:
-        x = torch.randn(1, example.shape[1], size, size)
-        paths = []
-        for tag, m in (("dense", model), ("pruned", pruned)):
-            paths.append(work / f"scale_{tag}_{size}.onnx")
-            export_onnx(m, x, paths[-1], check_inputs=x)
-        macs = [params_and_macs(m, x)[1] for m in (model, pruned)]
-        row = {"input": size, "dense_mmacs": macs[0] / 1e6, "mac_ratio": macs[0] / macs[1]}
-        for th in (1, 2):
-            ms = latency(paths, x.numpy(), th, runs)
-            row[f"dense_ms_{th}t"], row[f"ms_{th}t"] = ms
-            row[f"speedup_{th}t"] = ms[0] / ms[1]
-            row[f"speedup_over_mac_ratio_{th}t"] = row[f"speedup_{th}t"] / row["mac_ratio"]
-        rows.append(row)
+        x = torch.randn(1, next(dense.parameters()).shape[1], size, size)
+        models = [dense, *variants.values()]
+        paths = [work / f"scale_{size}_{k}.onnx" for k in range(len(models))]
+        for m, path in zip(models, paths, strict=True):
+            export_onnx(m, x, path, check_inputs=x)
+        macs = [params_and_macs(m, x)[1] for m in models]
+        ms = {th: latency(paths, x.numpy(), th, runs) for th in (1, 2)}
+        for k, name in enumerate(variants, start=1):
+            row = {"input": size, "variant": name, "dense_mmacs": macs[0] / 1e6, "mmacs": macs[k] / 1e6}
+            row["mac_ratio"] = macs[0] / macs[k]
+            for th in (1, 2):
+                row[f"dense_ms_{th}t"], row[f"ms_{th}t"] = ms[th][0], ms[th][k]
+                row[f"speedup_{th}t"] = ms[th][0] / ms[th][k]
+                row[f"speedup_over_mac_ratio_{th}t"] = row[f"speedup_{th}t"] / row["mac_ratio"]
+            rows.append(row)
     return rows
 
 
@@ -271,11 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-check", type=int, default=32, help="also time this batch size (throughput view)")
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
-    work = Path(tempfile.mkdtemp(prefix="edgeprune-structured-bench-"))
-    try:
-        return run(args, argv, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)  # every candidate's ONNX: hundreds of MB over a run
+    with tempfile.TemporaryDirectory(prefix="edgeprune-structured-bench-") as tmp:  # every candidate's ONNX
+        return run(args, argv, Path(tmp))
 
 
 def run(args: argparse.Namespace, argv: list[str] | None, work: Path) -> int:
@@ -308,7 +305,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, work: Path) -> int:
     )
     log = Log()
     recipe = RECIPES[args.recovery]
-    teacher = teacher_logits(model, data.calib_x, cfg.batch_size) if recipe.distill > 0 else None
+    teacher = teacher_logits_if_distilling(recipe, model, data.calib_x, cfg.batch_size)
     recover = Recovery(data, args.finetune_epochs, args.finetune_lr, cfg.batch_size, cfg.seed, recipe, teacher)
 
     # 1. structured Mix-and-Match, the pipeline's own stages up to the measured latency of every candidate,
@@ -409,7 +406,8 @@ def run(args: argparse.Namespace, argv: list[str] | None, work: Path) -> int:
 
     sizes = [int(v) for v in args.scale_sizes.split(",") if v.strip()]
     log.start(f"speedup vs MAC ratio of the selection at inputs {sizes}")
-    scaling = input_scaling(model, example, search.chosen.remove, sizes, work, max(30, args.runs // 3))
+    selected = {"selected": compact(model, example, search.chosen.remove)}
+    scaling = speedup_at_sizes(model, selected, sizes, max(30, args.runs // 3), work)
     log.finish()
 
     def best_speedup_within(points: list[dict], th: int, drop: float) -> dict | None:

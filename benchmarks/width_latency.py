@@ -21,12 +21,10 @@ from pathlib import Path
 
 import torch
 from edgeprune.benchmarks.machine import machine_info
-from edgeprune.benchmarks.runner import bench
-from edgeprune.export import export_onnx
+from edgeprune.benchmarks.structured_speed import speedup_at_sizes
 
-from edgeprune.evaluation import params_and_macs
 from edgeprune.models import load_model
-from edgeprune.structured import GroupGraph, compact, group_scores
+from edgeprune.structured import GroupGraph, compact, group_scores, units_to_remove
 
 
 def variants(widths: dict[str, int], full: dict[str, int], keeps: list[str]) -> dict[str, dict[str, int]]:
@@ -36,27 +34,6 @@ def variants(widths: dict[str, int], full: dict[str, int], keeps: list[str]) -> 
         prefixes = tuple(p for p in keep.split(",") if p)
         out[f"selected, {keep} whole"] = {n: full[n] if n.startswith(prefixes) else w for n, w in widths.items()}
     return out
-
-
-def measure(model: torch.nn.Module, rows: list[dict], sizes: list[int], runs: int, work: Path) -> list[dict]:
-    """Speedup and speedup/MAC ratio of each row's model over ``model``, per input size and thread count."""
-    table = []
-    for size in sizes:
-        x = torch.zeros(1, 1, size, size)
-        models = [model] + [r["model"] for r in rows]
-        paths = []
-        for k, m in enumerate(models):
-            paths.append(str(work / f"m{k}_{size}.onnx"))
-            export_onnx(m, x, paths[-1], check_inputs=torch.randn(2, 1, size, size))
-        macs = [params_and_macs(m, x)[1] for m in models]
-        ms = {th: [res["latency_ms"]["p50"] for res in bench(paths, x.numpy(), threads=th, runs=runs)] for th in (1, 2)}
-        for k, r in enumerate(rows, start=1):
-            row = {"input": size, "variant": r["variant"], "mmacs": macs[k] / 1e6, "mac_ratio": macs[0] / macs[k]}
-            for th in (1, 2):
-                row[f"speedup_{th}t"] = ms[th][0] / ms[th][k]
-                row[f"speedup_over_mac_ratio_{th}t"] = row[f"speedup_{th}t"] / row["mac_ratio"]
-            table.append(row)
-    return table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,18 +52,16 @@ def main(argv: list[str] | None = None) -> int:
     scores = group_scores(graph)["magnitude"]
     full = {g.name: g.units for g in graph.groups}
     widths = {n: int(v.split("/")[0]) for n, v in src["selected_by_pipeline"]["group_widths"].items()}
-    rows = []
-    for name, w in variants(widths, full, args.keep).items():
-        remove = {n: scores[n].argsort()[: full[n] - w[n]].tolist() for n in full if w[n] < full[n]}
-        rows.append({"variant": name, "widths": w, "model": compact(model, example, remove)})
+    chosen = variants(widths, full, args.keep)
+    models = {name: compact(model, example, units_to_remove(graph.groups, w, scores)) for name, w in chosen.items()}
     with tempfile.TemporaryDirectory(prefix="edgeprune-width-latency-") as tmp:
-        table = measure(model, rows, [int(v) for v in args.sizes.split(",")], args.runs, Path(tmp))
+        table = speedup_at_sizes(model, models, [int(v) for v in args.sizes.split(",")], args.runs, Path(tmp))
     result = {
         "command": "python -m edgeprune.benchmarks.width_latency "
         + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
         "model": src["model"],
         "source": args.results,
-        "variants": {r["variant"]: r["widths"] for r in rows},
+        "variants": chosen,
         "rows": table,
         "machine": machine_info(),
     }

@@ -81,12 +81,6 @@ RECIPES: dict[str, Recipe] = {
 }
 
 
-def get_recipe(name: str) -> Recipe:
-    if name not in RECIPES:
-        raise ValueError(f"unknown recovery recipe '{name}'; choose from {', '.join(RECIPES)}")
-    return RECIPES[name]
-
-
 @torch.no_grad()
 def teacher_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """The dense model's logits on the calibration images, computed once and shared by every candidate."""
@@ -95,6 +89,13 @@ def teacher_logits(model: nn.Module, x: torch.Tensor, batch_size: int = 256) -> 
     out = torch.cat([model(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
     model.train(was_training)
     return out
+
+
+def teacher_logits_if_distilling(
+    recipe: Recipe, model: nn.Module, x: torch.Tensor, batch_size: int = 256
+) -> torch.Tensor | None:
+    """`teacher_logits` when ``recipe`` distills, else None (no forward pass)."""
+    return teacher_logits(model, x, batch_size) if recipe.distill > 0 else None
 
 
 def random_shift(x: torch.Tensor, max_fraction: float, gen: torch.Generator) -> torch.Tensor:
@@ -174,7 +175,7 @@ def finetune(
                 idx = perm[i : i + batch_size]
                 if len(idx) < 2:  # BatchNorm cannot train on a single sample
                     continue
-                xb = random_shift(x[idx], recipe.shift, gen) if recipe.shift > 0 else x[idx]
+                xb = random_shift(x[idx], recipe.shift, gen)  # unchanged when the shift is under a pixel
                 opt.zero_grad(set_to_none=True)
                 recovery_loss(model(xb), y[idx], None if teacher is None else teacher[idx], recipe).backward()
                 opt.step()

@@ -4,12 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from edgeprune.errors import EdgepruneError
 from edgeprune.evaluation import accuracy
 from edgeprune.models import load_model
+from edgeprune.pipeline import CompressConfig
 from edgeprune.recovery import (
     RECIPES,
     finetune,
-    get_recipe,
     random_shift,
     recalibrate_bn,
     recovery_loss,
@@ -50,8 +51,8 @@ def test_recovery_loss_mixes_cross_entropy_and_distillation():
 
 
 def test_unknown_recipe_is_named():
-    with pytest.raises(ValueError, match="choose from paper, distill"):
-        get_recipe("magic")
+    with pytest.raises(EdgepruneError, match="choose from paper, distill"):
+        CompressConfig(recovery="magic").validate()
 
 
 def test_distillation_pulls_a_pruned_model_towards_the_dense_one(demo_data):
