@@ -122,3 +122,37 @@ def get_target(name: str, extra_file: str | Path | None = None) -> Target:
             f"(or add it with a targets file, see `edgeprune targets --help`)"
         )
     return targets[name]
+
+
+# x86 CPU flag -> channel block onnxruntime's convolutions run in (MLAS NCHWc: 16 floats per AVX-512 register).
+# A width between two multiples of the block is padded up: measured on an AVX-512 Xeon, 4 3x3 convs at 28x28
+# with 8 channels ran as slow as with 16, 24 as 32, 40 as 48 (benchmarks/results/structured_notes.md).
+CONV_BLOCK_FLAGS = {"avx512f": 16}
+
+
+def host_cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The first CPU's flags from ``/proc/cpuinfo`` (or the given text); empty where it cannot be read."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            return set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return set(value.split())
+    return set()
+
+
+def round_to_hint(target: Target, round_to: int, host_arch: str, flags: set[str]) -> str | None:
+    """A one-line suggestion when latency is measured on this host and ``round_to`` is finer than the channel
+    block its convolutions run in: pruning to widths the block pads back up costs accuracy and buys nothing."""
+    if target.arch != host_arch:
+        return None
+    block = max((b for f, b in CONV_BLOCK_FLAGS.items() if f in flags), default=None)
+    if block is None or round_to % block == 0:
+        return None
+    return (
+        f"note: this CPU runs convolutions in {block}-channel blocks (AVX-512) and round_to is {round_to}: widths "
+        f"between multiples of {block} buy no latency here; consider --round-to {block} (or --target x86_64-avx512)"
+    )

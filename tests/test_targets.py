@@ -7,7 +7,14 @@ import json
 import pytest
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.targets import ENV_VAR, INT8_FORMATS, available_targets, get_target
+from edgeprune.targets import (
+    ENV_VAR,
+    INT8_FORMATS,
+    available_targets,
+    get_target,
+    host_cpu_flags,
+    round_to_hint,
+)
 
 from .test_bench import run_cli
 
@@ -28,6 +35,32 @@ def test_builtin_profiles_cover_the_issue_list():
     for p in t.values():
         assert p.threads >= 1 and p.round_to in (1, 2, 4, 8, 16, 32) and p.opset >= 13
         assert p.int8_format in INT8_FORMATS
+
+
+X86_CPUINFO = "processor\t: 0\nmodel name\t: Xeon\nflags\t\t: fpu sse avx2 avx512f avx512bw\n\nprocessor\t: 1\n"
+ARM_CPUINFO = "processor\t: 0\nBogoMIPS\t: 108.00\nFeatures\t: fp asimd asimddp\nCPU implementer\t: 0x41\n"
+
+
+def test_avx512_profile_rounds_to_its_conv_block():
+    t = get_target("x86_64-avx512")
+    assert t.arch == "x86_64" and t.round_to == 16 and "16-channel" in t.description
+
+
+def test_host_cpu_flags_read_x86_and_arm_cpuinfo():
+    assert {"avx2", "avx512f"} <= host_cpu_flags(X86_CPUINFO)
+    assert host_cpu_flags(ARM_CPUINFO) == {"fp", "asimd", "asimddp"}
+    assert host_cpu_flags("") == set()
+
+
+def test_round_to_hint_only_where_the_host_pads_widths_up():
+    x86, arm = get_target("x86_64"), get_target("arm64")
+    avx512 = host_cpu_flags(X86_CPUINFO)
+    hint = round_to_hint(x86, 8, "x86_64", avx512)
+    assert hint is not None and "--round-to 16" in hint and "\n" not in hint
+    assert round_to_hint(x86, 16, "x86_64", avx512) is None  # already a multiple of the block
+    assert round_to_hint(x86, 32, "x86_64", avx512) is None
+    assert round_to_hint(x86, 8, "x86_64", {"avx2"}) is None  # AVX2: 8-float blocks, 8 is right
+    assert round_to_hint(arm, 4, "x86_64", avx512) is None  # latency of an arm64 target is not this host's
 
 
 def test_user_file_adds_inherits_and_overrides(tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import platform
 import tempfile
 from dataclasses import asdict, dataclass
 from importlib import resources
@@ -35,6 +36,7 @@ from ..recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, teacher
 from ..report import Candidate, DenseSummary, LayerReport, Report, SelectedSummary, render_markdown, versions
 from ..selection import Point, pareto_mask, select_index
 from ..strategies import STRATEGY_NAMES, LayerStats, make_all_plans
+from ..targets import host_cpu_flags, round_to_hint
 from .groups import ROOT_TYPES, ChannelGroup, GroupGraph, check_forward
 from .planning import Widths, allowed_keeps, max_ratio, units_to_remove, widths_for
 from .signals import global_threshold_ratios, group_scores
@@ -305,6 +307,9 @@ class ChannelSearch:
             )
         heads = sum(g.kind == "heads" for g in self.groups)
         self.progress.log(f"{len(self.groups)} prunable groups ({heads} attention), round_to={self.round_to}")
+        hint = round_to_hint(self.target, self.round_to, platform.machine(), host_cpu_flags())
+        if hint:  # latency is measured on this host: candidates it cannot tell apart waste accuracy
+            self.progress.log(hint)
 
     def dense(self) -> None:
         d = self.data
