@@ -33,6 +33,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import platform
 import shlex
@@ -535,6 +536,13 @@ def _weights_sha(args) -> str | None:
     return sha256(path) if path else None
 
 
+def accuracy_noise(acc: float, n: int) -> str:
+    """One binomial standard error of an accuracy near ``acc`` on ``n`` images, said in points: the scale
+    below which two accuracies in these tables are not told apart."""
+    se = math.sqrt(acc * (1 - acc) / n) * 100
+    return f"One standard error of an accuracy near {acc * 100:.1f} % on {n} images: {se:.2f} points."
+
+
 def render(r: dict, batch: int) -> str:
     d, s = r["dense"], r["selected_by_pipeline"]
     ok = {True: "yes", False: "**no**"}
@@ -557,7 +565,7 @@ def render(r: dict, batch: int) -> str:
         f"{r['machine']['cpu_count']} cores (shared with other jobs); wall {r['wall_s']} s.",
         "",
         f"Dense: {d['accuracy'] * 100:.2f} %, {d['macs'] / 1e6:.2f} MMACs, {d['latency_ms_1t']:.4f} ms (1 thread), "
-        f"{d['latency_ms_2t']:.4f} ms (2 threads).",
+        f"{d['latency_ms_2t']:.4f} ms (2 threads). {accuracy_noise(d['accuracy'] - 0.01, r['held_out_test_images'])}",
         "",
         "| | 1 thread | 2 threads |",
         "|---|---|---|",
