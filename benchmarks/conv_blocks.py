@@ -12,14 +12,11 @@ input, 1 thread, all widths interleaved. Writes ``conv_blocks.json`` and ``.md``
 from __future__ import annotations
 
 import argparse
-import json
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from edgeprune.benchmarks.machine import machine_info
+from edgeprune.benchmarks.machine import command_line, machine_info, write_results
 from edgeprune.benchmarks.structured_speed import latency
 from edgeprune.export import export_onnx
 from torch import nn
@@ -71,16 +68,12 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
     result = {
-        "command": "python -m edgeprune.benchmarks.conv_blocks "
-        + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "command": command_line("edgeprune.benchmarks.conv_blocks", argv),
         "depth": args.depth,
         "widths": widths,
         "rows": rows,
         "machine": machine_info(),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "conv_blocks.json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
     lines = [
         "# Which channel widths buy latency: conv_blocks",
@@ -99,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "",
     ]
-    (out / "conv_blocks.md").write_text("\n".join(lines))
+    write_results(Path(args.out), "conv_blocks", result, "\n".join(lines))
     print("\n".join(lines))
     return 0
 

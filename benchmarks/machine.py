@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
 import sys
 from datetime import datetime, timezone
+from pathlib import Path
 
 
 def cpu_model() -> str:
@@ -18,6 +20,18 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def command_line(module: str, argv: list[str] | None) -> str:
+    """The command that reproduces a benchmark run: ``python -m module`` and its arguments, shell-quoted."""
+    return f"python -m {module} " + shlex.join(sys.argv[1:] if argv is None else argv)
+
+
+def write_results(out: Path, stem: str, result: dict, markdown: str) -> None:
+    """``<stem>.json`` and ``<stem>.md`` in ``out`` (created if missing)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{stem}.md").write_text(markdown)
 
 
 def machine_info() -> dict:

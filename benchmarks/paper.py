@@ -38,7 +38,6 @@ import argparse
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -50,7 +49,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from edgeprune.benchmarks.machine import cpu_model
+from edgeprune.benchmarks.machine import command_line, cpu_model
 from edgeprune.export import export_onnx
 from edgeprune.export.quantize import onnx_accuracy, quantize_int8
 from timm.layers.activations import HardSigmoid, HardSwish
@@ -784,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = "paper_quick" if s.quick else "paper"
     out = Path(s.out)
     meta: dict[str, Any] = {
-        "command": "python -m edgeprune.benchmarks.paper " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "command": command_line("edgeprune.benchmarks.paper", argv),
         "versions": versions(),
         "seed": s.seed,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -32,12 +32,9 @@ import argparse
 import copy
 import dataclasses
 import hashlib
-import json
 import math
 import os
 import platform
-import shlex
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch_pruning as tp
-from edgeprune.benchmarks.machine import cpu_model
+from edgeprune.benchmarks.machine import command_line, cpu_model, write_results
 from edgeprune.benchmarks.runner import bench
 from edgeprune.export import export_onnx
 from edgeprune.export.quantize import onnx_accuracy
@@ -436,8 +433,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, work: Path) -> int:
         }
     wins = [r for r in mm if r["uniform_accuracy_at_same_latency_1t"] is not None]
     result = {
-        "command": "python -m edgeprune.benchmarks.structured_speed "
-        + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "command": command_line("edgeprune.benchmarks.structured_speed", argv),
         "model": args.model,
         "weights_sha256_16": _weights_sha(args),
         "data": data.name,
@@ -508,9 +504,7 @@ def run(args: argparse.Namespace, argv: list[str] | None, work: Path) -> int:
         "versions": versions(),
     }
     label = Path(args.checkpoint).stem if args.checkpoint else args.model
-    stem = f"structured_speed_{label}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(render(result, args.batch_check))
+    write_results(out, f"structured_speed_{label}", result, render(result, args.batch_check))
     print(render(result, args.batch_check))
     return 0
 

@@ -14,13 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
-from edgeprune.benchmarks.machine import machine_info
+from edgeprune.benchmarks.machine import command_line, machine_info, write_results
 from edgeprune.benchmarks.structured_speed import speedup_at_sizes
 
 from edgeprune.models import load_model
@@ -57,18 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgeprune-width-latency-") as tmp:
         table = speedup_at_sizes(model, models, [int(v) for v in args.sizes.split(",")], args.runs, Path(tmp))
     result = {
-        "command": "python -m edgeprune.benchmarks.width_latency "
-        + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv)),
+        "command": command_line("edgeprune.benchmarks.width_latency", argv),
         "model": src["model"],
         "source": args.results,
         "variants": chosen,
         "rows": table,
         "machine": machine_info(),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"width_latency_{src['model']}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = [
         f"# Where channel pruning buys latency: {src['model']}",
         "",
@@ -83,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
         "",
     ]
-    (out / f"{stem}.md").write_text("\n".join(lines))
+    write_results(Path(args.out), f"width_latency_{src['model']}", result, "\n".join(lines))
     print("\n".join(lines))
     return 0
 
