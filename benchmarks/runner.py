@@ -81,6 +81,15 @@ ARM_PARTS = {
 INT8_FLAGS = ("asimddp", "i8mm", "sve", "avx2", "avx512_vnni", "avx_vnni", "amx_int8")
 
 
+def cpu_flags(text: str) -> set[str]:
+    """The first CPU's feature flags in the text of /proc/cpuinfo ("flags" on x86, "Features" on arm64)."""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip().lower() in ("flags", "features"):
+            return set(value.split())
+    return set()
+
+
 def parse_cpuinfo(text: str) -> dict:
     """CPU model and INT8-relevant flags from the text of /proc/cpuinfo (x86 or arm64)."""
     fields = {}
@@ -95,7 +104,7 @@ def parse_cpuinfo(text: str) -> dict:
     # "model" is a board name on Arm ("Raspberry Pi 4 Model B Rev 1.4") but a number on x86.
     board = fields.get("model") if not fields.get("model", "0").isdigit() else None
     model = model or fields.get("hardware") or board
-    flags = set((fields.get("flags") or fields.get("features") or "").split())
+    flags = cpu_flags(text)
     return {
         "cpu_model": model or None,
         "board": board,

@@ -29,7 +29,7 @@ from .inventory import build_inventory
 from .masking import apply_masks_, build_masks
 from .models import load_model, model_family
 from .ranges import LayerRange, apply_rules, baseline_ranges, load_rules, range_targets
-from .recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, teacher_logits_if_distilling
+from .recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, teacher_logits
 from .report import (
     Candidate,
     DenseSummary,
@@ -216,11 +216,11 @@ class Workspace:
 
     def teacher(self) -> torch.Tensor | None:
         """The dense model's calibration logits, once, when the recovery recipe distills (else None)."""
+        if self.recipe.distill <= 0:  # None is not cached: without this, every call would reload the weights
+            return None
         if self._teacher is None:
             self.model.load_state_dict(self.original)
-            self._teacher = teacher_logits_if_distilling(
-                self.recipe, self.model, self.data.calib_x, self.cfg.batch_size
-            )
+            self._teacher = teacher_logits(self.model, self.data.calib_x, self.cfg.batch_size)
         return self._teacher
 
     def accuracy(self) -> float:

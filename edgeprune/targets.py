@@ -126,22 +126,15 @@ def get_target(name: str, extra_file: str | Path | None = None) -> Target:
 
 # x86 CPU flag -> channel block onnxruntime's convolutions run in (MLAS NCHWc: 16 floats per AVX-512 register).
 # A width between two multiples of the block is padded up: measured on an AVX-512 Xeon, 4 3x3 convs at 28x28
-# with 8 channels ran as slow as with 16, 24 as 32, 40 as 48 (benchmarks/results/structured_notes.md).
+# with 8 channels ran as slow as with 16, 24 as 32, 40 as 48 (benchmarks/results/conv_blocks.md).
 CONV_BLOCK_FLAGS = {"avx512f": 16}
 
 
 def host_cpu_flags(cpuinfo: str | None = None) -> set[str]:
     """The first CPU's flags from ``/proc/cpuinfo`` (or the given text); empty where it cannot be read."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
-        except OSError:
-            return set()
-    for line in cpuinfo.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip().lower() in ("flags", "features"):
-            return set(value.split())
-    return set()
+    from .benchmarks.runner import _read, cpu_flags
+
+    return cpu_flags(cpuinfo if cpuinfo is not None else _read("/proc/cpuinfo") or "")
 
 
 def round_to_hint(target: Target, round_to: int, host_arch: str, flags: set[str]) -> str | None:
