@@ -32,11 +32,16 @@ import argparse
 import copy
 import dataclasses
 import hashlib
+import json
 import math
+import multiprocessing
 import os
+import pickle
 import platform
+import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +57,15 @@ from edgeprune.data import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, DataBundle, 
 from edgeprune.evaluation import accuracy, params_and_macs
 from edgeprune.models import load_model
 from edgeprune.pipeline import CompressConfig, Progress, Timings
-from edgeprune.recovery import RECIPES, Recipe, finetune, recalibrate_bn, teacher_logits_if_distilling
+from edgeprune.recovery import (
+    DEVICES,
+    RECIPES,
+    Recipe,
+    finetune,
+    recalibrate_bn,
+    resolve_device,
+    teacher_logits_if_distilling,
+)
 from edgeprune.report import versions
 from edgeprune.selection import Point, pareto_mask
 from edgeprune.structured import accumulate_gradients, compact
@@ -165,10 +178,11 @@ class Recovery:
     seed: int
     recipe: Recipe
     teacher: torch.Tensor | None
+    device: torch.device | None = None  # where to train (the model comes back to the CPU)
 
     def __call__(self, model: nn.Module) -> None:
         d = self.data
-        recalibrate_bn(model, d.calib_x, self.batch_size)
+        recalibrate_bn(model, d.calib_x, self.batch_size, device=self.device)
         finetune(
             model,
             {},
@@ -180,7 +194,71 @@ class Recovery:
             seed=self.seed,
             recipe=self.recipe,
             teacher=self.teacher,
+            device=self.device,
         )
+
+
+_WORKER_RECOVERY: Recovery | None = None  # built once in each worker process
+
+
+def make_recovery(a: argparse.Namespace, log: Progress | None = None) -> Recovery:
+    """The benchmark's recovery budget from its arguments: the calibration data, the recipe, the dense
+    model's logits when it distills, on ``a.device``."""
+    data, _, _ = fmnist_split(a.calib_images, a.screen_images)
+    model = load_model(a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, num_classes=10, in_chans=1)
+    device, recipe, batch = resolve_device(a.device), RECIPES[a.recovery], CompressConfig.batch_size
+    teacher = teacher_logits_if_distilling(recipe, model, data.calib_x, batch, device)
+    return Recovery(data, a.finetune_epochs, a.finetune_lr, batch, CompressConfig.seed, recipe, teacher, device)
+
+
+def _init_worker(a: argparse.Namespace, threads: int) -> None:
+    global _WORKER_RECOVERY
+    torch.set_num_threads(threads)
+    _WORKER_RECOVERY = make_recovery(a)
+
+
+def _recover_in_worker(blob: bytes) -> bytes:
+    model = pickle.loads(blob)  # our own parent's bytes, not a user file
+    _WORKER_RECOVERY(model)
+    return pickle.dumps(model)
+
+
+class Recoverer:
+    """Applies one `Recovery` to lists of models: in this process, or in ``a.workers`` processes at once. On
+    a GPU one small model's training is bound by kernel launches and Python, so several processes overlap on
+    one card; on a 2-core CPU more than one worker only splits the same cores. Each worker builds the same
+    recovery from the arguments; models travel as plain pickled bytes, not through shared memory (a VM's
+    /dev/shm can be small)."""
+
+    def __init__(self, recover: Recovery, a: argparse.Namespace, log: Progress):
+        self.recover, self.a, self.log = recover, a, log
+        self.pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> Recoverer:
+        if self.a.workers > 1:
+            threads = max(1, (os.cpu_count() or 1) // self.a.workers)
+            ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+            self.pool = ProcessPoolExecutor(
+                self.a.workers, mp_context=ctx, initializer=_init_worker, initargs=(self.a, threads)
+            )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+    def __call__(self, models: list[nn.Module], names: list[str]) -> list[nn.Module]:
+        """The recovered models, in order (in place when run here; copies when run by workers)."""
+        if self.pool is None:
+            for model, name in zip(models, names, strict=True):
+                self.log.start(f"recover {name}")
+                self.recover(model)
+                self.log.finish()
+            return models
+        self.log.start(f"recover {len(models)} models in {self.a.workers} processes ({', '.join(names)})")
+        out = [pickle.loads(b) for b in self.pool.map(_recover_in_worker, [pickle.dumps(m) for m in models])]
+        self.log.finish()
+        return out
 
 
 def speedup_at_sizes(
@@ -271,24 +349,68 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uniform-ratios", default="0.3,0.4,0.5,0.6,0.7")
     p.add_argument("--runs", type=int, default=300, help="timed runs per artifact in the final latency check")
     p.add_argument("--batch-check", type=int, default=32, help="also time this batch size (throughput view)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="recover this many models at once, one process each (GPU: 4-8)"
+    )
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where recovery trains (auto: a CUDA GPU if seen)")
+    p.add_argument(
+        "--bundle",
+        default=None,
+        help="only search and recover (e.g. on a GPU machine), write the models and the state into this folder",
+    )
+    p.add_argument(
+        "--measure",
+        default=None,
+        help="only time and score a --bundle folder on this machine (its search settings apply) and write results",
+    )
     p.add_argument("--out", default="benchmarks/results")
     args = p.parse_args(argv)
+    if args.bundle and args.measure:
+        p.error("--bundle and --measure are the two halves of one run: give one")
     with tempfile.TemporaryDirectory(prefix="edgeprune-structured-bench-") as tmp:  # every candidate's ONNX
         return run(args, argv, Path(tmp))
 
 
 def run(args: argparse.Namespace, argv: list[str] | None, work: Path) -> int:
-    """The benchmark, its intermediate files in ``work``; writes the results into ``args.out``."""
+    """The benchmark, its intermediate files in ``work``: search and recover (``produce``), then time and
+    score on this machine (``measure``); with ``--bundle`` only the first half, with ``--measure`` the second."""
+    if args.measure:
+        bundle = Path(args.measure)
+        state = json.loads((bundle / BUNDLE_STATE).read_text())
+        return measure(state, bundle, args, argv)
+    state = produce(args, argv, work)
+    if args.bundle:
+        save_bundle(state, work, Path(args.bundle))
+        print(f"[structured_speed] bundle written to {args.bundle}; time it with --measure {args.bundle}")
+        return 0
+    return measure(state, work, args, argv)
+
+
+BUNDLE_STATE = "state.json"
+
+
+def save_bundle(state: dict, work: Path, bundle: Path) -> None:
+    """The produced state and its ONNX files in one folder (written under a temporary name, then renamed)."""
+    tmp = bundle.with_name(bundle.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for row in [state["dense"], *state["mix_and_match"], *state["uniform_torch_pruning"]]:
+        shutil.copy2(work / row["onnx"], tmp / row["onnx"])
+    (tmp / BUNDLE_STATE).write_text(json.dumps(state, indent=2) + "\n")
+    shutil.rmtree(bundle, ignore_errors=True)
+    tmp.rename(bundle)
+
+
+def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dict:
+    """Search, recover and export (the half a GPU speeds up): a JSON-able state naming ONNX files in ``work``."""
     t_start = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     target = get_target(args.target)
     round_to = args.round_to or target.round_to
     goals = [float(v) for v in args.speedups.split(",") if v.strip()]
-    data, held_x, held_y = fmnist_split(args.calib_images, args.screen_images)
+    device = resolve_device(args.device)
+    data, _, _ = fmnist_split(args.calib_images, args.screen_images)
     model = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, num_classes=10, in_chans=1)
     example = data.eval_x[:1]
-    sample = example.numpy().astype(np.float32)
     cfg = CompressConfig(
         model=args.model,
         checkpoint=args.checkpoint,
@@ -300,15 +422,15 @@ def run(args: argparse.Namespace, argv: list[str] | None, work: Path) -> int:
         finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr,
         recovery=args.recovery,
+        device=str(device),
         gradient_samples=args.gradient_samples,
         threads=1,
         bench_runs=100,
         out=str(work),
     )
     log = Log()
-    recipe = RECIPES[args.recovery]
-    teacher = teacher_logits_if_distilling(recipe, model, data.calib_x, cfg.batch_size)
-    recover = Recovery(data, args.finetune_epochs, args.finetune_lr, cfg.batch_size, cfg.seed, recipe, teacher)
+    recover = make_recovery(args)
+    recipe = recover.recipe
 
     # 1. structured Mix-and-Match, the pipeline's own stages up to the measured latency of every candidate,
     #    once per goal (a broader front: each goal centres the search's ranges on itself)
@@ -343,103 +465,58 @@ def run(args: argparse.Namespace, argv: list[str] | None, work: Path) -> int:
         to_recover = spread(to_recover, [speedup[c.shape_key] for c in to_recover], args.recover_max, tuple(goals))
     log.log(f"recovering {len(to_recover)} of {len(best)} distinct Mix-and-Match architectures ({args.recover})")
     mm, recovered = [], {}
-    for k, cc in enumerate(to_recover):
-        log.start(f"recover {cc.candidate.name} ({cc.candidate.macs / 1e6:.2f} MMACs)")
-        pruned = compact(model, example, cc.remove)
-        recover(pruned)
-        screen_acc = accuracy(pruned, data.eval_x, data.eval_y, cfg.batch_size)
-        recovered[(cc.candidate.signal, cc.shape_key)] = (pruned, screen_acc)
-        path = work / f"mm_{k}.onnx"
-        export_onnx(pruned, example, path, check_inputs=data.eval_x[:64])
-        mm.append({"name": cc.candidate.name, "macs": cc.candidate.macs, "onnx": path, "shape": cc.shape_key})
-        log.finish()
-    # the pipeline's selection for the last goal among its candidates (recovered ones carry their accuracy)
-    search = searches[-1]
-    for i, cc in enumerate(search.cands):
-        hit = recovered.get((cc.candidate.signal, cc.shape_key))
-        if hit is not None:
-            search.finetuned[i], cc.candidate.finetuned_accuracy = hit
-    search.select()
-    search.export_selected()
-    report = search.report()
-    sel = report.selected
-    staging = work / f"goal_{goals[-1]:g}"
-    screen_dense_ms, line = _screen_facts(search)
+    with Recoverer(recover, args, log) as recover_all:
+        names = [f"{cc.candidate.name} ({cc.candidate.macs / 1e6:.2f} MMACs)" for cc in to_recover]
+        models = recover_all([compact(model, example, cc.remove) for cc in to_recover], names)
+        for k, (cc, pruned) in enumerate(zip(to_recover, models, strict=True)):
+            screen_acc = accuracy(pruned, data.eval_x, data.eval_y, cfg.batch_size)
+            recovered[(cc.candidate.signal, cc.shape_key)] = (pruned, screen_acc)
+            export_onnx(pruned, example, work / f"mm_{k}.onnx", check_inputs=data.eval_x[:64])
+            name, onnx = cc.candidate.name, f"mm_{k}.onnx"
+            mm.append({"name": name, "macs": cc.candidate.macs, "onnx": onnx, "shape": cc.shape_key})
+        # the pipeline's selection for the last goal among its candidates (recovered ones carry their accuracy)
+        search = searches[-1]
+        for i, cc in enumerate(search.cands):
+            hit = recovered.get((cc.candidate.signal, cc.shape_key))
+            if hit is not None:
+                search.finetuned[i], cc.candidate.finetuned_accuracy = hit
+        search.select()
+        search.export_selected()
+        report = search.report()
+        sel = report.selected
+        for row in mm:
+            row["selected"] = row.pop("shape") == search.chosen.shape_key
+        shutil.copy2(work / f"goal_{goals[-1]:g}" / "dense.onnx", work / "dense.onnx")
+        screen_dense_ms, line = _screen_facts(search)
 
-    # 2. torch-pruning uniform ratio sweep (same importance signal, same round_to), every distinct size recovered
-    uniform, seen = [], set()
-    n = args.gradient_samples
-    for r in [float(v) for v in args.uniform_ratios.split(",") if v.strip()]:
-        log.start(f"torch-pruning uniform ratio {r:.2f} + recovery")
-        pr = uniform_prune(model, example, r, sel.signal, round_to, data.calib_x[:n], data.calib_y[:n])
-        shape = tuple(m.weight.shape for m in pr.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-        if shape in seen:
-            log.finish()
-            continue
-        seen.add(shape)
-        recover(pr)
-        path = work / f"uniform_{r:.2f}.onnx"
-        export_onnx(pr, example, path, check_inputs=data.eval_x[:64])
-        uniform.append({"ratio": r, "macs": params_and_macs(pr, example)[1], "onnx": path})
-        log.finish()
+        # 2. torch-pruning uniform ratio sweep (same importance signal, same round_to), every distinct size
+        #    recovered
+        uniform, pruned_uniform, seen = [], [], set()
+        n = args.gradient_samples
+        for r in [float(v) for v in args.uniform_ratios.split(",") if v.strip()]:
+            pr = uniform_prune(model, example, r, sel.signal, round_to, data.calib_x[:n], data.calib_y[:n])
+            shape = tuple(m.weight.shape for m in pr.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+            if shape not in seen:
+                seen.add(shape)
+                pruned_uniform.append((r, pr))
+        names = [f"torch-pruning uniform {r:.2f}" for r, _ in pruned_uniform]
+        models = recover_all([pr for _, pr in pruned_uniform], names)
+        for (r, _), pr in zip(pruned_uniform, models, strict=True):
+            export_onnx(pr, example, work / f"uniform_{r:.2f}.onnx", check_inputs=data.eval_x[:64])
+            uniform.append({"ratio": r, "macs": params_and_macs(pr, example)[1], "onnx": f"uniform_{r:.2f}.onnx"})
 
-    # 3. latency at batch 1, 1 and 2 threads, everything interleaved in one run per thread count
-    dense_onnx = staging / "dense.onnx"
-    paths = [dense_onnx] + [m["onnx"] for m in mm] + [u["onnx"] for u in uniform]
-    lat = {th: latency(paths, sample, th, args.runs) for th in (1, 2)}
-    accs = [onnx_accuracy(p, held_x, held_y, threads=2) for p in paths]
-    dense_acc = accs[0]
-    for k, row in enumerate(mm + uniform, start=1):
-        row["accuracy"] = accs[k]
-        row["drop_points"] = (dense_acc - accs[k]) * 100
-        for th in (1, 2):
-            row[f"ms_{th}t"] = lat[th][k]
-            row[f"speedup_{th}t"] = lat[th][0] / lat[th][k]
-        row["mac_ratio"] = report.dense.macs / row["macs"]
-        row["speedup_over_mac_ratio_1t"] = row["speedup_1t"] / row["mac_ratio"]
-        row["speedup_over_mac_ratio_2t"] = row["speedup_2t"] / row["mac_ratio"]
-    sel_row = next(m for m in mm if m["shape"] == search.chosen.shape_key)
-    for row in mm:
-        row["uniform_accuracy_at_same_latency_1t"] = interpolate(
-            [(u["ms_1t"], u["accuracy"]) for u in uniform], row["ms_1t"]
-        )
-    big = data.eval_x[: args.batch_check].numpy().astype(np.float32)
-    batch_lat = {th: latency([dense_onnx, sel_row["onnx"]], big, th, max(20, args.runs // 10)) for th in (1, 2)}
-
-    sizes = [int(v) for v in args.scale_sizes.split(",") if v.strip()]
-    log.start(f"speedup vs MAC ratio of the selection at inputs {sizes}")
-    selected = {"selected": compact(model, example, search.chosen.remove)}
-    scaling = speedup_at_sizes(model, selected, sizes, max(30, args.runs // 3), work)
-    log.finish()
-
-    def best_speedup_within(points: list[dict], th: int, drop: float) -> dict | None:
-        ok = [r for r in points if r["drop_points"] <= drop]
-        return max(ok, key=lambda r: r[f"speedup_{th}t"]) if ok else None
-
-    def best_accuracy_at(points: list[dict], th: int, speedup: float) -> dict | None:
-        ok = [r for r in points if r[f"speedup_{th}t"] >= speedup]
-        return max(ok, key=lambda r: r["accuracy"]) if ok else None
-
-    summary = {}
-    for th in (1, 2):
-        a, b = best_speedup_within(mm, th, 1.0), best_accuracy_at(mm, th, 2.0)
-        ua, ub = best_speedup_within(uniform, th, 1.0), best_accuracy_at(uniform, th, 2.0)
-        summary[f"{th}t"] = {
-            "mm_best_speedup_within_1_point": a and {k: a[k] for k in ("name", f"speedup_{th}t", "drop_points")},
-            "mm_best_drop_at_2x": b and {k: b[k] for k in ("name", f"speedup_{th}t", "drop_points")},
-            "uniform_best_speedup_within_1_point": ua
-            and {k: ua[k] for k in ("ratio", f"speedup_{th}t", "drop_points")},
-            "uniform_best_drop_at_2x": ub and {k: ub[k] for k in ("ratio", f"speedup_{th}t", "drop_points")},
-        }
-    wins = [r for r in mm if r["uniform_accuracy_at_same_latency_1t"] is not None]
-    result = {
+    return {
+        "args": {k: v for k, v in vars(args).items() if k not in ("bundle", "measure", "out")},
         "command": command_line("edgeprune.benchmarks.structured_speed", argv),
-        "model": args.model,
+        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_model()},
+        "recovery_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "wall_s": round(time.time() - t_start, 1),
+        "versions": versions(),
         "weights_sha256_16": _weights_sha(args),
         "data": data.name,
-        "held_out_test_images": len(held_y),
         "target": target.name,
         "round_to": round_to,
+        "goals": goals,
         "recovery": {
             "bn_recalibration": f"{min(len(data.calib_x), 8 * cfg.batch_size)} calibration images",
             "finetune": f"{args.finetune_epochs} epochs, recipe `{recipe.name}` ({recipe.description}), "
@@ -454,35 +531,129 @@ def run(args: argparse.Namespace, argv: list[str] | None, work: Path) -> int:
             )
             + " and every distinct uniform-ratio model",
         },
+        "dense": {"macs": report.dense.macs, "onnx": "dense.onnx", "onnx_bytes": report.dense.onnx_bytes},
+        "selected": {
+            "name": sel.name,
+            "why": sel.why,
+            "parity_max_abs_diff": sel.parity_max_abs_diff,
+            "onnx_bytes": sel.onnx_bytes,
+            "remove": {g: [int(u) for u in units] for g, units in search.chosen.remove.items()},
+            "group_widths": {
+                layer.name: f"{round(layer.shape[0] * (1 - layer.sparsity))}/{layer.shape[0]}"
+                for layer in report.layers
+            },
+        },
+        "latency_floor": line,
+        "screening_dense_ms_1t": screen_dense_ms,
+        "mix_and_match": mm,
+        "uniform_torch_pruning": uniform,
+    }
+
+
+def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] | None) -> int:
+    """Latency (this machine, interleaved), held-out accuracy and the derived checks of a produced state
+    whose ONNX files lie in ``files``; writes the results into ``args.out``."""
+    t_start = time.time()
+    a = argparse.Namespace(**state["args"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data, held_x, held_y = fmnist_split(a.calib_images, a.screen_images)
+    model = load_model(a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, num_classes=10, in_chans=1)
+    example = data.eval_x[:1]
+    sample = example.numpy().astype(np.float32)
+    mm = [dict(row) for row in state["mix_and_match"]]
+    uniform = [dict(row) for row in state["uniform_torch_pruning"]]
+    dense_macs = state["dense"]["macs"]
+
+    # latency at batch 1, 1 and 2 threads, everything interleaved in one run per thread count
+    dense_onnx = files / state["dense"]["onnx"]
+    paths = [dense_onnx] + [files / m["onnx"] for m in mm] + [files / u["onnx"] for u in uniform]
+    lat = {th: latency(paths, sample, th, args.runs) for th in (1, 2)}
+    accs = [onnx_accuracy(p, held_x, held_y, threads=2) for p in paths]
+    dense_acc = accs[0]
+    for k, row in enumerate(mm + uniform, start=1):
+        row["accuracy"] = accs[k]
+        row["drop_points"] = (dense_acc - accs[k]) * 100
+        for th in (1, 2):
+            row[f"ms_{th}t"] = lat[th][k]
+            row[f"speedup_{th}t"] = lat[th][0] / lat[th][k]
+        row["mac_ratio"] = dense_macs / row["macs"]
+        row["speedup_over_mac_ratio_1t"] = row["speedup_1t"] / row["mac_ratio"]
+        row["speedup_over_mac_ratio_2t"] = row["speedup_2t"] / row["mac_ratio"]
+    sel_row = next(m for m in mm if m["selected"])
+    for row in mm:
+        row["uniform_accuracy_at_same_latency_1t"] = interpolate(
+            [(u["ms_1t"], u["accuracy"]) for u in uniform], row["ms_1t"]
+        )
+    big = data.eval_x[: args.batch_check].numpy().astype(np.float32)
+    sel_onnx = files / sel_row["onnx"]
+    batch_lat = {th: latency([dense_onnx, sel_onnx], big, th, max(20, args.runs // 10)) for th in (1, 2)}
+
+    sizes = [int(v) for v in args.scale_sizes.split(",") if v.strip()]
+    print(f"[structured_speed] speedup vs MAC ratio of the selection at inputs {sizes} ...", flush=True)
+    selected = {"selected": compact(model, example, state["selected"]["remove"])}
+    with tempfile.TemporaryDirectory(prefix="edgeprune-structured-scale-") as tmp:
+        scaling = speedup_at_sizes(model, selected, sizes, max(30, args.runs // 3), Path(tmp))
+
+    def best_speedup_within(points: list[dict], th: int, drop: float) -> dict | None:
+        ok = [r for r in points if r["drop_points"] <= drop]
+        return max(ok, key=lambda r: r[f"speedup_{th}t"]) if ok else None
+
+    def best_accuracy_at(points: list[dict], th: int, speedup: float) -> dict | None:
+        ok = [r for r in points if r[f"speedup_{th}t"] >= speedup]
+        return max(ok, key=lambda r: r["accuracy"]) if ok else None
+
+    summary = {}
+    for th in (1, 2):
+        b1, b2 = best_speedup_within(mm, th, 1.0), best_accuracy_at(mm, th, 2.0)
+        ua, ub = best_speedup_within(uniform, th, 1.0), best_accuracy_at(uniform, th, 2.0)
+        summary[f"{th}t"] = {
+            "mm_best_speedup_within_1_point": b1 and {k: b1[k] for k in ("name", f"speedup_{th}t", "drop_points")},
+            "mm_best_drop_at_2x": b2 and {k: b2[k] for k in ("name", f"speedup_{th}t", "drop_points")},
+            "uniform_best_speedup_within_1_point": ua
+            and {k: ua[k] for k in ("ratio", f"speedup_{th}t", "drop_points")},
+            "uniform_best_drop_at_2x": ub and {k: ub[k] for k in ("ratio", f"speedup_{th}t", "drop_points")},
+        }
+    wins = [r for r in mm if r["uniform_accuracy_at_same_latency_1t"] is not None]
+    here = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_model()}
+    measure_command = command_line("edgeprune.benchmarks.structured_speed", argv)
+    split = bool(args.measure)
+    sel = state["selected"]
+    result = {
+        "command": f"{state['command']} --bundle B, then {measure_command}" if split else state["command"],
+        "model": a.model,
+        "weights_sha256_16": state["weights_sha256_16"],
+        "data": state["data"],
+        "held_out_test_images": len(held_y),
+        "target": state["target"],
+        "round_to": state["round_to"],
+        "recovery": {**state["recovery"], "device": state["recovery_device"]},
         "dense": {
             "accuracy": dense_acc,
-            "macs": report.dense.macs,
+            "macs": dense_macs,
             "latency_ms_1t": lat[1][0],
             "latency_ms_2t": lat[2][0],
             f"latency_ms_batch{args.batch_check}_1t": batch_lat[1][0],
             f"latency_ms_batch{args.batch_check}_2t": batch_lat[2][0],
         },
         "selected_by_pipeline": {
-            "name": sel.name,
-            "why": sel.why,
-            "goal": f"--speedup {goals[-1]:g}",
-            **{k: v for k, v in sel_row.items() if k not in ("onnx", "shape")},
-            "parity_max_abs_diff": sel.parity_max_abs_diff,
-            "onnx_bytes": sel.onnx_bytes,
-            "dense_onnx_bytes": report.dense.onnx_bytes,
+            "name": sel["name"],
+            "why": sel["why"],
+            "goal": f"--speedup {state['goals'][-1]:g}",
+            **{k: v for k, v in sel_row.items() if k not in ("onnx", "selected")},
+            "parity_max_abs_diff": sel["parity_max_abs_diff"],
+            "onnx_bytes": sel["onnx_bytes"],
+            "dense_onnx_bytes": state["dense"]["onnx_bytes"],
             f"speedup_batch{args.batch_check}_1t": batch_lat[1][0] / batch_lat[1][1],
             f"speedup_batch{args.batch_check}_2t": batch_lat[2][0] / batch_lat[2][1],
-            "group_widths": {
-                layer.name: f"{round(layer.shape[0] * (1 - layer.sparsity))}/{layer.shape[0]}"
-                for layer in report.layers
-            },
+            "group_widths": sel["group_widths"],
         },
         "summary": summary,
-        "latency_floor": line,
-        "screening_dense_ms_1t": screen_dense_ms,
-        "search_goals": [f"--speedup {g:g}" for g in goals],
+        "latency_floor": state["latency_floor"],
+        "screening_dense_ms_1t": state["screening_dense_ms_1t"],
+        "search_goals": [f"--speedup {g:g}" for g in state["goals"]],
         "input_scaling": scaling,
-        "mix_and_match": [{k: v for k, v in r.items() if k not in ("onnx", "shape")} for r in mm],
+        "mix_and_match": [{k: v for k, v in r.items() if k not in ("onnx", "selected")} for r in mm],
         "uniform_torch_pruning": [{k: v for k, v in u.items() if k != "onnx"} for u in uniform],
         "checks": {
             "drop_le_1_point_at_speedup_ge_2_1t": bool(summary["1t"]["mm_best_drop_at_2x"])
@@ -499,11 +670,19 @@ def run(args: argparse.Namespace, argv: list[str] | None, work: Path) -> int:
             "mm_more_accurate_than_uniform_at_equal_latency": bool(wins)
             and all(r["accuracy"] > r["uniform_accuracy_at_same_latency_1t"] for r in wins),
         },
-        "wall_s": round(time.time() - t_start, 1),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_model()},
+        "wall_s": round(state["wall_s"] + time.time() - t_start, 1),
+        "machine": here,
         "versions": versions(),
     }
-    label = Path(args.checkpoint).stem if args.checkpoint else args.model
+    if split:  # searched and recovered elsewhere: say where, and what its CPU timed during the search
+        result["produced_on"] = {
+            "machine": state["machine"],
+            "versions": state["versions"],
+            "wall_s": state["wall_s"],
+            "note": "search, screening latency (latency floor, which candidates were recovered, the selection) "
+            "and recovery ran there; every latency and accuracy in the tables was measured here",
+        }
+    label = Path(a.checkpoint).stem if a.checkpoint else a.model
     write_results(out, f"structured_speed_{label}", result, render(result, args.batch_check))
     print(render(result, args.batch_check))
     return 0
@@ -537,6 +716,18 @@ def accuracy_noise(acc: float, n: int) -> str:
     return f"One standard error of an accuracy near {acc * 100:.1f} % on {n} images: {se:.2f} points."
 
 
+def _produced_elsewhere(r: dict) -> list[str]:
+    """A paragraph naming the machine that searched and recovered, when it was not this one."""
+    p = r.get("produced_on")
+    if not p:
+        return []
+    return [
+        f"Searched and recovered on {p['machine']['cpu']} ({p['machine']['cpu_count']} cores, torch "
+        f"{p['versions'].get('torch', '?')}, {p['wall_s']} s): {p['note']}.",
+        "",
+    ]
+
+
 def render(r: dict, batch: int) -> str:
     d, s = r["dense"], r["selected_by_pipeline"]
     ok = {True: "yes", False: "**no**"}
@@ -554,10 +745,12 @@ def render(r: dict, batch: int) -> str:
         f"Data: {r['data']}; every accuracy below is measured on the {r['held_out_test_images']} held-out test "
         f"images through onnxruntime. Target `{r['target']}`, round_to {r['round_to']}. Recovery (identical for "
         f"every model): BN re-calibration ({r['recovery']['bn_recalibration']}), then fine-tuning "
-        f"{r['recovery']['finetune']}; applied to {r['recovery']['applied_to']}. Latency: onnxruntime p50, batch 1, "
+        f"{r['recovery']['finetune']}; applied to {r['recovery']['applied_to']}; trained on "
+        f"{r['recovery'].get('device', 'cpu')}. Latency: onnxruntime p50, batch 1, "
         f"all models interleaved in one run per thread count. Machine: {r['machine']['cpu']}, "
         f"{r['machine']['cpu_count']} cores (shared with other jobs); wall {r['wall_s']} s.",
         "",
+        *_produced_elsewhere(r),
         f"Dense: {d['accuracy'] * 100:.2f} %, {d['macs'] / 1e6:.2f} MMACs, {d['latency_ms_1t']:.4f} ms (1 thread), "
         f"{d['latency_ms_2t']:.4f} ms (2 threads). {accuracy_noise(s['accuracy'], r['held_out_test_images'])}",
         "",

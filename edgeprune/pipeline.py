@@ -29,7 +29,7 @@ from .inventory import build_inventory
 from .masking import apply_masks_, build_masks
 from .models import load_model, model_family
 from .ranges import LayerRange, apply_rules, baseline_ranges, load_rules, range_targets
-from .recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, teacher_logits
+from .recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, resolve_device, teacher_logits
 from .report import (
     Candidate,
     DenseSummary,
@@ -72,6 +72,7 @@ class CompressConfig:
     finetune_top: int = 2
     finetune_lr: float = 1e-4
     recovery: str = "distill"  # fine-tuning recipe, a name in recovery.RECIPES
+    device: str = "auto"  # where recovery trains: auto (a CUDA GPU when torch sees one) | cpu | cuda
     gradient_samples: int = 512  # calibration images used for the gradient / GraSP signals
     batch_size: int = 128
     out: str = "edgeprune-out"
@@ -109,6 +110,7 @@ class CompressConfig:
             raise EdgepruneError("--finetune-epochs and --finetune-top must be >= 0")
         if self.recovery not in RECIPES:
             raise EdgepruneError(f"unknown --recovery '{self.recovery}'; choose from {', '.join(RECIPES)}")
+        resolve_device(self.device)
 
 
 class Progress:
@@ -212,6 +214,7 @@ class Workspace:
         )
         self.original = copy.deepcopy(model.state_dict())
         self.recipe = RECIPES[cfg.recovery]
+        self.device = resolve_device(cfg.device)
         self._teacher: torch.Tensor | None = None
 
     def teacher(self) -> torch.Tensor | None:
@@ -220,7 +223,7 @@ class Workspace:
             return None
         if self._teacher is None:
             self.model.load_state_dict(self.original)
-            self._teacher = teacher_logits(self.model, self.data.calib_x, self.cfg.batch_size)
+            self._teacher = teacher_logits(self.model, self.data.calib_x, self.cfg.batch_size, self.device)
         return self._teacher
 
     def accuracy(self) -> float:
@@ -300,6 +303,7 @@ class Workspace:
             recipe=self.recipe,
             teacher=teacher,
             on_epoch=on_epoch,
+            device=self.device,
         )
         cp.candidate.finetuned_accuracy = self.accuracy()
         return copy.deepcopy(self.model.state_dict())

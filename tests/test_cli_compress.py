@@ -144,6 +144,7 @@ def _bad_cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "unwritable output": (["--out", str(blocker / "sub")], "output directory"),
         "unknown target": (["--target", "z80"], "target"),
         "unknown recovery recipe": (["--recovery", "magic"], "--recovery"),
+        "unknown device": (["--device", "tpu"], "--device"),
     }
 
 
@@ -159,7 +160,7 @@ def bad_cases(tmp_path_factory):
         "checkpoint with other classes", "unknown timm name", "sparsity 1.0", "negative sparsity",
         "missing data folder", "empty data folder", "classes mismatch", "channels mismatch",
         "rules with unknown role", "rules with inverted range", "unknown method", "unknown signal",
-        "unwritable output", "unknown target", "unknown recovery recipe",
+        "unwritable output", "unknown target", "unknown recovery recipe", "unknown device",
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_leaves_nothing(case, bad_cases, tmp_path, capsys):

@@ -14,6 +14,7 @@ from edgeprune.recovery import (
     random_shift,
     recalibrate_bn,
     recovery_loss,
+    resolve_device,
     teacher_logits,
 )
 from edgeprune.structured import GroupGraph, compact, group_scores, units_to_remove, widths_for
@@ -87,3 +88,30 @@ def test_teacher_logits_must_match_the_data():
     x, y = batch(16, size=16)
     with pytest.raises(ValueError, match="teacher logits for 8 images"):
         finetune(model, {}, x, y, epochs=1, recipe=RECIPES["distill"], teacher=teacher_logits(model, x[:8]))
+
+
+def test_device_names_are_checked_and_cuda_must_be_visible(monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(EdgepruneError, match="choose from auto, cpu, cuda"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(EdgepruneError, match="--device cuda: torch sees no CUDA GPU"):
+        CompressConfig(device="cuda").validate()
+
+
+def test_finetune_on_a_named_device_trains_and_returns_the_model_where_it_was():
+    """``device=`` moves model, data, masks and teacher for the training and the model back after (the
+    CPU here; on a GPU machine ``cuda`` takes the same path)."""
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    x, y = batch(64, size=16)
+    before = [p.detach().clone() for p in model.parameters()]
+    conv = next(name for name, m in model.named_modules() if isinstance(m, torch.nn.Conv2d))
+    keep = torch.ones_like(model.get_submodule(conv).weight, dtype=torch.bool)
+    keep[0] = False  # one output channel masked: it must stay zero through training
+    res = finetune(model, {conv: keep}, x, y, epochs=2, lr=1e-2, batch_size=16, device=torch.device("cpu"))
+    assert res.epochs_run >= 1
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert torch.count_nonzero(model.get_submodule(conv).weight[0]) == 0

@@ -26,19 +26,36 @@ def test_interpolate_is_linear_inside_and_none_outside():
 
 
 @pytest.mark.slow
-def test_small_run_writes_consistent_results(fmnist_idx_dir, monkeypatch, tmp_path):
+@pytest.mark.parametrize("split", [False, True], ids=["one-run", "bundle-then-measure"])
+def test_small_run_writes_consistent_results(split, fmnist_idx_dir, monkeypatch, tmp_path):
+    """One process, or the two halves a GPU machine and the target CPU share: ``--bundle`` (search,
+    recover in worker processes, export) then ``--measure`` (time and score here); both give the same
+    results file."""
     monkeypatch.setenv("EDGEPRUNE_FASHION_MNIST", str(fmnist_idx_dir))
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where the benchmark's work folder goes
-    argv = [
+    search = [
         "--model", "fmnist_resnet", "--pretrained", "--calib-images", "300", "--screen-images", "100",
-        "--speedups", "2.0", "--finetune-epochs", "1", "--uniform-ratios", "0.5", "--runs", "10",
-        "--batch-check", "4", "--recover-max", "2", "--scale-sizes", "28,40", "--out", str(tmp_path),
+        "--speedups", "2.0", "--finetune-epochs", "1", "--uniform-ratios", "0.5", "--recover-max", "2",
+        "--device", "cpu",
     ]  # fmt: skip
-    assert main(argv) == 0
-    assert list(scratch.iterdir()) == []  # intermediate ONNX files removed
+    timing = ["--runs", "10", "--batch-check", "4", "--scale-sizes", "28,40", "--out", str(tmp_path)]
+    if split:
+        bundle = tmp_path / "bundle"
+        assert main(search + ["--bundle", str(bundle), "--workers", "2"]) == 0  # recovery in 2 processes
+        state = json.loads((bundle / "state.json").read_text())
+        onnx = sorted(p.name for p in bundle.glob("*.onnx"))
+        rows = [state["dense"], *state["mix_and_match"], *state["uniform_torch_pruning"]]
+        assert onnx == sorted(row["onnx"] for row in rows)
+        assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("structured_speed_*"))
+        assert main(["--measure", str(bundle), *timing]) == 0
+    else:
+        assert main(search + timing) == 0
+    # intermediate ONNX files removed (multiprocessing's own pymp- folder goes when this process exits)
+    assert [p for p in scratch.iterdir() if not p.name.startswith("pymp-")] == []
     r = json.loads((tmp_path / "structured_speed_fmnist_resnet.json").read_text())
+    assert ("produced_on" in r) == split and r["recovery"]["device"] == "cpu"
     assert (tmp_path / "structured_speed_fmnist_resnet.md").read_text().startswith("# Structured")
     assert 1 <= len(r["mix_and_match"]) <= 2 and len(r["uniform_torch_pruning"]) == 1
     for row in r["mix_and_match"] + r["uniform_torch_pruning"]:

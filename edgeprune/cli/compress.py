@@ -46,6 +46,9 @@ def compress_cmd(
     recovery: str = typer.Option(
         "distill", help="fine-tuning recipe: " + "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values())
     ),
+    device: str = typer.Option(
+        "auto", help="where fine-tuning runs: auto (a CUDA GPU when torch sees one), cpu or cuda"
+    ),
     quantize: str | None = typer.Option(None, help="int8 or none (default: the target profile's choice)"),
     pack: str = typer.Option("dense", help="dense, or sparse: store zeroed weights as ONNX sparse initializers"),
     ort_format: bool = typer.Option(False, help="also write .ort files for onnxruntime mobile/minimal builds"),
@@ -81,6 +84,7 @@ def compress_cmd(
         finetune_top=finetune_top,
         finetune_lr=finetune_lr,
         recovery=recovery,
+        device=device,
         latency_budget_ms=latency_budget,
         speedup=speedup,
         round_to=round_to,

@@ -32,7 +32,7 @@ from ..errors import EdgepruneError
 from ..evaluation import accuracy, params_and_macs
 from ..inventory import Layer
 from ..ranges import LayerRange, Rule, apply_rules, baseline_ranges, parse_rules, range_targets, read_rules_file
-from ..recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, teacher_logits_if_distilling
+from ..recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, resolve_device, teacher_logits_if_distilling
 from ..report import Candidate, DenseSummary, LayerReport, Report, SelectedSummary, render_markdown, versions
 from ..selection import Point, pareto_mask, select_index
 from ..strategies import STRATEGY_NAMES, LayerStats, make_all_plans
@@ -489,7 +489,8 @@ class ChannelSearch:
             pool, _ = eligible([cc.candidate for cc in cands], cfg, self.dense_ms)
             top = sorted(pool, key=lambda i: -cands[i].candidate.accuracy)[: cfg.finetune_top]
             recipe = RECIPES[cfg.recovery]
-            teacher = teacher_logits_if_distilling(recipe, self.model, d.calib_x, cfg.batch_size)
+            device = resolve_device(cfg.device)
+            teacher = teacher_logits_if_distilling(recipe, self.model, d.calib_x, cfg.batch_size, device)
             self.progress.start(
                 f"fine-tune top {len(top)} ({cfg.finetune_epochs} epochs each, {recipe.name})",
                 total=len(top) * cfg.finetune_epochs,
@@ -508,6 +509,7 @@ class ChannelSearch:
                     recipe=recipe,
                     teacher=teacher,
                     on_epoch=lambda e, v: self.progress.advance(),
+                    device=device,
                 )
                 cands[i].candidate.finetuned_accuracy = accuracy(pruned, d.eval_x, d.eval_y, cfg.batch_size)
                 self.finetuned[i] = pruned
