@@ -68,6 +68,11 @@ def test_small_run_writes_consistent_results(split, fmnist_idx_dir, monkeypatch,
     assert r["input_scaling"][1]["dense_mmacs"] > r["input_scaling"][0]["dense_mmacs"]
     assert all(c["mac_ratio"] > 1.0 and c["speedup_1t"] > 0 for c in r["input_scaling"])
     assert "distill" in r["recovery"]["finetune"]
+    eq = r["summary"]["equal_latency_1t"]  # both directions: every pair lies inside the other method's span
+    for pair in eq["pairs"]:
+        assert math.isclose(pair["mm_minus_uniform_points"], (pair["mm"] - pair["uniform"]) * 100)
+    assert eq["mm_ahead"] <= len(eq["pairs"]) and eq["one_se_of_a_difference_points"] > 0
+    assert r["checks"]["mm_more_accurate_than_uniform_at_equal_latency"] == (eq["mm_ahead"] == len(eq["pairs"]) > 0)
 
 
 def test_width_variants_keep_only_the_named_stages_whole():
