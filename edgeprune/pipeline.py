@@ -409,7 +409,10 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
             pool = [i for i, c in enumerate(cands) if cfg.max_drop is not None or c.sparsity >= cfg.sparsity - 1e-6]
             top = sorted(pool or range(len(cands)), key=lambda i: -cands[i].accuracy)[: cfg.finetune_top]
             epochs = cfg.finetune_epochs
-            progress.start(f"fine-tune top {len(top)} ({epochs} epochs each, {cfg.recovery})", total=len(top) * epochs)
+            progress.start(
+                f"fine-tune top {len(top)} ({epochs} epochs each, {cfg.recovery}, on {ws.device})",
+                total=len(top) * epochs,
+            )
             for i in top:
                 finetuned[i] = ws.finetune(cplans[i], epochs, on_epoch=lambda e, v: progress.advance())
             progress.finish()
@@ -482,6 +485,7 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
 def config_dict(cfg: CompressConfig) -> dict:
     d = asdict(cfg)
     d["signals"], d["ssh_options"] = list(cfg.signals), list(cfg.ssh_options)
+    d["device"] = str(resolve_device(cfg.device))  # what ran, not "auto"
     return d
 
 

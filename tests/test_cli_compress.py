@@ -56,6 +56,8 @@ def test_compress_mix_and_match_end_to_end(tmp_path, capsys):
     assert code == 0, err
     report = _check_artifacts(out)
     assert report["method"] == "mix-and-match" and report["target"] == "arm64"
+    # --device auto is recorded as what ran (no GPU in CI)
+    assert report["config"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert len(report["strategies"]) == 30
     assert {c["signal"] for c in report["strategies"]} == {"magnitude", "gradient", "product"}
     assert sum(c["selected"] for c in report["strategies"]) == 1

@@ -492,7 +492,7 @@ class ChannelSearch:
             device = resolve_device(cfg.device)
             teacher = teacher_logits_if_distilling(recipe, self.model, d.calib_x, cfg.batch_size, device)
             self.progress.start(
-                f"fine-tune top {len(top)} ({cfg.finetune_epochs} epochs each, {recipe.name})",
+                f"fine-tune top {len(top)} ({cfg.finetune_epochs} epochs each, {recipe.name}, on {device})",
                 total=len(top) * cfg.finetune_epochs,
             )
             for i in top:
