@@ -157,9 +157,14 @@ class Log(Progress):
         print(f"[structured_speed]   {message}", flush=True)
 
 
-def latency(paths: list[Path], sample: np.ndarray, threads: int, runs: int) -> list[float]:
-    res = bench([str(p) for p in paths], sample, threads=threads, warmup=20, runs=runs)
-    return [r["latency_ms"]["p50"] for r in res]
+def latency(paths: list[Path], sample: np.ndarray, threads: int, runs: int, repeats: int = 1) -> list[float]:
+    """p50 of each model, interleaved; with ``repeats`` > 1 the median of that many such runs (one run's
+    2-thread figures swing by a tenth on a shared VM)."""
+    per_run = [
+        [r["latency_ms"]["p50"] for r in bench([str(p) for p in paths], sample, threads=threads, warmup=20, runs=runs)]
+        for _ in range(repeats)
+    ]
+    return [float(np.median(col)) for col in zip(*per_run, strict=True)]
 
 
 def sha256(path: Path) -> str:
@@ -262,7 +267,7 @@ class Recoverer:
 
 
 def speedup_at_sizes(
-    dense: nn.Module, variants: dict[str, nn.Module], sizes: list[int], runs: int, work: Path
+    dense: nn.Module, variants: dict[str, nn.Module], sizes: list[int], runs: int, work: Path, repeats: int = 1
 ) -> list[dict]:
     """Speedup over ``dense`` and speedup / MAC ratio of each variant at each input size, 1 and 2 threads,
     all interleaved per size. Latency does not depend on weight values, so any weights will do."""
@@ -274,7 +279,7 @@ def speedup_at_sizes(
         for m, path in zip(models, paths, strict=True):
             export_onnx(m, x, path, check_inputs=x)
         macs = [params_and_macs(m, x)[1] for m in models]
-        ms = {th: latency(paths, x.numpy(), th, runs) for th in (1, 2)}
+        ms = {th: latency(paths, x.numpy(), th, runs, repeats) for th in (1, 2)}
         for k, name in enumerate(variants, start=1):
             row = {"input": size, "variant": name, "dense_mmacs": macs[0] / 1e6, "mmacs": macs[k] / 1e6}
             row["mac_ratio"] = macs[0] / macs[k]
@@ -348,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gradient-samples", type=int, default=1024)
     p.add_argument("--uniform-ratios", default="0.3,0.4,0.5,0.6,0.7")
     p.add_argument("--runs", type=int, default=300, help="timed runs per artifact in the final latency check")
+    p.add_argument(
+        "--repeats", type=int, default=3, help="interleaved latency runs per thread count; the median is reported"
+    )
     p.add_argument("--batch-check", type=int, default=32, help="also time this batch size (throughput view)")
     p.add_argument(
         "--workers", type=int, default=1, help="recover this many models at once, one process each (GPU: 4-8)"
@@ -580,7 +588,7 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
     # latency at batch 1, 1 and 2 threads, everything interleaved in one run per thread count
     dense_onnx = files / state["dense"]["onnx"]
     paths = [dense_onnx] + [files / m["onnx"] for m in mm] + [files / u["onnx"] for u in uniform]
-    lat = {th: latency(paths, sample, th, args.runs) for th in (1, 2)}
+    lat = {th: latency(paths, sample, th, args.runs, args.repeats) for th in (1, 2)}
     accs = [onnx_accuracy(p, held_x, held_y, threads=2) for p in paths]
     dense_acc = accs[0]
     for k, row in enumerate(mm + uniform, start=1):
@@ -603,13 +611,13 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
     pairs = equal_latency_pairs(mm, uniform)
     big = data.eval_x[: args.batch_check].numpy().astype(np.float32)
     sel_onnx = files / sel_row["onnx"]
-    batch_lat = {th: latency([dense_onnx, sel_onnx], big, th, max(20, args.runs // 10)) for th in (1, 2)}
+    batch_lat = {th: latency([dense_onnx, sel_onnx], big, th, max(20, args.runs // 10), args.repeats) for th in (1, 2)}
 
     sizes = [int(v) for v in args.scale_sizes.split(",") if v.strip()]
     print(f"[structured_speed] speedup vs MAC ratio of the selection at inputs {sizes} ...", flush=True)
     selected = {"selected": compact(model, example, state["selected"]["remove"])}
     with tempfile.TemporaryDirectory(prefix="edgeprune-structured-scale-") as tmp:
-        scaling = speedup_at_sizes(model, selected, sizes, max(30, args.runs // 3), Path(tmp))
+        scaling = speedup_at_sizes(model, selected, sizes, max(30, args.runs // 3), Path(tmp), args.repeats)
 
     def best_speedup_within(points: list[dict], th: int, drop: float) -> dict | None:
         ok = [r for r in points if r["drop_points"] <= drop]
@@ -649,6 +657,7 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
         "held_out_test_images": len(held_y),
         "target": state["target"],
         "round_to": state["round_to"],
+        "latency_repeats": args.repeats,
         "recovery": {**state["recovery"], "device": state["recovery_device"]},
         "dense": {
             "accuracy": dense_acc,
@@ -771,6 +780,11 @@ def equal_latency_pairs(mm: list[dict], uniform: list[dict]) -> list[dict]:
     return sorted(pairs, key=lambda p: p["ms_1t"])
 
 
+def _repeats(r: dict) -> str:
+    n = r.get("latency_repeats", 1)
+    return f", the median of {n} such runs" if n > 1 else ""
+
+
 def _produced_elsewhere(r: dict) -> list[str]:
     """A paragraph naming the machine that searched and recovered, when it was not this one."""
     p = r.get("produced_on")
@@ -802,7 +816,7 @@ def render(r: dict, batch: int) -> str:
         f"every model): BN re-calibration ({r['recovery']['bn_recalibration']}), then fine-tuning "
         f"{r['recovery']['finetune']}; applied to {r['recovery']['applied_to']}; trained on "
         f"{r['recovery'].get('device', 'cpu')}. Latency: onnxruntime p50, batch 1, "
-        f"all models interleaved in one run per thread count. Machine: {r['machine']['cpu']}, "
+        f"all models interleaved in one run per thread count{_repeats(r)}. Machine: {r['machine']['cpu']}, "
         f"{r['machine']['cpu_count']} cores (shared with other jobs); wall {r['wall_s']} s.",
         "",
         *_produced_elsewhere(r),

@@ -40,7 +40,7 @@ def test_small_run_writes_consistent_results(split, fmnist_idx_dir, monkeypatch,
         "--speedups", "2.0", "--finetune-epochs", "1", "--uniform-ratios", "0.5", "--recover-max", "2",
         "--device", "cpu",
     ]  # fmt: skip
-    timing = ["--runs", "10", "--batch-check", "4", "--scale-sizes", "28,40", "--out", str(tmp_path)]
+    timing = ["--runs", "10", "--repeats", "2", "--batch-check", "4", "--scale-sizes", "28,40", "--out", str(tmp_path)]
     if split:
         bundle = tmp_path / "bundle"
         assert main(search + ["--bundle", str(bundle), "--workers", "2"]) == 0  # recovery in 2 processes
@@ -55,9 +55,11 @@ def test_small_run_writes_consistent_results(split, fmnist_idx_dir, monkeypatch,
     # intermediate ONNX files removed (multiprocessing's own pymp- folder goes when this process exits)
     assert [p for p in scratch.iterdir() if not p.name.startswith("pymp-")] == []
     r = json.loads((tmp_path / "structured_speed_fmnist_resnet.json").read_text())
-    assert ("produced_on" in r) == split and r["recovery"]["device"] == "cpu"
+    assert ("produced_on" in r) == split and r["recovery"]["device"] == "cpu" and r["latency_repeats"] == 2
     assert (tmp_path / "structured_speed_fmnist_resnet.md").read_text().startswith("# Structured")
-    assert 1 <= len(r["mix_and_match"]) <= 2 and len(r["uniform_torch_pruning"]) == 1
+    # --recover-max 2, plus the pipeline's pick when it was not among them (then it is recovered too)
+    assert 1 <= len(r["mix_and_match"]) <= 3 and len(r["uniform_torch_pruning"]) == 1
+    assert sum(row["name"] == r["selected_by_pipeline"]["name"] for row in r["mix_and_match"]) >= 1
     for row in r["mix_and_match"] + r["uniform_torch_pruning"]:
         assert 0 < row["ms_1t"] < 50 and 0 < row["ms_2t"] < 50
         assert row["mac_ratio"] > 1.0 and 0.0 <= row["accuracy"] <= 1.0
