@@ -24,6 +24,15 @@ What it measures (issue 3's numbers), on this machine's CPU, onnxruntime, batch 
    Mix-and-Match candidate's latency.
 
 Writes ``structured_speed_<model>.json`` and ``.md`` into ``--out``.
+
+Recovery is the hours of this benchmark on a CPU. On a GPU machine, run the first half there and time the
+second where the model will run:
+
+    python -m edgeprune.benchmarks.structured_speed --pretrained --device cuda --workers 8 --bundle B
+    python -m edgeprune.benchmarks.structured_speed --measure B --out benchmarks/results
+
+``--bundle`` writes the recovered ONNX files and the search's facts (``state.json``) into B; ``--measure``
+times them here (median of ``--repeats`` interleaved runs) and scores them on the held-out images.
 """
 
 from __future__ import annotations
@@ -375,6 +384,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.bundle and args.measure:
         p.error("--bundle and --measure are the two halves of one run: give one")
+    if args.measure and not (Path(args.measure) / BUNDLE_STATE).is_file():
+        p.error(f"--measure {args.measure}: no {BUNDLE_STATE} there; write a bundle with --bundle first")
+    if args.workers < 1 or args.repeats < 1:
+        p.error("--workers and --repeats must be >= 1")
     with tempfile.TemporaryDirectory(prefix="edgeprune-structured-bench-") as tmp:  # every candidate's ONNX
         return run(args, argv, Path(tmp))
 

@@ -86,3 +86,12 @@ def test_width_variants_keep_only_the_named_stages_whole():
     assert v["selected"] == widths
     assert v["selected, layer1. whole"] == {**widths, "layer1.0.conv1": 16}  # layer10 is not layer1.
     assert v["selected, layer1.,layer2. whole"] == {**widths, "layer1.0.conv1": 16, "layer2.0.conv1": 32}
+
+
+def test_measure_without_a_bundle_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--measure", str(tmp_path / "nothing"), "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "no state.json there" in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
