@@ -176,6 +176,10 @@ def latency(paths: list[Path], sample: np.ndarray, threads: int, runs: int, repe
     return [float(np.median(col)) for col in zip(*per_run, strict=True)]
 
 
+def this_machine() -> dict:
+    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_model()}
+
+
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
@@ -215,11 +219,16 @@ class Recovery:
 _WORKER_RECOVERY: Recovery | None = None  # built once in each worker process
 
 
-def make_recovery(a: argparse.Namespace, log: Progress | None = None) -> Recovery:
+def load_inputs(a: argparse.Namespace) -> tuple[DataBundle, np.ndarray, np.ndarray, nn.Module]:
+    """The split data and the dense model the arguments name."""
+    data, held_x, held_y = fmnist_split(a.calib_images, a.screen_images)
+    model = load_model(a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, num_classes=10, in_chans=1)
+    return data, held_x, held_y, model
+
+
+def make_recovery(a: argparse.Namespace, data: DataBundle, model: nn.Module) -> Recovery:
     """The benchmark's recovery budget from its arguments: the calibration data, the recipe, the dense
     model's logits when it distills, on ``a.device``."""
-    data, _, _ = fmnist_split(a.calib_images, a.screen_images)
-    model = load_model(a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, num_classes=10, in_chans=1)
     device, recipe, batch = resolve_device(a.device), RECIPES[a.recovery], CompressConfig.batch_size
     teacher = teacher_logits_if_distilling(recipe, model, data.calib_x, batch, device)
     return Recovery(data, a.finetune_epochs, a.finetune_lr, batch, CompressConfig.seed, recipe, teacher, device)
@@ -228,7 +237,8 @@ def make_recovery(a: argparse.Namespace, log: Progress | None = None) -> Recover
 def _init_worker(a: argparse.Namespace, threads: int) -> None:
     global _WORKER_RECOVERY
     torch.set_num_threads(threads)
-    _WORKER_RECOVERY = make_recovery(a)
+    data, _, _, model = load_inputs(a)
+    _WORKER_RECOVERY = make_recovery(a, data, model)
 
 
 def _recover_in_worker(blob: bytes) -> bytes:
@@ -428,10 +438,10 @@ def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dic
     target = get_target(args.target)
     round_to = args.round_to or target.round_to
     goals = [float(v) for v in args.speedups.split(",") if v.strip()]
-    device = resolve_device(args.device)
-    data, _, _ = fmnist_split(args.calib_images, args.screen_images)
-    model = load_model(args.model, checkpoint=args.checkpoint, pretrained=args.pretrained, num_classes=10, in_chans=1)
+    data, _, _, model = load_inputs(args)
     example = data.eval_x[:1]
+    recover = make_recovery(args, data, model)
+    device, recipe = recover.device, recover.recipe
     cfg = CompressConfig(
         model=args.model,
         checkpoint=args.checkpoint,
@@ -450,8 +460,6 @@ def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dic
         out=str(work),
     )
     log = Log()
-    recover = make_recovery(args)
-    recipe = recover.recipe
 
     # 1. structured Mix-and-Match, the pipeline's own stages up to the measured latency of every candidate,
     #    once per goal (a broader front: each goal centres the search's ranges on itself)
@@ -488,16 +496,18 @@ def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dic
     mm, recovered = [], {}
     with Recoverer(recover, args, log) as recover_all:
 
+        def key(cc: ChannelCandidate) -> tuple:  # one recovered model per signal and architecture
+            return cc.candidate.signal, cc.shape_key
+
         def recover_mm(ccs: list[ChannelCandidate]) -> None:
             names = [f"{cc.candidate.name} ({cc.candidate.macs / 1e6:.2f} MMACs)" for cc in ccs]
             models = recover_all([compact(model, example, cc.remove) for cc in ccs], names)
             for cc, pruned in zip(ccs, models, strict=True):
                 screen_acc = accuracy(pruned, data.eval_x, data.eval_y, cfg.batch_size)
-                recovered[cc.candidate.signal, cc.shape_key] = (pruned, screen_acc)
+                recovered[key(cc)] = (pruned, screen_acc)
                 onnx = f"mm_{len(mm)}.onnx"
                 export_onnx(pruned, example, work / onnx, check_inputs=data.eval_x[:64])
-                key = (cc.candidate.signal, cc.shape_key)
-                mm.append({"name": cc.candidate.name, "macs": cc.candidate.macs, "onnx": onnx, "key": key})
+                mm.append({"name": cc.candidate.name, "macs": cc.candidate.macs, "onnx": onnx, "key": key(cc)})
 
         recover_mm(to_recover)
         # the pipeline's selection for the last goal among its candidates (recovered ones carry their
@@ -506,11 +516,11 @@ def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dic
         search = searches[-1]
         while True:
             for i, cc in enumerate(search.cands):
-                hit = recovered.get((cc.candidate.signal, cc.shape_key))
+                hit = recovered.get(key(cc))
                 if hit is not None:
                     search.finetuned[i], cc.candidate.finetuned_accuracy = hit
             search.select()
-            if (search.chosen.candidate.signal, search.chosen.shape_key) in recovered:
+            if key(search.chosen) in recovered:
                 break
             search.chosen.candidate.selected = False
             recover_mm([search.chosen])
@@ -518,7 +528,7 @@ def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dic
         report = search.report()
         sel = report.selected
         for row in mm:
-            row["selected"] = row.pop("key") == (search.chosen.candidate.signal, search.chosen.shape_key)
+            row["selected"] = row.pop("key") == key(search.chosen)
         shutil.copy2(work / f"goal_{goals[-1]:g}" / "dense.onnx", work / "dense.onnx")
         screen_dense_ms, line = _screen_facts(search)
 
@@ -541,7 +551,7 @@ def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dic
     return {
         "args": {k: v for k, v in vars(args).items() if k not in ("bundle", "measure", "out")},
         "command": command_line("edgeprune.benchmarks.structured_speed", argv),
-        "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_model()},
+        "machine": this_machine(),
         "recovery_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "wall_s": round(time.time() - t_start, 1),
         "versions": versions(),
@@ -590,8 +600,7 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
     a = argparse.Namespace(**state["args"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data, held_x, held_y = fmnist_split(a.calib_images, a.screen_images)
-    model = load_model(a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, num_classes=10, in_chans=1)
+    data, held_x, held_y, model = load_inputs(a)
     example = data.eval_x[:1]
     sample = example.numpy().astype(np.float32)
     mm = [dict(row) for row in state["mix_and_match"]]
@@ -658,7 +667,6 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
         "mean_mm_minus_uniform_points": sum(diffs) / len(diffs) if diffs else None,
         "one_se_of_a_difference_points": math.sqrt(2) * binomial_se_points(sel_row["accuracy"], len(held_y)),
     }
-    here = {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_model()}
     measure_command = command_line("edgeprune.benchmarks.structured_speed", argv)
     split = bool(args.measure)
     sel = state["selected"]
@@ -714,7 +722,7 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
             "mm_more_accurate_than_uniform_at_equal_latency": bool(diffs) and all(d > 0 for d in diffs),
         },
         "wall_s": round(state["wall_s"] + time.time() - t_start, 1),
-        "machine": here,
+        "machine": this_machine(),
         "versions": versions(),
     }
     if split:  # searched and recovered elsewhere: say where, and what its CPU timed during the search
