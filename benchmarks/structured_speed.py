@@ -59,7 +59,7 @@ import torch_pruning as tp
 from edgeprune.benchmarks.machine import command_line, cpu_model, write_results
 from edgeprune.benchmarks.runner import bench
 from edgeprune.export import export_onnx
-from edgeprune.export.quantize import onnx_accuracy
+from edgeprune.export.quantize import onnx_hits
 from torch import nn
 
 from edgeprune.data import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, DataBundle, read_fashion_mnist, uint8_to_normalized
@@ -330,13 +330,22 @@ def spread(items: list, keys: list[float], k: int, marks: tuple[float, ...] = ()
     return [items[i] for i in sorted(picked, key=lambda i: keys[i])]
 
 
-def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
-    """Piecewise-linear y(x) through (x, y) points sorted by x; None outside their span."""
-    pts = sorted(points)
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+def interpolation_weights(xs: list[float], x: float) -> dict[int, float] | None:
+    """The piecewise-linear interpolation at ``x`` through points at ``xs`` (any order) as weights on those
+    points (index -> weight, summing to 1); None outside their span."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    for i0, i1 in zip(order, order[1:]):
+        x0, x1 = xs[i0], xs[i1]
         if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (x - x0) / (x1 - x0) * (y1 - y0)
+            w = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
+            return {i0: 1.0 - w, i1: w} if w else {i0: 1.0}
     return None
+
+
+def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """Piecewise-linear y(x) through (x, y) points; None outside their span."""
+    w = interpolation_weights([px for px, _ in points], x)
+    return None if w is None else sum(wi * points[i][1] for i, wi in w.items())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -611,7 +620,8 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
     dense_onnx = files / state["dense"]["onnx"]
     paths = [dense_onnx] + [files / m["onnx"] for m in mm] + [files / u["onnx"] for u in uniform]
     lat = {th: latency(paths, sample, th, args.runs, args.repeats) for th in (1, 2)}
-    accs = [onnx_accuracy(p, held_x, held_y, threads=2) for p in paths]
+    hits = [onnx_hits(p, held_x, held_y, threads=2) for p in paths]  # per held-out image, for paired tests
+    accs = [float(h.mean()) for h in hits]
     dense_acc = accs[0]
     for k, row in enumerate(mm + uniform, start=1):
         row["accuracy"] = accs[k]
@@ -630,7 +640,7 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
         )
     for row in uniform:
         row["mm_accuracy_at_same_latency_1t"] = interpolate([(m["ms_1t"], m["accuracy"]) for m in mm], row["ms_1t"])
-    pairs = equal_latency_pairs(mm, uniform)
+    pairs, pair_diffs = equal_latency_pairs(mm, uniform, hits[1 : 1 + len(mm)], hits[1 + len(mm) :])
     big = data.eval_x[: args.batch_check].numpy().astype(np.float32)
     sel_onnx = files / sel_row["onnx"]
     batch_lat = {th: latency([dense_onnx, sel_onnx], big, th, max(20, args.runs // 10), args.repeats) for th in (1, 2)}
@@ -666,6 +676,9 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
         "mm_ahead": sum(d > 0 for d in diffs),
         "mean_mm_minus_uniform_points": sum(diffs) / len(diffs) if diffs else None,
         "one_se_of_a_difference_points": math.sqrt(2) * binomial_se_points(sel_row["accuracy"], len(held_y)),
+        # the same images score both methods: the paired standard error of the mean difference is the one
+        # that says whether it is real (test-set sampling only; recovery's seed noise is not in it)
+        "paired_se_of_mean_points": paired_se_points(np.mean(pair_diffs, axis=0)) if pair_diffs else None,
     }
     measure_command = command_line("edgeprune.benchmarks.structured_speed", argv)
     split = bool(args.measure)
@@ -772,33 +785,40 @@ def accuracy_noise(acc: float, n: int) -> str:
     return f"One standard error of an accuracy near {acc * 100:.1f} % on {n} images: {se:.2f} points."
 
 
-def equal_latency_pairs(mm: list[dict], uniform: list[dict]) -> list[dict]:
+def paired_se_points(diff: np.ndarray) -> float:
+    """Standard error of the mean of per-image accuracy differences, in points."""
+    return float(diff.std(ddof=1) / math.sqrt(len(diff)) * 100) if len(diff) > 1 else float("nan")
+
+
+def equal_latency_pairs(
+    mm: list[dict], uniform: list[dict], mm_hits: list[np.ndarray], uniform_hits: list[np.ndarray]
+) -> tuple[list[dict], list[np.ndarray]]:
     """Every recovered model that lies inside the other method's latency span, beside that method's accuracy
-    interpolated at its 1-thread latency, sorted by latency."""
-    pairs = []
-    for r in mm:
-        if r["uniform_accuracy_at_same_latency_1t"] is not None:
-            pairs.append(
-                {
-                    "model": r["name"],
-                    "ms_1t": r["ms_1t"],
-                    "mm": r["accuracy"],
-                    "uniform": r["uniform_accuracy_at_same_latency_1t"],
-                }
-            )
-    for u in uniform:
-        if u["mm_accuracy_at_same_latency_1t"] is not None:
-            pairs.append(
-                {
-                    "model": f"uniform {u['ratio']:.2f}",
-                    "ms_1t": u["ms_1t"],
-                    "mm": u["mm_accuracy_at_same_latency_1t"],
-                    "uniform": u["accuracy"],
-                }
-            )
-    for p in pairs:
-        p["mm_minus_uniform_points"] = (p["mm"] - p["uniform"]) * 100
-    return sorted(pairs, key=lambda p: p["ms_1t"])
+    interpolated at its 1-thread latency, sorted by latency; and, per pair, the per-image difference
+    (Mix-and-Match minus uniform; the interpolated side is the same weighted mix of its neighbours' hits).
+    ``*_hits``: per held-out image, whether each row's model was right."""
+    found = []
+    sides = (("mm", mm, mm_hits, uniform, uniform_hits), ("uniform", uniform, uniform_hits, mm, mm_hits))
+    for side, rows, hits, others, other_hits in sides:
+        xs = [o["ms_1t"] for o in others]
+        for r, h in zip(rows, hits, strict=True):
+            w = interpolation_weights(xs, r["ms_1t"])
+            if w is None:
+                continue
+            other = sum(wi * other_hits[i].astype(np.float64) for i, wi in w.items())
+            own = h.astype(np.float64)
+            diff = own - other if side == "mm" else other - own
+            pair = {
+                "model": r["name"] if side == "mm" else f"uniform {r['ratio']:.2f}",
+                "ms_1t": r["ms_1t"],
+                "mm": float((own if side == "mm" else other).mean()),
+                "uniform": float((other if side == "mm" else own).mean()),
+                "mm_minus_uniform_points": float(diff.mean() * 100),
+                "paired_se_points": paired_se_points(diff),
+            }
+            found.append((pair, diff))
+    found.sort(key=lambda pd: pd[0]["ms_1t"])
+    return [p for p, _ in found], [d for _, d in found]
 
 
 def _repeats(r: dict) -> str:
@@ -920,6 +940,10 @@ def render(r: dict, batch: int) -> str:
     return "\n".join(lines)
 
 
+def _se(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2f}"
+
+
 def _equal_latency_lines(eq: dict | None) -> list[str]:
     """The pairs at equal 1-thread latency, both directions, and what they add up to."""
     if eq is None:
@@ -930,11 +954,11 @@ def _equal_latency_lines(eq: dict | None) -> list[str]:
         "Each recovered model inside the other method's latency span, beside that method's accuracy interpolated "
         "linearly between its two recovered neighbours.",
         "",
-        "| model | ms 1t | Mix-and-Match acc % | uniform acc % | MM − uniform pts |",
-        "|---|---:|---:|---:|---:|",
+        "| model | ms 1t | Mix-and-Match acc % | uniform acc % | MM − uniform pts | paired s.e. pts |",
+        "|---|---:|---:|---:|---:|---:|",
         *[
             f"| {p['model']} | {p['ms_1t']:.4f} | {p['mm'] * 100:.2f} | {p['uniform'] * 100:.2f} "
-            f"| {p['mm_minus_uniform_points']:+.2f} |"
+            f"| {p['mm_minus_uniform_points']:+.2f} | {_se(p.get('paired_se_points'))} |"
             for p in eq["pairs"]
         ],
         "",
@@ -942,8 +966,10 @@ def _equal_latency_lines(eq: dict | None) -> list[str]:
     if eq["pairs"]:
         lines += [
             f"Mix-and-Match ahead in {eq['mm_ahead']} of {len(eq['pairs'])} pairs, mean "
-            f"{eq['mean_mm_minus_uniform_points']:+.2f} points; one standard error of a difference of two "
-            f"accuracies: {eq['one_se_of_a_difference_points']:.2f} points.",
+            f"{eq['mean_mm_minus_uniform_points']:+.2f} points (paired standard error over the same held-out "
+            f"images {_se(eq.get('paired_se_of_mean_points'))}); one standard error of a difference of two "
+            f"independent accuracies: {eq['one_se_of_a_difference_points']:.2f} points. The paired figures count "
+            "test-set sampling only: two recoveries of one architecture differ by more (see the notes).",
             "",
         ]
     else:

@@ -8,7 +8,7 @@ arm64 check under QEMU).
 from .metadata import build_metadata, describe_artifact, file_sizes, read_metadata, weights_digest
 from .onnx_export import ExportResult, export_onnx
 from .pack import PackResult, pack_sparse, to_ort_format, unpack_dense
-from .quantize import INT8_FORMATS, NumpyCalibrationReader, QuantizeResult, onnx_accuracy, quantize_int8
+from .quantize import INT8_FORMATS, NumpyCalibrationReader, QuantizeResult, onnx_accuracy, onnx_hits, quantize_int8
 from .sparsity import onnx_layer_sparsity, onnx_weight_sparsity, prunable_onnx_weights, torch_weight_sparsity
 from .verify import Check, VerifyReport, require_ok, run_on_arm64, verify_artifact
 
@@ -25,6 +25,7 @@ __all__ = [
     "export_onnx",
     "file_sizes",
     "onnx_accuracy",
+    "onnx_hits",
     "onnx_layer_sparsity",
     "onnx_weight_sparsity",
     "pack_sparse",

@@ -252,6 +252,21 @@ def _preprocess(src: Path, dst: Path) -> bool:
         return False
 
 
+def onnx_hits(
+    path_or_model: str | Path | onnx.ModelProto,
+    images: np.ndarray | torch.Tensor,
+    labels: np.ndarray | torch.Tensor,
+    threads: int | None = None,
+) -> np.ndarray:
+    """Per image, whether an ONNX/ORT artifact's top-1 class (onnxruntime, CPU) is the label: the accuracy
+    is its mean; two models' hits on the same images give a paired comparison."""
+    source = str(path_or_model) if isinstance(path_or_model, Path) else path_or_model
+    session = make_session(source, threads)
+    logits = run_onnx(session, _as_numpy(images))[0]
+    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    return logits.argmax(1) == y
+
+
 def onnx_accuracy(
     path_or_model: str | Path | onnx.ModelProto,
     images: np.ndarray | torch.Tensor,
@@ -259,8 +274,5 @@ def onnx_accuracy(
     threads: int | None = None,
 ) -> float:
     """Top-1 accuracy of an ONNX/ORT artifact through onnxruntime (CPU)."""
-    source = str(path_or_model) if isinstance(path_or_model, Path) else path_or_model
-    session = make_session(source, threads)
-    logits = run_onnx(session, _as_numpy(images))[0]
-    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
-    return float(np.mean(logits.argmax(1) == y)) if len(y) else 0.0
+    hits = onnx_hits(path_or_model, images, labels, threads)
+    return float(np.mean(hits)) if len(hits) else 0.0

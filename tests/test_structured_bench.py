@@ -4,8 +4,9 @@ import json
 import math
 import tempfile
 
+import numpy as np
 import pytest
-from edgeprune.benchmarks.structured_speed import interpolate, main, spread
+from edgeprune.benchmarks.structured_speed import equal_latency_pairs, interpolate, main, spread
 
 
 def test_spread_keeps_the_goal_crossings_and_both_ends():
@@ -23,6 +24,30 @@ def test_interpolate_is_linear_inside_and_none_outside():
     assert interpolate(pts, 1.5) == pytest.approx(0.85)
     assert interpolate(pts, 1.0) == pytest.approx(0.8)
     assert interpolate(pts, 2.5) is None
+
+
+def test_equal_latency_pairs_are_paired_per_image():
+    rng = np.random.default_rng(0)
+    base = rng.random(4000) < 0.9  # one model's hits; the others differ from it on a few images
+    flip = np.zeros(4000, dtype=bool)
+    flip[:40] = True
+    better, worse = base | flip, base & ~flip
+    mm = [{"name": "a", "ms_1t": 1.5}, {"name": "b", "ms_1t": 3.0}]
+    uniform = [{"ratio": 0.3, "ms_1t": 1.0}, {"ratio": 0.5, "ms_1t": 2.0}]
+    pairs, diffs = equal_latency_pairs(mm, uniform, [better, base], [worse, worse])
+    # a (1.5 ms) lies between the uniform points; uniform 0.5 (2.0 ms) between a and b; b lies outside
+    assert [p["model"] for p in pairs] == ["a", "uniform 0.50"]
+    a, u = pairs
+    expect_a = (better.astype(float) - worse).mean() * 100
+    assert a["mm_minus_uniform_points"] == pytest.approx(expect_a)
+    assert a["mm"] == pytest.approx(better.mean()) and a["uniform"] == pytest.approx(worse.mean())
+    # at 2.0 ms Mix-and-Match is a third of the way from a (1.5) to b (3.0)
+    expect_u = ((2 / 3) * better + (1 / 3) * base - worse.astype(float)).mean() * 100
+    assert u["mm_minus_uniform_points"] == pytest.approx(expect_u)
+    # paired: the models share almost every hit, so the standard error is far below the independent one
+    independent = math.sqrt(2 * 0.9 * 0.1 / 4000) * 100
+    assert 0 < a["paired_se_points"] < independent / 3
+    assert len(diffs) == 2 and diffs[0].shape == (4000,)
 
 
 @pytest.mark.slow
@@ -74,6 +99,8 @@ def test_small_run_writes_consistent_results(split, fmnist_idx_dir, monkeypatch,
     for pair in eq["pairs"]:
         assert math.isclose(pair["mm_minus_uniform_points"], (pair["mm"] - pair["uniform"]) * 100)
     assert eq["mm_ahead"] <= len(eq["pairs"]) and eq["one_se_of_a_difference_points"] > 0
+    assert (eq["paired_se_of_mean_points"] is None) == (not eq["pairs"])
+    assert all(p["paired_se_points"] >= 0 for p in eq["pairs"])
     assert r["checks"]["mm_more_accurate_than_uniform_at_equal_latency"] == (eq["mm_ahead"] == len(eq["pairs"]) > 0)
 
 
@@ -95,3 +122,35 @@ def test_measure_without_a_bundle_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no state.json there" in err and "Traceback" not in err
     assert not list(tmp_path.iterdir())
+
+
+def test_mean_sd():
+    from edgeprune.benchmarks.recovery_noise import mean_sd
+
+    assert mean_sd([0.9]) == (0.9, 0.0)
+    m, sd = mean_sd([0.90, 0.92, 0.94])
+    assert m == pytest.approx(0.92) and sd == pytest.approx(0.02)
+
+
+@pytest.mark.slow
+def test_recovery_noise_recovers_both_models_once_per_seed(fmnist_idx_dir, monkeypatch, tmp_path):
+    from edgeprune.benchmarks import recovery_noise
+
+    monkeypatch.setenv("EDGEPRUNE_FASHION_MNIST", str(fmnist_idx_dir))
+    argv = [
+        "--model", "fmnist_resnet", "--pretrained", "--calib-images", "300", "--screen-images", "100",
+        "--seeds", "0,1", "--finetune-epochs", "1", "--device", "cpu", "--runs", "10", "--repeats", "1",
+        "--gradient-samples", "64", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert recovery_noise.main(argv) == 0
+    r = json.loads((tmp_path / "recovery_noise_fmnist_resnet.json").read_text())
+    mm, u, c = r["mix_and_match"], r["uniform"], r["comparison"]
+    assert r["seeds"] == [0, 1] and r["held_out_test_images"] == 200
+    for m in (mm, u):
+        assert len(m["accuracy_per_seed"]) == 2 and all(0.0 <= a <= 1.0 for a in m["accuracy_per_seed"])
+        assert m["accuracy_mean"] == pytest.approx(sum(m["accuracy_per_seed"]) / 2)
+        assert 0 < m["macs"] < r["dense"]["macs"] and 0 < m["ms_1t"] < 50 and m["speedup_1t"] > 0
+    assert mm["name"].startswith("magnitude/") and u["ratio"] == 0.4
+    assert c["mm_minus_uniform_points"] == pytest.approx((mm["accuracy_mean"] - u["accuracy_mean"]) * 100)
+    assert c["paired_se_over_images_points"] >= 0 and c["se_from_seed_spread_points"] >= 0
+    assert (tmp_path / "recovery_noise_fmnist_resnet.md").read_text().startswith("# Equal latency, replicated")
