@@ -1,5 +1,4 @@
-"""Equal latency, replicated: one Mix-and-Match model against torch-pruning's uniform model, each recovered
-with several seeds.
+"""Equal latency, replicated: a Mix-and-Match pick against torch-pruning's uniform model, seed by seed.
 
     python -m edgeprune.benchmarks.recovery_noise --pretrained --out benchmarks/results
 
@@ -31,10 +30,13 @@ import numpy as np
 from edgeprune.benchmarks.machine import command_line, write_results
 from edgeprune.benchmarks.structured_speed import (
     Log,
+    add_input_arguments,
+    add_recovery_arguments,
     latency,
     load_inputs,
     make_recovery,
     paired_se_points,
+    search_config,
     this_machine,
     uniform_prune,
 )
@@ -44,7 +46,6 @@ from torch import nn
 
 from edgeprune.evaluation import params_and_macs
 from edgeprune.pipeline import CompressConfig, Timings
-from edgeprune.recovery import DEVICES, RECIPES
 from edgeprune.report import versions
 from edgeprune.structured import compact
 from edgeprune.structured.flow import ChannelSearch
@@ -77,21 +78,14 @@ def pick_at_latency(search: ChannelSearch, signal: str, uniform_onnx: Path, samp
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="fmnist_resnet18")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--pretrained", action="store_true", help="zoo models: load the bundled weights")
-    p.add_argument("--calib-images", type=int, default=60000, help="training-split images for calibration")
-    p.add_argument("--screen-images", type=int, default=2000, help="test images for screening and selection")
+    add_input_arguments(p)
     p.add_argument("--target", default="x86_64-avx512", help="target profile (round_to, opset)")
     p.add_argument("--uniform-ratio", type=float, default=0.4, help="torch-pruning's uniform pruning ratio")
     p.add_argument("--signal", default="magnitude", choices=("magnitude", "gradient", "product"))
     p.add_argument("--speedup", type=float, default=1.8, help="the structured search's goal (centres its ranges)")
     p.add_argument("--seeds", default="0,1,2", help="one recovery of each model per seed")
-    p.add_argument("--finetune-epochs", type=int, default=6)
-    p.add_argument("--finetune-lr", type=float, default=3e-3)
-    p.add_argument("--recovery", default="distill", choices=sorted(RECIPES), help="fine-tuning recipe")
+    add_recovery_arguments(p)
     p.add_argument("--gradient-samples", type=int, default=1024)
-    p.add_argument("--device", default="auto", choices=DEVICES, help="where recovery trains")
     p.add_argument("--runs", type=int, default=300, help="timed runs per model and latency run")
     p.add_argument("--repeats", type=int, default=3, help="interleaved latency runs; the median is reported")
     p.add_argument("--out", default="benchmarks/results")
@@ -118,20 +112,7 @@ def run(a: argparse.Namespace, argv: list[str] | None, seeds: list[int], work: P
     export_onnx(uniform, example, work / "uniform.onnx", check_inputs=data.eval_x[:64])
     log.finish()
 
-    cfg = CompressConfig(
-        model=a.model,
-        checkpoint=a.checkpoint,
-        pretrained=a.pretrained,
-        target=a.target,
-        granularity="channel",
-        speedup=a.speedup,
-        signals=(a.signal,),
-        finetune_epochs=0,
-        gradient_samples=n,
-        threads=1,
-        bench_runs=100,
-        out=str(work),
-    )
+    cfg = search_config(a, a.speedup, work, signals=(a.signal,), finetune_epochs=0)
     (work / "search").mkdir()
     search = ChannelSearch(cfg, target, model, data, work / "search", work, log, Timings())
     for stage in (search.discover, search.dense, search.probe, search.signals, search.plan, search.screen):

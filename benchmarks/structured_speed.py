@@ -219,6 +219,23 @@ class Recovery:
 _WORKER_RECOVERY: Recovery | None = None  # built once in each worker process
 
 
+def add_input_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments ``load_inputs`` reads: the model and the data split."""
+    p.add_argument("--model", default="fmnist_resnet18")
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--pretrained", action="store_true", help="zoo models: load the bundled weights")
+    p.add_argument("--calib-images", type=int, default=60000, help="training-split images for calibration")
+    p.add_argument("--screen-images", type=int, default=2000, help="test images for screening and selection")
+
+
+def add_recovery_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments ``make_recovery`` reads: the recovery budget and where it trains."""
+    p.add_argument("--finetune-epochs", type=int, default=6)
+    p.add_argument("--finetune-lr", type=float, default=3e-3)
+    p.add_argument("--recovery", default="distill", choices=sorted(RECIPES), help="fine-tuning recipe")
+    p.add_argument("--device", default="auto", choices=DEVICES, help="where recovery trains (auto: a CUDA GPU if seen)")
+
+
 def load_inputs(a: argparse.Namespace) -> tuple[DataBundle, np.ndarray, np.ndarray, nn.Module]:
     """The split data and the dense model the arguments name."""
     data, held_x, held_y = fmnist_split(a.calib_images, a.screen_images)
@@ -350,11 +367,7 @@ def interpolate(points: list[tuple[float, float]], x: float) -> float | None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="fmnist_resnet18")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--pretrained", action="store_true", help="zoo models: load the bundled weights")
-    p.add_argument("--calib-images", type=int, default=60000, help="training-split images for calibration")
-    p.add_argument("--screen-images", type=int, default=2000, help="test images for screening and selection")
+    add_input_arguments(p)
     p.add_argument(
         "--target",
         default="x86_64-avx512",
@@ -362,9 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--round-to", type=int, default=None, help="channel multiple (default: the target's)")
     p.add_argument("--speedups", default="1.5,2.0", help="search goals (--speedup); the last one selects")
-    p.add_argument("--finetune-epochs", type=int, default=6)
-    p.add_argument("--finetune-lr", type=float, default=3e-3)
-    p.add_argument("--recovery", default="distill", choices=sorted(RECIPES), help="fine-tuning recipe")
+    add_recovery_arguments(p)
     p.add_argument(
         "--recover",
         default="front",
@@ -388,7 +399,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--workers", type=int, default=1, help="recover this many models at once, one process each (GPU: 4-8)"
     )
-    p.add_argument("--device", default="auto", choices=DEVICES, help="where recovery trains (auto: a CUDA GPU if seen)")
     p.add_argument(
         "--bundle",
         default=None,
@@ -441,6 +451,24 @@ def save_bundle(state: dict, work: Path, bundle: Path) -> None:
     tmp.rename(bundle)
 
 
+def search_config(a: argparse.Namespace, speedup: float, work: Path, **overrides) -> CompressConfig:
+    """The pipeline's settings for a benchmark's structured search: the model the arguments name, a
+    ``--speedup`` goal, latency on 1 thread (the selection's), files in ``work``."""
+    return CompressConfig(
+        model=a.model,
+        checkpoint=a.checkpoint,
+        pretrained=a.pretrained,
+        target=a.target,
+        granularity="channel",
+        speedup=speedup,
+        gradient_samples=a.gradient_samples,
+        threads=1,
+        bench_runs=100,
+        out=str(work),
+        **overrides,
+    )
+
+
 def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dict:
     """Search, recover and export (the half a GPU speeds up): a JSON-able state naming ONNX files in ``work``."""
     t_start = time.time()
@@ -451,22 +479,15 @@ def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dic
     example = data.eval_x[:1]
     recover = make_recovery(args, data, model)
     device, recipe = recover.device, recover.recipe
-    cfg = CompressConfig(
-        model=args.model,
-        checkpoint=args.checkpoint,
-        pretrained=args.pretrained,
-        target=args.target,
-        granularity="channel",
-        speedup=goals[-1],
+    cfg = search_config(
+        args,
+        goals[-1],
+        work,
         round_to=args.round_to,
         finetune_epochs=args.finetune_epochs,
         finetune_lr=args.finetune_lr,
         recovery=args.recovery,
         device=str(device),
-        gradient_samples=args.gradient_samples,
-        threads=1,
-        bench_runs=100,
-        out=str(work),
     )
     log = Log()
 
