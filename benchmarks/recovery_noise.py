@@ -13,7 +13,7 @@ model's latency: among its ``--signal`` candidates (BN re-calibrated, screened o
 run no slower than the uniform model (1 thread, interleaved, median of ``--repeats``), the most accurate.
 Every accuracy is measured on the held-out test images through onnxruntime.
 
-Writes ``recovery_noise_<model>.json`` and ``.md`` into ``--out``.
+Writes ``recovery_noise_<model>_uniform_<ratio>.json`` and ``.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def run(a: argparse.Namespace, argv: list[str] | None, seeds: list[int], work: P
     result = summarize(a, argv, seeds, hits, lat, dense_acc, search, pick, mm, uniform, example)
     result["wall_s"] = round(time.time() - t_start, 1)
     label = Path(a.checkpoint).stem if a.checkpoint else a.model
-    write_results(Path(a.out), f"recovery_noise_{label}", result, render(result))
+    write_results(Path(a.out), f"recovery_noise_{label}_uniform_{a.uniform_ratio:g}", result, render(result))
     print(render(result))
     return 0
 

@@ -108,6 +108,19 @@ def test_latency_stats_cv_threshold_separates_noisy_runs():
 # ---------------------------------------------------------------- runner and the local device
 
 
+def test_run_orders_shuffle_each_round_so_no_model_always_follows_the_same_one():
+    orders = runner.run_orders(3, 300)
+    assert len(orders) == 300 and all(sorted(o) == [0, 1, 2] for o in orders)
+    assert orders == runner.run_orders(3, 300)  # seeded: a rerun times the same sequence
+    # who ran just before each model (across round boundaries too): every other model, often
+    flat = [i for o in orders for i in o]
+    before = {m: [p for p, q in zip(flat, flat[1:]) if q == m] for m in range(3)}
+    for m, preds in before.items():
+        for other in range(3):
+            if other != m:
+                assert preds.count(other) > len(preds) / 4, (m, other)
+
+
 def test_runner_accuracy_on_fixed_batch_model(tmp_path, models):
     fixed = make_tiny_classifier(tmp_path / "fixed.onnx", [8], seed=0, batch=1)  # same weights as A
     sess = runner.make_session(str(fixed), 1)

@@ -143,7 +143,8 @@ def test_recovery_noise_recovers_both_models_once_per_seed(fmnist_idx_dir, monke
         "--gradient-samples", "64", "--out", str(tmp_path),
     ]  # fmt: skip
     assert recovery_noise.main(argv) == 0
-    r = json.loads((tmp_path / "recovery_noise_fmnist_resnet.json").read_text())
+    stem = "recovery_noise_fmnist_resnet_uniform_0.4"  # a ratio's dot: not Path.with_suffix
+    r = json.loads((tmp_path / f"{stem}.json").read_text())
     mm, u, c = r["mix_and_match"], r["uniform"], r["comparison"]
     assert r["seeds"] == [0, 1] and r["held_out_test_images"] == 200
     for m in (mm, u):
@@ -153,4 +154,4 @@ def test_recovery_noise_recovers_both_models_once_per_seed(fmnist_idx_dir, monke
     assert mm["name"].startswith("magnitude/") and u["ratio"] == 0.4
     assert c["mm_minus_uniform_points"] == pytest.approx((mm["accuracy_mean"] - u["accuracy_mean"]) * 100)
     assert c["paired_se_over_images_points"] >= 0 and c["se_from_seed_spread_points"] >= 0
-    assert (tmp_path / "recovery_noise_fmnist_resnet.md").read_text().startswith("# Equal latency, replicated")
+    assert (tmp_path / f"{stem}.md").read_text().startswith("# Equal latency, replicated")
