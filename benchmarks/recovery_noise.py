@@ -29,10 +29,12 @@ from pathlib import Path
 import numpy as np
 from edgeprune.benchmarks.machine import command_line, write_results
 from edgeprune.benchmarks.structured_speed import (
+    LATENCY_ORDER,
     Log,
     add_input_arguments,
     add_recovery_arguments,
     latency,
+    latency_order_note,
     load_inputs,
     make_recovery,
     paired_se_points,
@@ -181,6 +183,7 @@ def summarize(a, argv, seeds, hits, lat, dense_acc, search, pick, mm: nn.Module,
         "target": search.target.name,
         "round_to": search.round_to,
         "seeds": seeds,
+        "latency_order": LATENCY_ORDER,
         "recovery": f"BN re-calibration, then {a.finetune_epochs} epochs of `{a.recovery}` at lr {a.finetune_lr}, "
         f"batch {CompressConfig.batch_size}, best epoch kept; one run per seed (data order, shifts)",
         "dense": {"accuracy": dense_acc, "macs": search.macs, "ms_1t": lat[1][0], "ms_2t": lat[2][0]},
@@ -215,8 +218,9 @@ def render(r: dict) -> str:
             f"Command: `{r['command']}`  ",
             f"Data: {r['data']}; accuracies on the {r['held_out_test_images']} held-out test images through "
             f"onnxruntime. Target `{r['target']}`, round_to {r['round_to']}. Recovery: {r['recovery']}; seeds "
-            f"{', '.join(map(str, r['seeds']))}. Latency: onnxruntime p50, batch 1, interleaved with dense, median of "
-            f"runs. Machine: {r['machine']['cpu']}, {r['machine']['cpu_count']} cores; wall {r['wall_s']} s.",
+            f"{', '.join(map(str, r['seeds']))}. Latency: onnxruntime p50, batch 1, interleaved with dense"
+            f"{latency_order_note(r)}, median of runs. Machine: {r['machine']['cpu']}, "
+            f"{r['machine']['cpu_count']} cores; wall {r['wall_s']} s.",
             "",
             f"Dense: {d['accuracy'] * 100:.2f} %, {d['macs'] / 1e6:.2f} MMACs, {d['ms_1t']:.4f} ms (1 thread).",
             "",

@@ -713,6 +713,7 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
         "target": state["target"],
         "round_to": state["round_to"],
         "latency_repeats": args.repeats,
+        "latency_order": LATENCY_ORDER,
         "recovery": {**state["recovery"], "device": state["recovery_device"]},
         "dense": {
             "accuracy": dense_acc,
@@ -842,6 +843,13 @@ def equal_latency_pairs(
     return [p for p, _ in found], [d for _, d in found]
 
 
+LATENCY_ORDER = "each round in a fresh shuffled order"  # files timed before runner.run_orders lack it
+
+
+def latency_order_note(r: dict) -> str:
+    return f" ({r['latency_order']})" if r.get("latency_order") else ""
+
+
 def _repeats(r: dict) -> str:
     n = r.get("latency_repeats", 1)
     return f", the median of {n} such runs" if n > 1 else ""
@@ -878,7 +886,8 @@ def render(r: dict, batch: int) -> str:
         f"every model): BN re-calibration ({r['recovery']['bn_recalibration']}), then fine-tuning "
         f"{r['recovery']['finetune']}; applied to {r['recovery']['applied_to']}; trained on "
         f"{r['recovery'].get('device', 'cpu')}. Latency: onnxruntime p50, batch 1, "
-        f"all models interleaved in one run per thread count{_repeats(r)}. Machine: {r['machine']['cpu']}, "
+        f"all models interleaved in one run per thread count{latency_order_note(r)}{_repeats(r)}. "
+        f"Machine: {r['machine']['cpu']}, "
         f"{r['machine']['cpu_count']} cores (shared with other jobs); wall {r['wall_s']} s.",
         "",
         *_produced_elsewhere(r),

@@ -81,6 +81,7 @@ def test_small_run_writes_consistent_results(split, fmnist_idx_dir, monkeypatch,
     assert [p for p in scratch.iterdir() if not p.name.startswith("pymp-")] == []
     r = json.loads((tmp_path / "structured_speed_fmnist_resnet.json").read_text())
     assert ("produced_on" in r) == split and r["recovery"]["device"] == "cpu" and r["latency_repeats"] == 2
+    assert "shuffled" in r["latency_order"]
     assert (tmp_path / "structured_speed_fmnist_resnet.md").read_text().startswith("# Structured")
     # --recover-max 2, plus the pipeline's pick when it was not among them (then it is recovered too)
     assert 1 <= len(r["mix_and_match"]) <= 3 and len(r["uniform_torch_pruning"]) == 1
