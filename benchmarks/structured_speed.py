@@ -641,6 +641,12 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
     dense_onnx = files / state["dense"]["onnx"]
     paths = [dense_onnx] + [files / m["onnx"] for m in mm] + [files / u["onnx"] for u in uniform]
     lat = {th: latency(paths, sample, th, args.runs, args.repeats) for th in (1, 2)}
+    # head to head: dense and one model alone, interleaved. With a dozen models cycling, every model runs
+    # with cold caches and dense, the biggest, loses most: the all-models run read 3-4 % higher speedups
+    h2h = {
+        k: {th: latency([dense_onnx, path], sample, th, args.runs, args.repeats) for th in (1, 2)}
+        for k, path in enumerate(paths[1:], start=1)
+    }
     hits = [onnx_hits(p, held_x, held_y, threads=2) for p in paths]  # per held-out image, for paired tests
     accs = [float(h.mean()) for h in hits]
     dense_acc = accs[0]
@@ -650,9 +656,12 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
         for th in (1, 2):
             row[f"ms_{th}t"] = lat[th][k]
             row[f"speedup_{th}t"] = lat[th][0] / lat[th][k]
+            row[f"speedup_{th}t_head_to_head"] = h2h[k][th][0] / h2h[k][th][1]
         row["mac_ratio"] = dense_macs / row["macs"]
         row["speedup_over_mac_ratio_1t"] = row["speedup_1t"] / row["mac_ratio"]
         row["speedup_over_mac_ratio_2t"] = row["speedup_2t"] / row["mac_ratio"]
+        for th in (1, 2):
+            row[f"speedup_over_mac_ratio_{th}t_head_to_head"] = row[f"speedup_{th}t_head_to_head"] / row["mac_ratio"]
     sel_row = next(m for m in mm if m["selected"])
     # equal latency, both ways: each model against the other method's recovered points, interpolated
     for row in mm:
@@ -672,12 +681,14 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
     with tempfile.TemporaryDirectory(prefix="edgeprune-structured-scale-") as tmp:
         scaling = speedup_at_sizes(model, selected, sizes, max(30, args.runs // 3), Path(tmp), args.repeats)
 
-    def best_speedup_within(points: list[dict], th: int, drop: float) -> dict | None:
+    def best_speedup_within(points: list[dict], th: int, drop: float, key: str = "") -> dict | None:
+        key = key or f"speedup_{th}t"
         ok = [r for r in points if r["drop_points"] <= drop]
-        return max(ok, key=lambda r: r[f"speedup_{th}t"]) if ok else None
+        return max(ok, key=lambda r: r[key]) if ok else None
 
-    def best_accuracy_at(points: list[dict], th: int, speedup: float) -> dict | None:
-        ok = [r for r in points if r[f"speedup_{th}t"] >= speedup]
+    def best_accuracy_at(points: list[dict], th: int, speedup: float, key: str = "") -> dict | None:
+        key = key or f"speedup_{th}t"
+        ok = [r for r in points if r[key] >= speedup]
         return max(ok, key=lambda r: r["accuracy"]) if ok else None
 
     summary = {}
@@ -691,6 +702,20 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
             and {k: ua[k] for k in ("ratio", f"speedup_{th}t", "drop_points")},
             "uniform_best_drop_at_2x": ub and {k: ub[k] for k in ("ratio", f"speedup_{th}t", "drop_points")},
         }
+    for th in (1, 2):
+        key = f"speedup_{th}t_head_to_head"
+        b1, b2 = best_speedup_within(mm, th, 1.0, key), best_accuracy_at(mm, th, 2.0, key)
+        ua = best_speedup_within(uniform, th, 1.0, key)
+        summary[f"{th}t_head_to_head"] = {
+            "mm_best_speedup_within_1_point": b1 and {k: b1[k] for k in ("name", key, "drop_points")},
+            "mm_best_drop_at_2x": b2 and {k: b2[k] for k in ("name", key, "drop_points")},
+            "uniform_best_speedup_within_1_point": ua and {k: ua[k] for k in ("ratio", key, "drop_points")},
+        }
+
+    def within_at_2x(th: int) -> bool:
+        best = summary[f"{th}t_head_to_head"]["mm_best_drop_at_2x"]
+        return bool(best) and best["drop_points"] <= 1.0
+
     diffs = [p["mm_minus_uniform_points"] for p in pairs]
     summary["equal_latency_1t"] = {
         "pairs": pairs,
@@ -747,9 +772,12 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
             and summary["1t"]["mm_best_drop_at_2x"]["drop_points"] <= 1.0,
             "drop_le_1_point_at_speedup_ge_2_2t": bool(summary["2t"]["mm_best_drop_at_2x"])
             and summary["2t"]["mm_best_drop_at_2x"]["drop_points"] <= 1.0,
+            **{f"drop_le_1_point_at_speedup_ge_2_{th}t_head_to_head": within_at_2x(th) for th in (1, 2)},
             "speedup_ge_0.8_mac_ratio_all_mm_1t": all(r["speedup_over_mac_ratio_1t"] >= 0.8 for r in mm),
             "speedup_ge_0.8_mac_ratio_selected_1t": sel_row["speedup_over_mac_ratio_1t"] >= 0.8,
             "speedup_ge_0.8_mac_ratio_selected_2t": sel_row["speedup_over_mac_ratio_2t"] >= 0.8,
+            "speedup_ge_0.8_mac_ratio_selected_1t_head_to_head": sel_row["speedup_over_mac_ratio_1t_head_to_head"]
+            >= 0.8,
             f"speedup_ge_0.8_mac_ratio_selected_1t_at_{scaling[-1]['input']}px": scaling[-1][
                 "speedup_over_mac_ratio_1t"
             ]
@@ -846,6 +874,15 @@ def equal_latency_pairs(
 LATENCY_ORDER = "each round in a fresh shuffled order"  # files timed before runner.run_orders lack it
 
 
+def _h2h(s: dict) -> str:
+    if "speedup_1t_head_to_head" not in s:
+        return ""
+    return (
+        f" (head to head: {s['speedup_1t_head_to_head']:.2f}x / {s['speedup_2t_head_to_head']:.2f}x, speedup / MAC "
+        f"{s['speedup_over_mac_ratio_1t_head_to_head']:.2f} / {s['speedup_over_mac_ratio_2t_head_to_head']:.2f})"
+    )
+
+
 def latency_order_note(r: dict) -> str:
     return f" ({r['latency_order']})" if r.get("latency_order") else ""
 
@@ -906,12 +943,28 @@ def render(r: dict, batch: int) -> str:
         lines.append(
             f"| {label} | {pt(r['summary']['1t'][key], 'speedup_1t')} | {pt(r['summary']['2t'][key], 'speedup_2t')} |"
         )
+    if "1t_head_to_head" in r["summary"]:
+        lines += [
+            "",
+            "Head to head (dense and one model alone, interleaved, the same repeats; the all-models run above keeps "
+            "every model's caches cold, which costs dense most):",
+            "",
+            "| | 1 thread | 2 threads |",
+            "|---|---|---|",
+        ]
+        for key, label in (
+            ("mm_best_speedup_within_1_point", "Mix-and-Match: fastest within 1 point"),
+            ("mm_best_drop_at_2x", "Mix-and-Match: most accurate at >= 2x"),
+            ("uniform_best_speedup_within_1_point", "uniform (torch-pruning): fastest within 1 point"),
+        ):
+            h1, h2 = r["summary"]["1t_head_to_head"][key], r["summary"]["2t_head_to_head"][key]
+            lines.append(f"| {label} | {pt(h1, 'speedup_1t_head_to_head')} | {pt(h2, 'speedup_2t_head_to_head')} |")
     lines += [
         "",
         f"Pipeline selection for `{s['goal']}`: `{s['name']}` ({s['why']}): {s['accuracy'] * 100:.2f} % "
         f"(drop {s['drop_points']:.2f} pts), speedup {s['speedup_1t']:.2f}x / {s['speedup_2t']:.2f}x (1 / 2 threads), "
         f"MAC reduction {s['mac_ratio']:.2f}x, speedup / MAC ratio {s['speedup_over_mac_ratio_1t']:.2f} / "
-        f"{s['speedup_over_mac_ratio_2t']:.2f}; batch {batch}: {s[f'speedup_batch{batch}_1t']:.2f}x / "
+        f"{s['speedup_over_mac_ratio_2t']:.2f}{_h2h(s)}; batch {batch}: {s[f'speedup_batch{batch}_1t']:.2f}x / "
         f"{s[f'speedup_batch{batch}_2t']:.2f}x; ONNX parity {s['parity_max_abs_diff']:.1e}, "
         f"{s['onnx_bytes']:,} bytes vs dense {s['dense_onnx_bytes']:,}. Widths: "
         + ", ".join(f"{k} {v}" for k, v in s["group_widths"].items())

@@ -82,6 +82,9 @@ def test_small_run_writes_consistent_results(split, fmnist_idx_dir, monkeypatch,
     r = json.loads((tmp_path / "structured_speed_fmnist_resnet.json").read_text())
     assert ("produced_on" in r) == split and r["recovery"]["device"] == "cpu" and r["latency_repeats"] == 2
     assert "shuffled" in r["latency_order"]
+    h2h = r["summary"]["1t_head_to_head"]["mm_best_speedup_within_1_point"]
+    assert h2h is None or h2h["speedup_1t_head_to_head"] > 0
+    assert "drop_le_1_point_at_speedup_ge_2_1t_head_to_head" in r["checks"]
     assert (tmp_path / "structured_speed_fmnist_resnet.md").read_text().startswith("# Structured")
     # --recover-max 2, plus the pipeline's pick when it was not among them (then it is recovered too)
     assert 1 <= len(r["mix_and_match"]) <= 3 and len(r["uniform_torch_pruning"]) == 1
@@ -89,6 +92,7 @@ def test_small_run_writes_consistent_results(split, fmnist_idx_dir, monkeypatch,
     for row in r["mix_and_match"] + r["uniform_torch_pruning"]:
         assert 0 < row["ms_1t"] < 50 and 0 < row["ms_2t"] < 50
         assert row["mac_ratio"] > 1.0 and 0.0 <= row["accuracy"] <= 1.0
+        assert row["speedup_1t_head_to_head"] > 0 and row["speedup_2t_head_to_head"] > 0
         assert math.isclose(row["drop_points"], (r["dense"]["accuracy"] - row["accuracy"]) * 100)
     sel = r["selected_by_pipeline"]
     assert sel["parity_max_abs_diff"] <= 1e-4 and sel["onnx_bytes"] < sel["dense_onnx_bytes"]
