@@ -904,6 +904,14 @@ def _produced_elsewhere(r: dict) -> list[str]:
     ]
 
 
+SUMMARY_ROWS = (  # summary key -> its label in the results table
+    ("mm_best_speedup_within_1_point", "Mix-and-Match: fastest within 1 point"),
+    ("mm_best_drop_at_2x", "Mix-and-Match: most accurate at >= 2x"),
+    ("uniform_best_speedup_within_1_point", "uniform (torch-pruning): fastest within 1 point"),
+    ("uniform_best_drop_at_2x", "uniform (torch-pruning): most accurate at >= 2x"),
+)
+
+
 def render(r: dict, batch: int) -> str:
     d, s = r["dense"], r["selected_by_pipeline"]
     ok = {True: "yes", False: "**no**"}
@@ -934,15 +942,17 @@ def render(r: dict, batch: int) -> str:
         "| | 1 thread | 2 threads |",
         "|---|---|---|",
     ]
-    for key, label in (
-        ("mm_best_speedup_within_1_point", "Mix-and-Match: fastest within 1 point"),
-        ("mm_best_drop_at_2x", "Mix-and-Match: most accurate at >= 2x"),
-        ("uniform_best_speedup_within_1_point", "uniform (torch-pruning): fastest within 1 point"),
-        ("uniform_best_drop_at_2x", "uniform (torch-pruning): most accurate at >= 2x"),
-    ):
-        lines.append(
-            f"| {label} | {pt(r['summary']['1t'][key], 'speedup_1t')} | {pt(r['summary']['2t'][key], 'speedup_2t')} |"
-        )
+
+    def summary_rows(suffix: str) -> list[str]:
+        """One table row per summary entry present, 1 and 2 threads (``suffix``: "" or "_head_to_head")."""
+        one, two = r["summary"][f"1t{suffix}"], r["summary"][f"2t{suffix}"]
+        return [
+            f"| {label} | {pt(one[key], f'speedup_1t{suffix}')} | {pt(two[key], f'speedup_2t{suffix}')} |"
+            for key, label in SUMMARY_ROWS
+            if key in one
+        ]
+
+    lines += summary_rows("")
     if "1t_head_to_head" in r["summary"]:
         lines += [
             "",
@@ -952,13 +962,7 @@ def render(r: dict, batch: int) -> str:
             "| | 1 thread | 2 threads |",
             "|---|---|---|",
         ]
-        for key, label in (
-            ("mm_best_speedup_within_1_point", "Mix-and-Match: fastest within 1 point"),
-            ("mm_best_drop_at_2x", "Mix-and-Match: most accurate at >= 2x"),
-            ("uniform_best_speedup_within_1_point", "uniform (torch-pruning): fastest within 1 point"),
-        ):
-            h1, h2 = r["summary"]["1t_head_to_head"][key], r["summary"]["2t_head_to_head"][key]
-            lines.append(f"| {label} | {pt(h1, 'speedup_1t_head_to_head')} | {pt(h2, 'speedup_2t_head_to_head')} |")
+        lines += summary_rows("_head_to_head")
     lines += [
         "",
         f"Pipeline selection for `{s['goal']}`: `{s['name']}` ({s['why']}): {s['accuracy'] * 100:.2f} % "
