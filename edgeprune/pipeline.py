@@ -90,6 +90,7 @@ class CompressConfig:
     latency_budget_ms: float | None = None
     speedup: float | None = None
     round_to: int | None = None  # channel multiple; default: the target's
+    latency_costs: bool = False  # fit a per-layer latency model; add candidates ranked by score per ms saved
 
     def validate(self) -> None:
         if not 0.0 <= self.sparsity < 1.0:

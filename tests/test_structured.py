@@ -34,7 +34,7 @@ from edgeprune.structured import (
     units_to_remove,
     widths_for,
 )
-from edgeprune.structured.flow import LatencyLine, latency_goal_ms
+from edgeprune.structured.flow import LatencyLine, confirm_head_to_head, latency_goal_ms
 from edgeprune.structured.groups import ROOT_TYPES
 
 ARCHS = [
@@ -193,6 +193,31 @@ def test_selection_on_measured_latency():
     assert i == 3 and "most accurate of the fastest" in why
     cfg = type("C", (_Sel,), {"max_drop": 2.5})  # within 2.5 points of 90 %: mid and slow; mid is faster
     assert select_structured(cands, cfg, 0.9, 5.0)[0] == 1
+
+
+def test_a_latency_pick_is_confirmed_head_to_head():
+    # all-candidates run: dense 5 ms; "best" and "twin" (same architecture) 2.4 ms, "next" 2.45, "fast" 1.0
+    cands = [_cand("best", 0.90, 2.4), _cand("twin", 0.89, 2.4), _cand("next", 0.88, 2.45), _cand("fast", 0.80, 1.0)]
+    keys = [("a",), ("a",), ("b",), ("c",)]
+    alone = {"a": (4.6, 2.4), "b": (4.6, 2.2), "c": (4.6, 1.0)}  # alone, dense is faster: "a" is only 1.92x
+    calls = []
+
+    def time_pair(i):
+        calls.append(keys[i][0])
+        return alone[keys[i][0]]
+
+    cfg = type("C", (_Sel,), {"speedup": 2.0})
+    i, note = confirm_head_to_head(cands, keys, 0, cfg, 5.0, time_pair)
+    assert (i, calls) == (2, ["a", "b"]) and note == "best missed the goal timed alone against dense"
+    calls.clear()
+    assert confirm_head_to_head(cands, keys, 0, cfg, 5.0, time_pair, limit=1) == (
+        0,
+        "it missed the goal timed alone against dense",
+    ) and calls == ["a"]  # one architecture timed ("twin" shares it), the pick stands, and the report says so
+    alone["a"] = (5.0, 2.4)
+    assert confirm_head_to_head(cands, keys, 0, cfg, 5.0, time_pair) == (0, None)
+    # no latency goal: nothing to time
+    assert confirm_head_to_head(cands, keys, 0, _Sel, 5.0, time_pair) == (0, None)
 
 
 def test_structured_rules_load_and_user_section(tmp_path):
@@ -385,11 +410,13 @@ def test_compress_channel_end_to_end(tmp_path):
         threads=1,
         target="x86_64",
         speedup=1.5,
+        latency_costs=True,
         out=str(out),
     )
     report = compress(cfg)
     assert report.granularity == "channel"
-    assert len(report.strategies) == 20
+    assert len(report.strategies) == 2 * (10 + 3)  # ten strategies and three latency-model allocations per signal
+    assert {c.strategy for c in report.strategies} >= {"latency-", "latency", "latency+"}
     for c in report.strategies:
         assert c.latency_ms > 0 and 0 < c.macs < report.dense.macs and 0 < c.sparsity < 1
     assert any(c.pareto for c in report.strategies)

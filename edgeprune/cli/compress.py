@@ -39,6 +39,11 @@ def compress_cmd(
     latency_budget: float | None = typer.Option(None, help="channel: most accurate candidate under this p50 (ms)"),
     speedup: float | None = typer.Option(None, help="channel: most accurate candidate at least this much faster"),
     round_to: int | None = typer.Option(None, help="channel: keep widths multiples of this (default: the target's)"),
+    latency_costs: bool = typer.Option(
+        False,
+        help="channel, experimental: time each group narrowed alone, fit a per-layer latency model and add "
+        "candidates that remove units by score per millisecond saved",
+    ),
     bn_recal: bool = typer.Option(True, help="re-calibrate BatchNorm statistics after masking"),
     finetune_epochs: int = typer.Option(3, help="fine-tuning epochs for the best candidates (0 = none)"),
     finetune_top: int = typer.Option(2, help="how many screened candidates to fine-tune"),
@@ -88,6 +93,7 @@ def compress_cmd(
         latency_budget_ms=latency_budget,
         speedup=speedup,
         round_to=round_to,
+        latency_costs=latency_costs,
         quantize=quantize,
         pack=pack,
         ort_format=ort_format,

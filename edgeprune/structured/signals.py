@@ -35,7 +35,7 @@ _MAGNITUDE = tp.importance.GroupMagnitudeImportance(p=2, group_reduction="sum", 
 _TAYLOR = tp.importance.GroupTaylorImportance(group_reduction="sum", normalizer=None, multivariable=True)
 
 
-def _mean_normalized(t: torch.Tensor) -> torch.Tensor:
+def mean_normalized(t: torch.Tensor) -> torch.Tensor:
     mean = t.mean()
     return t / mean if mean > 0 else torch.ones_like(t)
 
@@ -59,7 +59,7 @@ def combine(signal: str, magnitude: torch.Tensor, taylor_sq: torch.Tensor) -> to
         return magnitude
     if signal == "gradient":
         return taylor_sq
-    return _mean_normalized(magnitude) * _mean_normalized(taylor_sq)
+    return mean_normalized(magnitude) * mean_normalized(taylor_sq)
 
 
 def accumulate_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 128) -> None:
@@ -115,7 +115,7 @@ def global_threshold_ratios(
     cap = {g.name: g.units - min_keep_units(g, round_to) for g in groups}
     entries: list[tuple[float, str, int]] = []
     for g in groups:
-        norm = _mean_normalized(scores[g.name])
+        norm = mean_normalized(scores[g.name])
         entries += [(float(v), g.name, g.unit_size) for v in norm]
     entries.sort(key=lambda e: e[0])
     goal = target * sum(g.channels for g in groups)
