@@ -146,7 +146,8 @@ def render(r: dict) -> str:
         "torch-pruning's pruning, not the search's).",
         "",
         f"Mean |predicted / measured speedup - 1|: latency model **{err['latency_model']:.1%}**, MAC line "
-        f"**{err['mac_line']:.1%}** (latency model's joint/additive scale {r['latency_model_scale']:.2f}).",
+        f"**{err['mac_line']:.1%}** (the model's scale to match the narrowest model, 1 = fitted exactly: "
+        f"{r['latency_model_scale']:.2f}).",
         "",
         "| candidate | MMACs | speedup | predicted: model | predicted: MACs | screening accuracy % | widths |",
         "|---|---:|---:|---:|---:|---:|---|",

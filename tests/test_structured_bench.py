@@ -160,3 +160,26 @@ def test_recovery_noise_recovers_both_models_once_per_seed(fmnist_idx_dir, monke
     assert c["mm_minus_uniform_points"] == pytest.approx((mm["accuracy_mean"] - u["accuracy_mean"]) * 100)
     assert c["paired_se_over_images_points"] >= 0 and c["se_from_seed_spread_points"] >= 0
     assert (tmp_path / f"{stem}.md").read_text().startswith("# Equal latency, replicated")
+
+
+@pytest.mark.slow
+def test_latency_allocation_times_every_architecture_and_scores_both_predictors(fmnist_idx_dir, monkeypatch, tmp_path):
+    from edgeprune.benchmarks import latency_allocation
+
+    monkeypatch.setenv("EDGEPRUNE_FASHION_MNIST", str(fmnist_idx_dir))
+    argv = [
+        "--model", "fmnist_resnet", "--pretrained", "--calib-images", "300", "--screen-images", "100",
+        "--runs", "10", "--repeats", "1", "--gradient-samples", "64", "--out", str(tmp_path),
+    ]  # fmt: skip
+    assert latency_allocation.main(argv) == 0
+    r = json.loads((tmp_path / "latency_allocation_fmnist_resnet.json").read_text())
+    rows = r["candidates"]
+    assert len(rows) == 3 * (10 + 3)  # every candidate of the three signals, latency allocations included
+    assert sum(row["latency_model"] for row in rows) == 9
+    assert [row["speedup"] for row in rows] == sorted((row["speedup"] for row in rows), reverse=True)
+    for row in rows:
+        assert 0 < row["macs"] < r["dense"]["macs"] and row["speedup"] > 0 and 0.0 <= row["screen_accuracy"] <= 1.0
+        assert row["predicted_speedup_model"] >= 1.0 and row["predicted_speedup_macs"] >= 1.0
+    err = r["prediction_error"]
+    assert 0 <= err["latency_model"] < 1 and 0 <= err["mac_line"] < 1 and r["latency_model_scale"] > 0
+    assert (tmp_path / "latency_allocation_fmnist_resnet.md").read_text().startswith("# Latency model")

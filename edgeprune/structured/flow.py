@@ -312,6 +312,7 @@ class ChannelSearch:
         self.example, self.check = data.eval_x[:1], data.eval_x[:CHECK_IMAGES]
         self.sample = data.eval_x[:1].numpy().astype(np.float32)
         self.use_bn = cfg.bn_recal and has_batchnorm(model)
+        self.latency_model: LatencyModel | None = None  # fitted by costs() with --latency-costs
 
     def run(self) -> Report:
         self.discover()
@@ -407,7 +408,6 @@ class ChannelSearch:
     def costs(self) -> None:
         """Each group narrowed alone to the narrowest width the rules allow, timed in one run with dense and
         the probe, fits the latency model (``costs``): what each layer's MACs cost on this target."""
-        self.latency_model: LatencyModel | None = None
         if not self.cfg.latency_costs:
             return
         timed = [g for g in self.groups if self.caps[g.name].hi > 0]
@@ -430,7 +430,7 @@ class ChannelSearch:
         self.latency_model = calibrated(model, narrowest, ms[1])
         self.progress.log(
             f"latency model: dense {ms[0]:.3f} ms, narrowest {ms[1]:.3f} ms, "
-            f"joint/additive saving {self.latency_model.scale:.2f}"
+            f"model scaled by {self.latency_model.scale:.2f} to match the narrowest"
         )
 
     def signals(self) -> None:
