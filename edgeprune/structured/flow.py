@@ -2,12 +2,13 @@
 
 groups (DependencyGraph) → dense eval + dense ONNX → probe: the narrowest model the rules allow,
 compacted, exported and timed next to dense (fails early, naming the layer, where the graph cannot
-follow a model; turns a latency goal into MACs) → group signals → ranges (3 signals x 3 global
-targets, one threshold each, clipped by ``rules/structured.json``) → ten strategies per signal → widths
-rounded to ``round_to`` → screening (compact + BN re-calibration + eval + ONNX export with parity) →
-latency of every distinct architecture (onnxruntime, the target's threads, batch 1, interleaved with
-dense) → fine-tune the best few → Pareto on accuracy vs measured latency → select → export + benchmark
-→ report.
+follow a model; turns a latency goal into MACs) → [``--latency-costs``: each group narrowed alone and
+timed, a per-layer latency model (``costs``)] → group signals → ranges (3 signals x 3 global targets, one
+threshold each, clipped by ``rules/structured.json``) → ten strategies per signal [+ three latency-model
+allocations] → widths rounded to ``round_to`` → screening (compact + BN re-calibration + eval + ONNX export
+with parity) → latency of every distinct architecture (onnxruntime, the target's threads, batch 1,
+interleaved with dense) → fine-tune the best few → Pareto on accuracy vs measured latency → select (a
+latency pick re-timed alone against dense) → export + benchmark → report.
 
 Candidates of different signals but equal widths are the same architecture: their latency is measured
 once (their accuracy is not: different channels survive).
