@@ -34,7 +34,7 @@ from edgeprune.structured import (
     units_to_remove,
     widths_for,
 )
-from edgeprune.structured.flow import LatencyLine, confirm_head_to_head, latency_goal_ms
+from edgeprune.structured.flow import LatencyLine, confirm_head_to_head, latency_goal_ms, mac_pareto
 from edgeprune.structured.groups import ROOT_TYPES
 
 ARCHS = [
@@ -193,6 +193,13 @@ def test_selection_on_measured_latency():
     assert i == 3 and "most accurate of the fastest" in why
     cfg = type("C", (_Sel,), {"max_drop": 2.5})  # within 2.5 points of 90 %: mid and slow; mid is faster
     assert select_structured(cands, cfg, 0.9, 5.0)[0] == 1
+
+
+def test_mac_pareto_front():
+    cands = [_cand("a", 0.90, 1.0), _cand("b", 0.80, 1.0), _cand("c", 0.85, 1.0), _cand("d", 0.90, 1.0)]
+    for c, macs in zip(cands, (10, 5, 12, 11), strict=True):
+        c.macs = macs
+    assert mac_pareto(cands) == [True, True, False, False]  # c and d: as accurate or worse, with more MACs
 
 
 def test_a_latency_pick_is_confirmed_head_to_head():
@@ -433,7 +440,8 @@ def test_compress_channel_end_to_end(tmp_path):
     for layer in saved["layers"]:  # every group's kept width is a multiple of 8 or untouched
         kept = round(layer["shape"][0] * (1 - layer["sparsity"]))
         assert kept == layer["shape"][0] or kept % 8 == 0
-    assert "Structured candidates" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "Structured candidates" in md and "Pareto (MACs)" in md
 
 
 def test_bad_selection_flags_are_refused(tmp_path):
