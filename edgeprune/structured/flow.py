@@ -240,6 +240,7 @@ def select_structured(cands: list[Candidate], cfg, dense_accuracy: float, dense_
 
 
 HEAD_TO_HEAD = 3  # distinct architectures re-timed alone against dense before a latency pick is final
+PAIR_REPEATS = 3  # runs of each such pair; the median counts
 
 
 def confirm_head_to_head(
@@ -726,9 +727,12 @@ class ChannelSearch:
         return report
 
     def _time_pair(self, i: int) -> tuple[float, float]:
-        """Dense and candidate ``i`` alone, interleaved: their p50 latencies."""
-        res = self._bench([self.staging / "dense.onnx", self.cands[i].onnx], warmup=5, runs=self.cfg.bench_runs)
-        return res[0]["latency_ms"]["p50"], res[1]["latency_ms"]["p50"]
+        """Dense and candidate ``i`` alone, interleaved: their p50 latencies, each the median of
+        ``PAIR_REPEATS`` runs (two models time quickly; one run of a 0.1 ms model moves by several %)."""
+        paths = [self.staging / "dense.onnx", self.cands[i].onnx]
+        runs = [self._bench(paths, warmup=5, runs=self.cfg.bench_runs) for _ in range(PAIR_REPEATS)]
+        dense, cand = (float(np.median([r[k]["latency_ms"]["p50"] for r in runs])) for k in (0, 1))
+        return dense, cand
 
     def _by_name(self) -> list[tuple[str, ChannelGroup]]:
         return [(g.name, g) for g in self.groups]
