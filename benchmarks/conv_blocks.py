@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from edgeprune.benchmarks.machine import command_line, machine_info, write_results
-from edgeprune.benchmarks.structured_speed import latency
+from edgeprune.benchmarks.structured_speed import LATENCY_ORDER, latency
 from edgeprune.export import export_onnx
 from torch import nn
 
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         "depth": args.depth,
         "widths": widths,
         "rows": rows,
+        "latency_order": LATENCY_ORDER,
         "machine": machine_info(),
     }
     m = result["machine"]
@@ -79,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         "# Which channel widths buy latency: conv_blocks",
         "",
         f"Command: `{result['command']}`. {args.depth} 3x3 convolutions (+ReLU), width channels in and out, batch 1, "
-        f"onnxruntime p50, 1 thread. Machine: {m['cpu']}, {m['cores']} cores, onnxruntime "
-        f"{m['versions'].get('onnxruntime')}.",
+        f"onnxruntime p50, 1 thread, all widths interleaved ({LATENCY_ORDER}). Machine: {m['cpu']}, "
+        f"{m['cores']} cores, onnxruntime {m['versions'].get('onnxruntime')}.",
         "",
         "| input px | " + " | ".join(f"{w} ch ms" for w in widths) + " | no faster than the next width |",
         "|---:|" + "---:|" * len(widths) + "---|",
