@@ -180,6 +180,7 @@ def test_latency_allocation_times_every_architecture_and_scores_both_predictors(
     for row in rows:
         assert 0 < row["macs"] < r["dense"]["macs"] and row["speedup"] > 0 and 0.0 <= row["screen_accuracy"] <= 1.0
         assert row["predicted_speedup_model"] >= 1.0 and row["predicted_speedup_macs"] >= 1.0
+        assert row["speedup_head_to_head"] > 0
     err = r["prediction_error"]
-    assert 0 <= err["latency_model"] < 1 and 0 <= err["mac_line"] < 1 and r["latency_model_scale"] > 0
+    assert all(0 <= e < 1 for e in err.values()) and len(err) == 4 and r["latency_model_scale"] > 0
     assert (tmp_path / "latency_allocation_fmnist_resnet.md").read_text().startswith("# Latency model")

@@ -408,30 +408,35 @@ class ChannelSearch:
         )
 
     def costs(self) -> None:
-        """Each group narrowed alone to the narrowest width the rules allow, timed in one run with dense and
-        the probe, fits the latency model (``costs``): what each layer's MACs cost on this target."""
+        """Each group narrowed alone to the narrowest width the rules allow, and the probe, each timed head to
+        head with dense (with many models in one run dense runs with cold caches and every saving reads
+        high: 2x on a 0.2 ms MobileNetV3), fit the latency model (``costs``): what each layer's MACs cost on
+        this target."""
         if not self.cfg.latency_costs:
             return
         timed = [g for g in self.groups if self.caps[g.name].hi > 0]
         kept = widths_for(timed, {g.name: self.caps[g.name].hi for g in timed}, self.round_to)
+        dense_path = self.staging / "dense.onnx"
         with self.t("latency"):
             self.progress.start(f"latency model: {len(timed)} groups narrowed one at a time", total=len(timed) + 1)
-            paths, macs = [self.staging / "dense.onnx", self.work / "probe.onnx"], {}
+            pairs = {"probe": self._pair_ms(dense_path, self.work / "probe.onnx")}
+            macs = {}
             for i, g in enumerate(timed):
                 narrowed = compact(self.model, self.example, {g.name: list(range(g.units - kept[g.name]))})
                 macs[g.name] = layer_macs(narrowed, self.example)
-                paths.append(self._export(narrowed, self.work / f"cost{i}.onnx").path)
+                pairs[g.name] = self._pair_ms(dense_path, self._export(narrowed, self.work / f"cost{i}.onnx").path)
                 self.progress.advance()
-            ms = [r["latency_ms"]["p50"] for r in self._bench(paths, warmup=5, runs=self.cfg.bench_runs)]
             self.progress.finish()
+        # each pair's ratio to its own dense run (the VM drifts between pairs), on one dense latency
+        dense_ms = float(np.median([d for d, _ in pairs.values()]))
+        after = {name: dense_ms * ms / d for name, (d, ms) in pairs.items()}
         dense_macs = layer_macs(self.model, self.example)
-        floor_rate = COST_FLOOR * ms[0] / max(1.0, sum(dense_macs.values()))
-        alone = dict(zip((g.name for g in timed), ms[2:], strict=True))
-        model = fit_latency_model(dense_macs, macs, ms[0], alone, floor_rate)
+        floor_rate = COST_FLOOR * dense_ms / max(1.0, sum(dense_macs.values()))
+        model = fit_latency_model(dense_macs, macs, dense_ms, {g.name: after[g.name] for g in timed}, floor_rate)
         narrowest = {g.name: self.probe_widths[g.name] / g.units for g in self.groups}
-        self.latency_model = calibrated(model, narrowest, ms[1])
+        self.latency_model = calibrated(model, narrowest, after["probe"])
         self.progress.log(
-            f"latency model: dense {ms[0]:.3f} ms, narrowest {ms[1]:.3f} ms, "
+            f"latency model: dense {dense_ms:.3f} ms, narrowest {after['probe']:.3f} ms, "
             f"model scaled by {self.latency_model.scale:.2f} to match the narrowest"
         )
 
@@ -727,12 +732,14 @@ class ChannelSearch:
         return report
 
     def _time_pair(self, i: int) -> tuple[float, float]:
-        """Dense and candidate ``i`` alone, interleaved: their p50 latencies, each the median of
-        ``PAIR_REPEATS`` runs (two models time quickly; one run of a 0.1 ms model moves by several %)."""
-        paths = [self.staging / "dense.onnx", self.cands[i].onnx]
-        runs = [self._bench(paths, warmup=5, runs=self.cfg.bench_runs) for _ in range(PAIR_REPEATS)]
-        dense, cand = (float(np.median([r[k]["latency_ms"]["p50"] for r in runs])) for k in (0, 1))
-        return dense, cand
+        return self._pair_ms(self.staging / "dense.onnx", self.cands[i].onnx)
+
+    def _pair_ms(self, a: Path, b: Path) -> tuple[float, float]:
+        """Two models alone, interleaved: their p50 latencies, each the median of ``PAIR_REPEATS`` runs (two
+        models time quickly; one run of a 0.1 ms model moves by several %)."""
+        runs = [self._bench([a, b], warmup=5, runs=self.cfg.bench_runs) for _ in range(PAIR_REPEATS)]
+        first, second = (float(np.median([r[k]["latency_ms"]["p50"] for r in runs])) for k in (0, 1))
+        return first, second
 
     def _by_name(self) -> list[tuple[str, ChannelGroup]]:
         return [(g.name, g) for g in self.groups]
