@@ -10,7 +10,7 @@ where ``G_l`` are the groups whose channels layer ``l``'s MACs scale with (its i
 groups), ``kept_g`` the fraction of group ``g`` kept, and ``ms_l`` the layer's MACs times a ms-per-MAC
 rate measured per group: each group narrowed alone, timed next to dense. The product term is what a
 sum of per-group savings misses: a convolution between two narrowed groups shrinks once, not twice.
-``scale`` then matches the narrowest model (every group narrowed at once) measured in the same run.
+``scale`` then matches the narrowest model (every group narrowed at once), timed the same way.
 
 ``latency_allocation`` is a Mix-and-Match strategy that looks at latency: inside each group's ratio range
 it removes, round_to-block by block, the units with the least score per millisecond saved (the saving
