@@ -13,7 +13,7 @@ model's latency: among its ``--signal`` candidates (BN re-calibrated, screened o
 run no slower than the uniform model (1 thread, interleaved, median of ``--repeats``), the most accurate.
 Every accuracy is measured on the held-out test images through onnxruntime.
 
-Writes ``recovery_noise_<model>_uniform_<ratio>.json`` and ``.md`` into ``--out``.
+Writes ``recovery_noise_<model>_uniform_<ratio>[_<pick>].json`` and ``.md`` into ``--out``.
 """
 
 from __future__ import annotations
@@ -61,13 +61,19 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def pick_at_latency(search: ChannelSearch, signal: str, uniform_onnx: Path, sample: np.ndarray, a) -> tuple:
+def pick_at_latency(
+    search: ChannelSearch, signal: str, uniform_onnx: Path, sample: np.ndarray, a, name: str | None = None
+) -> tuple:
     """The search's pick at the uniform model's latency: the most accurate screened ``signal`` candidate
     timed no slower than the uniform model (all distinct architectures and the uniform model interleaved,
-    1 thread). Returns (candidate, its ms, the uniform model's ms); if none is that fast, the fastest."""
+    1 thread), or the candidate called ``name``. Returns (candidate, its ms, the uniform model's ms); if none
+    is that fast, the fastest."""
+    names = {cc.candidate.name for cc in search.cands}
+    if name is not None and name not in names:
+        raise SystemExit(f"recovery_noise: error: no candidate '{name}'; the search built {', '.join(sorted(names))}")
     shapes = {}
     for cc in search.cands:
-        if cc.candidate.signal == signal:
+        if cc.candidate.name == name or (name is None and cc.candidate.signal == signal):
             best = shapes.get(cc.shape_key)
             if best is None or cc.candidate.accuracy > best.candidate.accuracy:
                 shapes[cc.shape_key] = cc
@@ -85,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uniform-ratio", type=float, default=0.4, help="torch-pruning's uniform pruning ratio")
     p.add_argument("--signal", default="magnitude", choices=("magnitude", "gradient", "product"))
     p.add_argument("--speedup", type=float, default=1.8, help="the structured search's goal (centres its ranges)")
+    p.add_argument("--latency-costs", action="store_true", help="the search also builds latency-model candidates")
+    p.add_argument("--pick", default=None, help="recover this candidate (e.g. magnitude/latency+), not the search's")
     p.add_argument("--seeds", default="0,1,2", help="one recovery of each model per seed")
     add_recovery_arguments(p)
     p.add_argument("--gradient-samples", type=int, default=1024)
@@ -114,13 +122,14 @@ def run(a: argparse.Namespace, argv: list[str] | None, seeds: list[int], work: P
     export_onnx(uniform, example, work / "uniform.onnx", check_inputs=data.eval_x[:64])
     log.finish()
 
-    cfg = search_config(a, a.speedup, work, signals=(a.signal,), finetune_epochs=0)
+    cfg = search_config(a, a.speedup, work, signals=(a.signal,), finetune_epochs=0, latency_costs=a.latency_costs)
     (work / "search").mkdir()
     search = ChannelSearch(cfg, target, model, data, work / "search", work, log, Timings())
-    for stage in (search.discover, search.dense, search.probe, search.signals, search.plan, search.screen):
+    stages = (search.discover, search.dense, search.probe, search.costs, search.signals, search.plan, search.screen)
+    for stage in stages:
         stage()
     log.start("time the search's candidates against the uniform model (1 thread)")
-    pick, pick_ms, uniform_ms = pick_at_latency(search, a.signal, work / "uniform.onnx", sample, a)
+    pick, pick_ms, uniform_ms = pick_at_latency(search, a.signal, work / "uniform.onnx", sample, a, a.pick)
     log.finish()
     log.log(f"pick {pick.candidate.name}: {pick_ms:.4f} ms vs uniform {uniform_ms:.4f} ms")
     mm = compact(model, example, pick.remove)
@@ -146,7 +155,8 @@ def run(a: argparse.Namespace, argv: list[str] | None, seeds: list[int], work: P
     result = summarize(a, argv, seeds, hits, lat, dense_acc, search, pick, mm, uniform, example)
     result["wall_s"] = round(time.time() - t_start, 1)
     label = Path(a.checkpoint).stem if a.checkpoint else a.model
-    write_results(Path(a.out), f"recovery_noise_{label}_uniform_{a.uniform_ratio:g}", result, render(result))
+    stem = f"recovery_noise_{label}_uniform_{a.uniform_ratio:g}" + (f"_{a.pick.replace('/', '_')}" if a.pick else "")
+    write_results(Path(a.out), stem, result, render(result))
     print(render(result))
     return 0
 

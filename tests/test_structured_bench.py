@@ -184,3 +184,21 @@ def test_latency_allocation_times_every_architecture_and_scores_both_predictors(
     err = r["prediction_error"]
     assert all(0 <= e < 1 for e in err.values()) and len(err) == 4 and r["latency_model_scale"] > 0
     assert (tmp_path / "latency_allocation_fmnist_resnet.md").read_text().startswith("# Latency model")
+
+
+@pytest.mark.slow
+def test_recovery_noise_recovers_a_named_pick(fmnist_idx_dir, monkeypatch, tmp_path, capsys):
+    from edgeprune.benchmarks import recovery_noise
+
+    monkeypatch.setenv("EDGEPRUNE_FASHION_MNIST", str(fmnist_idx_dir))
+    argv = [
+        "--model", "fmnist_resnet", "--pretrained", "--calib-images", "300", "--screen-images", "100",
+        "--seeds", "0", "--finetune-epochs", "1", "--device", "cpu", "--runs", "10", "--repeats", "1",
+        "--gradient-samples", "64", "--latency-costs", "--out", str(tmp_path),
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match="no candidate 'magnitude/nope'; the search built .*magnitude/latency"):
+        recovery_noise.main([*argv, "--pick", "magnitude/nope"])
+    assert not list(tmp_path.iterdir())
+    assert recovery_noise.main([*argv, "--pick", "magnitude/latency"]) == 0
+    r = json.loads((tmp_path / "recovery_noise_fmnist_resnet_uniform_0.4_magnitude_latency.json").read_text())
+    assert r["mix_and_match"]["name"] == "magnitude/latency" and len(r["uniform"]["accuracy_per_seed"]) == 1
