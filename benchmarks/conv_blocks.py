@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 from edgeprune.benchmarks.machine import command_line, machine_info, write_results
-from edgeprune.benchmarks.structured_speed import LATENCY_ORDER, latency
+from edgeprune.benchmarks.runner import median_p50
+from edgeprune.benchmarks.structured_speed import LATENCY_ORDER
 from edgeprune.export import export_onnx
 from torch import nn
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
             paths = [Path(tmp) / f"w{w}_{size}.onnx" for w in widths]
             for w, path in zip(widths, paths, strict=True):
                 export_onnx(ConvStack(w, args.depth).eval(), x, path, check_inputs=x)
-            ms = latency(paths, x.numpy(), 1, args.runs)
+            ms = median_p50(paths, x.numpy(), 1, args.runs)
             rows.append(
                 {
                     "input": size,

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import numpy as np
 from edgeprune.benchmarks.machine import command_line, write_results
+from edgeprune.benchmarks.runner import median_p50
 from edgeprune.benchmarks.structured_speed import (
     LATENCY_ORDER,
     Log,
     add_input_arguments,
-    latency,
     load_inputs,
+    screened_search,
     search_config,
     this_machine,
     uniform_prune,
@@ -36,9 +37,8 @@ from edgeprune.benchmarks.structured_speed import (
 from edgeprune.export import export_onnx
 
 from edgeprune.evaluation import params_and_macs
-from edgeprune.pipeline import Timings
 from edgeprune.report import versions
-from edgeprune.structured.flow import LATENCY_LEVELS, ChannelSearch
+from edgeprune.structured.flow import LATENCY_LEVELS
 from edgeprune.targets import get_target
 
 
@@ -71,20 +71,17 @@ def run(a: argparse.Namespace, argv: list[str] | None, work: Path) -> dict:
     )
     export_onnx(uniform, example, work / "uniform.onnx", check_inputs=data.eval_x[:64])
     cfg = search_config(a, a.speedup, work, finetune_epochs=0, latency_costs=True)
-    (work / "search").mkdir()
-    s = ChannelSearch(cfg, target, model, data, work / "search", work, log, Timings())
-    for stage in (s.discover, s.dense, s.probe, s.costs, s.signals, s.plan, s.screen):
-        stage()
+    s = screened_search(cfg, target, model, data, work, log)
     shapes: dict[tuple, list] = {}
     for cc in s.cands:
         shapes.setdefault(cc.shape_key, []).append(cc)
     log.start(f"time {len(shapes)} architectures, uniform and dense (1 thread, {a.repeats} runs)")
-    ms = latency([work / "search" / "dense.onnx", work / "uniform.onnx", *(c[0].onnx for c in shapes.values())],
-                 sample, 1, a.runs, a.repeats)  # fmt: skip
+    dense_path = work / "search" / "dense.onnx"
+    archs = [c[0].onnx for c in shapes.values()]
+    ms = median_p50([dense_path, work / "uniform.onnx", *archs], sample, 1, a.runs, a.repeats)
     log.finish()
     log.start(f"time each architecture alone against dense (1 thread, {a.repeats} runs)")
-    dense_path = work / "search" / "dense.onnx"
-    alone = [latency([dense_path, c[0].onnx], sample, 1, a.runs, a.repeats) for c in shapes.values()]
+    alone = [median_p50([dense_path, arch], sample, 1, a.runs, a.repeats) for arch in archs]
     log.finish()
     lm, line = s.latency_model, s.line
     rows = []

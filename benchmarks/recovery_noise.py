@@ -28,16 +28,17 @@ from pathlib import Path
 
 import numpy as np
 from edgeprune.benchmarks.machine import command_line, write_results
+from edgeprune.benchmarks.runner import median_p50
 from edgeprune.benchmarks.structured_speed import (
     LATENCY_ORDER,
     Log,
     add_input_arguments,
     add_recovery_arguments,
-    latency,
     latency_order_note,
     load_inputs,
     make_recovery,
     paired_se_points,
+    screened_search,
     search_config,
     this_machine,
     uniform_prune,
@@ -47,7 +48,7 @@ from edgeprune.export.quantize import onnx_hits
 from torch import nn
 
 from edgeprune.evaluation import params_and_macs
-from edgeprune.pipeline import CompressConfig, Timings
+from edgeprune.pipeline import CompressConfig
 from edgeprune.report import versions
 from edgeprune.structured import compact
 from edgeprune.structured.flow import ChannelSearch
@@ -78,7 +79,7 @@ def pick_at_latency(
             if best is None or cc.candidate.accuracy > best.candidate.accuracy:
                 shapes[cc.shape_key] = cc
     cands = list(shapes.values())
-    ms = latency([uniform_onnx, *(cc.onnx for cc in cands)], sample, 1, a.runs, a.repeats)
+    ms = median_p50([uniform_onnx, *(cc.onnx for cc in cands)], sample, 1, a.runs, a.repeats)
     ok = [i for i in range(len(cands)) if ms[1 + i] <= ms[0]]
     i = max(ok, key=lambda j: cands[j].candidate.accuracy) if ok else min(range(len(cands)), key=lambda j: ms[1 + j])
     return cands[i], ms[1 + i], ms[0]
@@ -123,11 +124,7 @@ def run(a: argparse.Namespace, argv: list[str] | None, seeds: list[int], work: P
     log.finish()
 
     cfg = search_config(a, a.speedup, work, signals=(a.signal,), finetune_epochs=0, latency_costs=a.latency_costs)
-    (work / "search").mkdir()
-    search = ChannelSearch(cfg, target, model, data, work / "search", work, log, Timings())
-    stages = (search.discover, search.dense, search.probe, search.costs, search.signals, search.plan, search.screen)
-    for stage in stages:
-        stage()
+    search = screened_search(cfg, target, model, data, work, log)
     log.start("time the search's candidates against the uniform model (1 thread)")
     pick, pick_ms, uniform_ms = pick_at_latency(search, a.signal, work / "uniform.onnx", sample, a, a.pick)
     log.finish()
@@ -150,7 +147,7 @@ def run(a: argparse.Namespace, argv: list[str] | None, seeds: list[int], work: P
     dense_path = work / "search" / "dense.onnx"
     last = {k: work / f"{k}_{seeds[-1]}.onnx" for k in hits}
     paths = [dense_path, last["mix_and_match"], last["uniform"]]
-    lat = {th: latency(paths, sample, th, a.runs, a.repeats) for th in (1, 2)}
+    lat = {th: median_p50(paths, sample, th, a.runs, a.repeats) for th in (1, 2)}
     dense_acc = float(onnx_hits(dense_path, held_x, held_y, threads=2).mean())
     result = summarize(a, argv, seeds, hits, lat, dense_acc, search, pick, mm, uniform, example)
     result["wall_s"] = round(time.time() - t_start, 1)

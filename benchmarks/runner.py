@@ -230,6 +230,18 @@ def bench(
     return results
 
 
+def median_p50(
+    paths: list, sample: np.ndarray, threads: int = 1, runs: int = 50, repeats: int = 1, warmup: int = 20
+) -> list[float]:
+    """Each model's p50 latency (ms), interleaved (``bench``); with ``repeats`` > 1 the median over that many
+    such runs (one run's figures swing by several % on a shared machine, by a tenth at 2 threads)."""
+    per_run = [
+        [r["latency_ms"]["p50"] for r in bench([str(p) for p in paths], sample, threads, warmup, runs)]
+        for _ in range(repeats)
+    ]
+    return [float(np.median(col)) for col in zip(*per_run)]  # noqa: B905 (Python 3.8 on devices)
+
+
 def first_outputs(paths: list[str], sample: np.ndarray) -> list[list]:
     """The first output of each model on ``sample``, as nested lists (for correctness checks)."""
     outs = []

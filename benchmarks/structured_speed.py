@@ -57,7 +57,7 @@ import numpy as np
 import torch
 import torch_pruning as tp
 from edgeprune.benchmarks.machine import command_line, cpu_model, write_results
-from edgeprune.benchmarks.runner import bench
+from edgeprune.benchmarks.runner import median_p50
 from edgeprune.export import export_onnx
 from edgeprune.export.quantize import onnx_hits
 from torch import nn
@@ -164,16 +164,6 @@ class Log(Progress):
 
     def log(self, message: str) -> None:
         print(f"[structured_speed]   {message}", flush=True)
-
-
-def latency(paths: list[Path], sample: np.ndarray, threads: int, runs: int, repeats: int = 1) -> list[float]:
-    """p50 of each model, interleaved; with ``repeats`` > 1 the median of that many such runs (one run's
-    2-thread figures swing by a tenth on a shared VM)."""
-    per_run = [
-        [r["latency_ms"]["p50"] for r in bench([str(p) for p in paths], sample, threads=threads, warmup=20, runs=runs)]
-        for _ in range(repeats)
-    ]
-    return [float(np.median(col)) for col in zip(*per_run, strict=True)]
 
 
 def this_machine() -> dict:
@@ -315,7 +305,7 @@ def speedup_at_sizes(
         for m, path in zip(models, paths, strict=True):
             export_onnx(m, x, path, check_inputs=x)
         macs = [params_and_macs(m, x)[1] for m in models]
-        ms = {th: latency(paths, x.numpy(), th, runs, repeats) for th in (1, 2)}
+        ms = {th: median_p50(paths, x.numpy(), th, runs, repeats) for th in (1, 2)}
         for k, name in enumerate(variants, start=1):
             row = {"input": size, "variant": name, "dense_mmacs": macs[0] / 1e6, "mmacs": macs[k] / 1e6}
             row["mac_ratio"] = macs[0] / macs[k]
@@ -467,6 +457,17 @@ def search_config(a: argparse.Namespace, speedup: float, work: Path, **overrides
         out=str(work),
         **overrides,
     )
+
+
+def screened_search(cfg: CompressConfig, target, model: nn.Module, data: DataBundle, work: Path, log) -> ChannelSearch:
+    """The pipeline's structured search, in ``work / "search"``, up to and including screening: candidates
+    compacted, BN re-calibrated, scored and exported (with ``cfg.latency_costs``, the latency model too)."""
+    (work / "search").mkdir()
+    search = ChannelSearch(cfg, target, model, data, work / "search", work, log, Timings())
+    for stage in (search.discover, search.dense, search.probe, search.costs, search.signals, search.plan):
+        stage()
+    search.screen()
+    return search
 
 
 def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dict:
@@ -640,11 +641,11 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
     # latency at batch 1, 1 and 2 threads, everything interleaved in one run per thread count
     dense_onnx = files / state["dense"]["onnx"]
     paths = [dense_onnx] + [files / m["onnx"] for m in mm] + [files / u["onnx"] for u in uniform]
-    lat = {th: latency(paths, sample, th, args.runs, args.repeats) for th in (1, 2)}
+    lat = {th: median_p50(paths, sample, th, args.runs, args.repeats) for th in (1, 2)}
     # head to head: dense and one model alone, interleaved. With a dozen models cycling, every model runs
     # with cold caches and dense, the biggest, loses most: the all-models run read 2-5 % higher speedups
     h2h = {
-        k: {th: latency([dense_onnx, path], sample, th, args.runs, args.repeats) for th in (1, 2)}
+        k: {th: median_p50([dense_onnx, path], sample, th, args.runs, args.repeats) for th in (1, 2)}
         for k, path in enumerate(paths[1:], start=1)
     }
     hits = [onnx_hits(p, held_x, held_y, threads=2) for p in paths]  # per held-out image, for paired tests
@@ -671,7 +672,9 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
     pairs, pair_diffs = equal_latency_pairs(mm, uniform, hits[1 : 1 + len(mm)], hits[1 + len(mm) :])
     big = data.eval_x[: args.batch_check].numpy().astype(np.float32)
     sel_onnx = files / sel_row["onnx"]
-    batch_lat = {th: latency([dense_onnx, sel_onnx], big, th, max(20, args.runs // 10), args.repeats) for th in (1, 2)}
+    batch_lat = {
+        th: median_p50([dense_onnx, sel_onnx], big, th, max(20, args.runs // 10), args.repeats) for th in (1, 2)
+    }
 
     sizes = [int(v) for v in args.scale_sizes.split(",") if v.strip()]
     print(f"[structured_speed] speedup vs MAC ratio of the selection at inputs {sizes} ...", flush=True)

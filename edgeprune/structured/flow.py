@@ -415,7 +415,7 @@ class ChannelSearch:
         if not self.cfg.latency_costs:
             return
         timed = [g for g in self.groups if self.caps[g.name].hi > 0]
-        kept = widths_for(timed, {g.name: self.caps[g.name].hi for g in timed}, self.round_to)
+        kept = self.probe_widths  # each group alone at the width it has in the narrowest model
         dense_path = self.staging / "dense.onnx"
         with self.t("latency"):
             self.progress.start(f"latency model: {len(timed)} groups narrowed one at a time", total=len(timed) + 1)
@@ -486,14 +486,14 @@ class ChannelSearch:
         if goal_ms is None:  # a sparsity goal: the latency the line gives the baseline plan's MACs
             goal_ms = line.ms_for(self._plan_macs(self.goal_ratio))
         ranges = {n: (r.lo, r.hi) for n, r in self.ranges.items()}
+        # each level's goal as a fraction of dense, in the model's own milliseconds
+        goals = {
+            s: lm.dense_ms * (1.0 - min(1.0, k * (1.0 - goal_ms / line.dense_ms))) for s, k in LATENCY_LEVELS.items()
+        }
         out = []
         for signal in self.cfg.signals:
-            for strategy, level in LATENCY_LEVELS.items():
-                # the goal as a fraction of dense, in the model's own (same-run) milliseconds
-                saving = min(1.0, level * (1.0 - goal_ms / line.dense_ms))
-                widths = latency_allocation(
-                    self.groups, self.scores[signal], lm, lm.dense_ms * (1.0 - saving), ranges, self.round_to
-                )
+            for strategy, goal in goals.items():
+                widths = latency_allocation(self.groups, self.scores[signal], lm, goal, ranges, self.round_to)
                 remove = units_to_remove(self.groups, widths, self.scores[signal])
                 out.append(ChannelCandidate(Candidate.mix_and_match(signal, strategy), widths, remove))
         return out
@@ -737,8 +737,9 @@ class ChannelSearch:
     def _pair_ms(self, a: Path, b: Path) -> tuple[float, float]:
         """Two models alone, interleaved: their p50 latencies, each the median of ``PAIR_REPEATS`` runs (two
         models time quickly; one run of a 0.1 ms model moves by several %)."""
-        runs = [self._bench([a, b], warmup=5, runs=self.cfg.bench_runs) for _ in range(PAIR_REPEATS)]
-        first, second = (float(np.median([r[k]["latency_ms"]["p50"] for r in runs])) for k in (0, 1))
+        from ..benchmarks.runner import median_p50
+
+        first, second = median_p50([a, b], self.sample, self.threads, self.cfg.bench_runs, PAIR_REPEATS, warmup=5)
         return first, second
 
     def _by_name(self) -> list[tuple[str, ChannelGroup]]:
