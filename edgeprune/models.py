@@ -99,6 +99,8 @@ def load_model(
         raise EdgepruneError(f"model '{spec}' is a {type(model).__name__}, not a torch.nn.Module")
     if checkpoint is not None:
         load_checkpoint(model, checkpoint, spec=spec)
+    else:  # a factory or hub download can hand over NaN too; the checkpoint path checks its own tensors
+        check_finite(model.state_dict(), f"model '{spec}'", "check the factory or the downloaded weights")
     return model.cpu().eval()
 
 
@@ -316,7 +318,28 @@ def load_checkpoint(model: nn.Module, path: str | Path, *, spec: str = "the mode
             f"(first: {first}); {hint}"
         )
     state = {k: v.to(own[k].dtype) for k, v in state.items()}
+    # After the cast: a float64 1e300 becomes a float32 Inf here.
+    check_finite(state, f"checkpoint {Path(path).name}", "re-save it from a healthy training run")
     model.load_state_dict(state, strict=False)
+
+
+def check_finite(state: Mapping[str, torch.Tensor], what: str, fix: str) -> None:
+    """Raise `EdgepruneError` naming the first floating tensor holding NaN or Inf (and how many others do).
+
+    Without this a NaN weight surfaces much later and by accident (a zero count, a parity check).
+    """
+    bad: list[tuple[str, int, int]] = []
+    for name, t in state.items():
+        if (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all()):
+            nan = int(torch.isnan(t).sum())
+            bad.append((name, nan, int(t.numel() - torch.isfinite(t).sum()) - nan))
+    if not bad:
+        return
+    name, nan, inf = bad[0]
+    counts = " and ".join(p for p in (f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else "") if p)
+    more = f" ({len(bad) - 1} more tensors too)" if len(bad) > 1 else ""
+    values = "value" if nan + inf == 1 else "values"
+    raise EdgepruneError(f"{what}: tensor '{name}' has {counts} {values}{more}; {fix}")
 
 
 def _shape_hint(model: nn.Module, key: str, theirs: torch.Tensor, ours: torch.Tensor) -> str:

@@ -28,12 +28,17 @@ from .sparsity import _sparse_to_dense, onnx_layer_sparsity, onnx_weight_sparsit
 
 PREFIX = "edgeprune."
 # Keys whose values are JSON (decoded by `read_metadata`) or numbers.
-_JSON_KEYS = {"layer_sparsity", "reference"}
+_JSON_KEYS = {"layer_sparsity", "reference", "parity"}
 _FLOAT_KEYS = {"global_sparsity"}
 _INT_KEYS = {"calibration_size", "opset"}
 REFERENCE_SEED = 0
 REFERENCE_BATCH = 2
 REFERENCE_MAX_VALUES = 2048
+# The reference input's shape comes from the file: bound it before allocating (a crafted
+# [2, 100000, 100000, 100000] would ask numpy for petabytes). 2**24 values per image is a 3x2364x2364
+# image, far above any edge model's input; rank 2 to 8 covers (N, features) to video-like inputs.
+MAX_INPUT_VALUES = 1 << 24
+MAX_INPUT_RANK = 8
 
 
 def build_metadata(
@@ -94,10 +99,11 @@ def _parse(key: str, value: str) -> Any:
         if short in _JSON_KEYS:
             return json.loads(value)
         if short in _FLOAT_KEYS:
-            return float(value)
+            number = float(value)
+            return number if np.isfinite(number) else value  # "nan" / "inf" are no sparsity
         if short in _INT_KEYS:
             return int(value)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
         return value  # a hand-edited or foreign value: show it as is
     return value
 
@@ -174,19 +180,126 @@ def reference_entry(shape: list[int], outputs: list[np.ndarray], atol: float, rt
     )
 
 
+def parity_entry(max_abs_diff: float, max_rel_diff: float, tol: float, inputs: int) -> str:
+    """``edgeprune.parity``: the FP32 export's check against PyTorch (rule: ``export.onnx_export.OutputDiff``).
+
+    It says ``"precision": "fp32"`` because companions (INT8, packed) copy the FP32 file's metadata.
+    """
+    return json.dumps(
+        {
+            "vs": "pytorch",
+            "precision": "fp32",
+            "inputs": int(inputs),
+            "max_abs_diff": float(f"{max_abs_diff:.4g}"),
+            "max_rel_diff": float(f"{max_rel_diff:.4g}"),
+            "rule": "max|onnx-pytorch| / max(1, max|pytorch|) per output <= tol",
+            "tol": tol,
+        }
+    )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_input_shape(
+    shape: Any,
+    what: str = "the recorded input shape",
+    fix: str = "the artifact's metadata was edited or damaged; re-export it",
+) -> list[int]:
+    """``shape`` as a list of ints if it is a plausible input shape (rank 2-8, dims >= 1, bounded size).
+
+    Anything else (the shape is read from a file that may be crafted) is an `EdgepruneError` naming it.
+    The batch dimension (first) is not counted: callers replace it with their own.
+    """
+    if (
+        not isinstance(shape, (list, tuple))
+        or not 2 <= len(shape) <= MAX_INPUT_RANK
+        or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
+    ):
+        raise EdgepruneError(f"{what} {_short(shape)} is not a list of 2 to {MAX_INPUT_RANK} integers; {fix}")
+    if any(d < 1 for d in shape[1:]):
+        raise EdgepruneError(f"{what} {_short(shape)} has a dimension below 1; {fix}")
+    values = 1
+    for d in shape[1:]:
+        values *= d
+    if values > MAX_INPUT_VALUES:
+        raise EdgepruneError(
+            f"{what} {_short(shape)} is too large ({values:.3g} values per input, at most {MAX_INPUT_VALUES:,}); {fix}"
+        )
+    return [int(d) for d in shape]
+
+
+def _tolerance(reference: dict[str, Any], key: str) -> float:
+    value = reference.get(key)
+    if value is None:
+        raise EdgepruneError(f"the recorded reference has no '{key}' tolerance; re-export the artifact")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise EdgepruneError(
+            f"the recorded reference's '{key}' is {_short(value)}, not a finite number >= 0; re-export the artifact"
+        )
+    return float(value)
+
+
+def parse_reference(reference: Any) -> dict[str, Any]:
+    """The decoded ``edgeprune.reference`` entry, validated: shape, tolerances and outputs.
+
+    Returns ``{"shape", "atol", "rtol", "outputs" (float64 arrays), "source"}``; raises `EdgepruneError`
+    (one line, naming the bad field) for JSON that did not decode, a missing or non-numeric field, a
+    shape that is not a plausible (bounded) input shape, or recorded outputs that are not finite numbers.
+    """
+    if isinstance(reference, str):
+        raise EdgepruneError("the recorded reference (edgeprune.reference) is not valid JSON; re-export the artifact")
+    if not isinstance(reference, dict):
+        raise EdgepruneError(f"the recorded reference is {_short(reference)}, not a JSON object; re-export it")
+    if "shape" not in reference:
+        raise EdgepruneError("the recorded reference has no input 'shape'; re-export the artifact")
+    shape = check_input_shape(reference["shape"], "the recorded reference input shape")
+    atol, rtol = _tolerance(reference, "atol"), _tolerance(reference, "rtol")
+    if atol == 0:  # the allowed distance would be 0 where the expected value is 0: nothing could pass
+        raise EdgepruneError("the recorded reference's 'atol' is 0; re-export the artifact")
+    raw = reference.get("outputs")
+    # Arrays: a reference this function already parsed (it is idempotent).
+    if not isinstance(raw, list) or not all(isinstance(o, (list, np.ndarray)) for o in raw):
+        raise EdgepruneError("the recorded reference's 'outputs' is not a list of value lists; re-export the artifact")
+    outputs = []
+    for k, values in enumerate(raw):
+        numeric = (
+            np.issubdtype(values.dtype, np.number)
+            if isinstance(values, np.ndarray)
+            else all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        )
+        if not numeric:
+            raise EdgepruneError(f"the recorded reference output {k} holds non-numbers; re-export the artifact")
+        array = np.asarray(values, dtype=np.float64).ravel()
+        if not np.isfinite(array).all():
+            raise EdgepruneError(f"the recorded reference output {k} holds NaN or Inf; re-export the artifact")
+        outputs.append(array)
+    source = reference.get("source")
+    return {
+        "shape": shape,
+        "atol": atol,
+        "rtol": rtol,
+        "outputs": outputs,
+        "source": source if isinstance(source, str) else "recorded",
+    }
+
+
 def reference_mismatch(reference: dict[str, Any], outputs: list[np.ndarray]) -> float:
     """How far ``outputs`` (on `reference_inputs`) are from the embedded reference, in units of its tolerance.
 
-    <= 1 means within tolerance; ``inf`` when the number or size of outputs differs.
+    <= 1 means within tolerance; ``inf`` when the number or size of outputs differs, or an output holds a
+    NaN or Inf. A malformed reference (see `parse_reference`) raises `EdgepruneError`.
     """
-    expected = reference.get("outputs", [])
+    reference = parse_reference(reference)
+    expected = reference["outputs"]
     if len(expected) != len(outputs):
         return float("inf")
     worst = 0.0
     for want, got in zip(expected, outputs, strict=True):
-        want = np.asarray(want, dtype=np.float64)
         got = np.asarray(got, dtype=np.float64).ravel()[: want.size]
-        if got.size != want.size:
+        if got.size != want.size or not np.isfinite(got).all():
             return float("inf")
         allowed = reference["atol"] + reference["rtol"] * np.abs(want)
         ratio = np.abs(got - want) / allowed
@@ -268,5 +381,10 @@ def describe_artifact(path: str | Path) -> dict[str, Any]:
         # The recorded figure is PyTorch's; BN folding can add zeros, never remove them.
         checks["sparsity_recorded"] = meta["global_sparsity"]
         checks["sparsity_ok"] = zeros / total >= meta["global_sparsity"] - 1e-6  # stored with 6 decimals
+    if "reference" in meta:
+        try:
+            parse_reference(meta["reference"])
+        except EdgepruneError as exc:  # shown, not raised: inspect describes damaged files too
+            checks["reference_ok"], checks["reference_problem"] = False, str(exc)
     info["checks"] = checks
     return info

@@ -26,7 +26,15 @@ from torch.nn.utils import parametrize
 
 from edgeprune.errors import EdgepruneError, UnsupportedModelError
 
-from .metadata import PREFIX, REFERENCE_BATCH, reference_entry, reference_inputs, set_metadata, weights_digest
+from .metadata import (
+    PREFIX,
+    REFERENCE_BATCH,
+    parity_entry,
+    reference_entry,
+    reference_inputs,
+    set_metadata,
+    weights_digest,
+)
 from .sparsity import TorchWeightCount, onnx_weight_sparsity, torch_weight_sparsity
 
 log = logging.getLogger(__name__)
@@ -48,6 +56,8 @@ class ExportResult:
     simplified: bool  # whether the simplifier's graph was kept
     bn_fold_extra_zeros: int = 0  # zeros added by folding a BatchNorm with scale exactly 0 (expected)
     simplifier: str = ""  # "onnxsim", "onnxslim" or "" (none)
+    # max |onnxruntime - PyTorch| / max(1, max |PyTorch|) per output (the gated figure, see `OutputDiff`)
+    parity_max_rel_diff: float = 0.0
 
     @property
     def sparsity_torch(self) -> float:
@@ -154,6 +164,8 @@ def run_onnx(session: ort.InferenceSession, inputs: np.ndarray | torch.Tensor) -
     """Run ``session`` over ``inputs`` in chunks; returns every output concatenated over the batch."""
     array = inputs.detach().cpu().numpy() if isinstance(inputs, torch.Tensor) else np.asarray(inputs)
     array = array.astype(np.float32, copy=False)
+    if len(array) == 0:
+        raise EdgepruneError("no input images to run the model on; pass at least one image")
     name = session.get_inputs()[0].name
     fixed = session.get_inputs()[0].shape[0]
     step = fixed if isinstance(fixed, int) and fixed > 0 else PARITY_BATCH
@@ -169,20 +181,109 @@ def run_onnx(session: ort.InferenceSession, inputs: np.ndarray | torch.Tensor) -
 
 @torch.no_grad()
 def run_torch(model: nn.Module, inputs: torch.Tensor) -> list[np.ndarray]:
+    if len(inputs) == 0:
+        raise EdgepruneError("no input images to run the model on; pass at least one image")
     outs = [_flatten_outputs(model(inputs[i : i + PARITY_BATCH])) for i in range(0, len(inputs), PARITY_BATCH)]
     return [torch.cat([o[k] for o in outs]).numpy() for k in range(len(outs[0]))]
 
 
-def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
-    if len(a) != len(b):
-        return float("inf")
-    worst = 0.0
-    for x, y in zip(a, b, strict=True):
+def output_names(session: ort.InferenceSession) -> list[str]:
+    return [o.name for o in session.get_outputs()]
+
+
+@dataclass(frozen=True)
+class OutputDiff:
+    """How far one set of model outputs (``got``) is from another (``want``, the reference side).
+
+    The rule, per output k (each output has its own scale, e.g. logits next to probabilities):
+
+    - ``abs_k = max |got_k - want_k|`` and ``rel_k = abs_k / max(1, max |want_k|)``;
+    - ``max_abs_diff`` / ``max_rel_diff`` are the largest ``abs_k`` / ``rel_k`` over the outputs.
+
+    A check with tolerance ``tol`` passes iff ``max_rel_diff <= tol``: an absolute ``tol`` where outputs
+    are O(1) (|values| <= 1), and ``tol`` relative to the output's largest magnitude above that, so
+    float32 rounding on logits of ~1e3 (one ulp is ~6e-5) is not mistaken for an unfaithful graph.
+    ``problem`` is set (and both numbers are ``inf``) when the outputs cannot be compared: a different
+    number or shape of outputs, or a NaN/Inf on either side (NaN never compares, so it must not pass).
+    """
+
+    max_abs_diff: float
+    max_rel_diff: float
+    problem: str = ""
+    nonfinite_side: str = ""  # which side had NaN/Inf ("" when none)
+
+    def within(self, tol: float) -> bool:
+        return not self.problem and self.max_rel_diff <= tol
+
+    def describe(self, tol: float | None = None) -> str:
+        if self.problem:
+            return self.problem
+        text = f"max |diff| {self.max_abs_diff:.3g} ({self.max_rel_diff:.3g} relative to the output scale"
+        return text + (f", tol {tol:g})" if tol is not None else ")")
+
+
+def _nonfinite(x: np.ndarray) -> str:
+    """'' for an all-finite array, else e.g. '3 NaN and 1 Inf values'."""
+    if not np.issubdtype(x.dtype, np.floating) and not np.issubdtype(x.dtype, np.complexfloating):
+        return ""
+    if np.isfinite(x).all():
+        return ""
+    nan = int(np.isnan(x).sum())
+    inf = int(x.size - nan - np.isfinite(x).sum())
+    parts = [f"{nan} NaN" if nan else "", f"{inf} Inf" if inf else ""]
+    return " and ".join(p for p in parts if p) + (" value" if nan + inf == 1 else " values")
+
+
+def _label(k: int, names: list[str] | None) -> str:
+    return f"output {k} ('{names[k]}')" if names and k < len(names) else f"output {k}"
+
+
+def nonfinite_outputs(outputs: list[np.ndarray], *, side: str, names: list[str] | None = None) -> str:
+    """'' if every output is finite, else which one is not, e.g. "onnxruntime output 1 ('prob') has 3 NaN values"."""
+    for k, x in enumerate(outputs):
+        what = _nonfinite(np.asarray(x))
+        if what:
+            return f"{side} {_label(k, names)} has {what}"
+    return ""
+
+
+def compare_outputs(
+    got: list[np.ndarray],
+    want: list[np.ndarray],
+    *,
+    got_side: str = "onnxruntime",
+    want_side: str = "PyTorch",
+    names: list[str] | None = None,
+) -> OutputDiff:
+    """``got`` against ``want`` by the rule in `OutputDiff` (NaN/Inf on either side is a named problem)."""
+    inf = float("inf")
+    if len(got) != len(want):
+        return OutputDiff(inf, inf, f"{got_side} gives {len(got)} outputs, {want_side} {len(want)}")
+
+    worst_abs = worst_rel = 0.0
+    for k, (x, y) in enumerate(zip(got, want, strict=True)):
+        x, y = np.asarray(x), np.asarray(y)
+        bad = [(side, what) for side, what in ((want_side, _nonfinite(y)), (got_side, _nonfinite(x))) if what]
+        if bad:
+            side, what = bad[0]
+            also = f" ({bad[1][0]}'s too)" if len(bad) > 1 else ""
+            return OutputDiff(inf, inf, f"{side} {_label(k, names)} has {what}{also}", nonfinite_side=side)
         if x.shape != y.shape:
-            return float("inf")
-        if x.size:
-            worst = max(worst, float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))))
-    return worst
+            shapes = f"{got_side} shape {list(x.shape)} vs {want_side} {list(y.shape)}"
+            return OutputDiff(inf, inf, f"{_label(k, names)}: {shapes}")
+        if not x.size:
+            continue
+        x64, y64 = x.astype(np.float64), y.astype(np.float64)
+        diff = float(np.max(np.abs(x64 - y64)))
+        scale = float(np.max(np.abs(y64)))
+        worst_abs = max(worst_abs, diff)
+        worst_rel = max(worst_rel, diff / max(1.0, scale))
+    return OutputDiff(worst_abs, worst_rel)
+
+
+def max_abs_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Max |a - b| over every output; ``inf`` if they differ in count or shape or hold a NaN/Inf."""
+    return compare_outputs(a, b).max_abs_diff
 
 
 def write_atomic(model: onnx.ModelProto, path: Path) -> int:
@@ -233,7 +334,9 @@ def export_onnx(
 
     Checks: ``onnx.checker``; the zeros of every prunable weight survive export and simplification (a
     simplified graph that changes the count is discarded for the unsimplified one); onnxruntime matches
-    PyTorch on ``check_inputs`` (default ``example``) within ``tol`` max abs difference.
+    PyTorch on ``check_inputs`` (default ``example``): every output finite, and max |diff| within ``tol``
+    times ``max(1, max |PyTorch output|)`` (absolute for O(1) outputs, relative for large logits; see
+    `OutputDiff`). Both figures are returned and recorded in the artifact (``edgeprune.parity``).
     """
     path = Path(path)
     if opset < MIN_OPSET:
@@ -285,7 +388,9 @@ def export_onnx(
     except onnx.checker.ValidationError as exc:
         raise UnsupportedModelError(f"the exported ONNX graph is invalid: {str(exc).splitlines()[0]}") from exc
 
-    diff = parity_check(net, final, check, tol)
+    parity = parity_check(net, final, check, tol)
+    # Metadata does not enter the weights digest or the outputs: the checked graph is the one written.
+    set_metadata(final, {PREFIX + "parity": parity_entry(parity.max_abs_diff, parity.max_rel_diff, tol, len(check))})
     size = write_atomic(final, path)
     return ExportResult(
         path=path,
@@ -295,7 +400,8 @@ def export_onnx(
         zeros_onnx=zeros,
         prunable_torch=counted.total,
         prunable_onnx=total,
-        parity_max_abs_diff=diff,
+        parity_max_abs_diff=parity.max_abs_diff,
+        parity_max_rel_diff=parity.max_rel_diff,
         simplified=bool(used),
         bn_fold_extra_zeros=zeros - counted.zeros,
         simplifier=used,
@@ -328,15 +434,24 @@ def _self_check_metadata(
     return entries
 
 
-def parity_check(net: nn.Module, onnx_model: onnx.ModelProto, inputs: torch.Tensor, tol: float) -> float:
-    """Max abs difference between onnxruntime and PyTorch on ``inputs``; raise if above ``tol``."""
+def parity_check(net: nn.Module, onnx_model: onnx.ModelProto, inputs: torch.Tensor, tol: float) -> OutputDiff:
+    """onnxruntime against PyTorch on ``inputs`` (rule: `OutputDiff`); raise unless every output is finite
+    and the max relative difference is at most ``tol``."""
     try:
         session = make_session(onnx_model)
     except Exception as exc:
         raise UnsupportedModelError(f"onnxruntime cannot load the exported graph: {exc}") from exc
-    diff = max_abs_diff(run_onnx(session, inputs), run_torch(net, inputs))
-    if not diff <= tol:  # also catches NaN
+    result = compare_outputs(run_onnx(session, inputs), run_torch(net, inputs), names=output_names(session))
+    if result.nonfinite_side == "PyTorch":
         raise EdgepruneError(
-            f"ONNX output differs from PyTorch by {diff:.3g} (> {tol:g} allowed); the export is not faithful"
+            f"ONNX parity check failed: {result.problem} on the check inputs; the model itself is not finite "
+            "there, check its weights (or checkpoint) and the input normalization"
         )
-    return diff
+    if result.problem:
+        raise EdgepruneError(f"ONNX parity check failed: {result.problem}; the export is not faithful")
+    if not result.within(tol):
+        raise EdgepruneError(
+            f"ONNX output differs from PyTorch by {result.max_abs_diff:.3g} ({result.max_rel_diff:.3g} relative "
+            f"to the output scale, > {tol:g} allowed); the export is not faithful"
+        )
+    return result

@@ -106,6 +106,7 @@ def export_cmd(
         "zeros_torch": result.zeros_torch,
         "zeros_onnx": result.zeros_onnx,
         "parity_max_abs_diff": result.parity_max_abs_diff,
+        "parity_max_rel_diff": result.parity_max_rel_diff,
         "simplified": result.simplified,
         **shipped.to_dict(),
     }
@@ -193,4 +194,5 @@ def verify_cmd(
         Console().print(table)
     if not report.ok:
         failed = ", ".join(c.name for c in report.failures())
-        raise EdgepruneError(f"{artifact} failed verification ({failed})")
+        first = report.failures()[0]  # its detail names the problem (the table went to stdout)
+        raise EdgepruneError(f"{artifact} failed verification ({failed}): {first.detail}")
