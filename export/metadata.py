@@ -231,6 +231,21 @@ def check_input_shape(
     return [int(d) for d in shape]
 
 
+def check_reference_fits(shape: list[int], dims: list[Any]) -> None:
+    """Raise unless the recorded ``shape`` has the graph input's rank and every fixed dim of ``dims``.
+
+    ``dims``: the graph's input dims, ints > 0 where fixed (anything else is free); none known: no check.
+    """
+    fixed = [d if isinstance(d, int) and not isinstance(d, bool) and d > 0 else None for d in dims]
+    pairs = zip(fixed[1:], shape[1:], strict=False)
+    if dims and (len(shape) != len(dims) or any(f is not None and f != d for f, d in pairs)):
+        graph = ["?" if f is None else f for f in fixed]
+        raise EdgepruneError(
+            f"the recorded reference input shape {_short(shape)} does not fit the graph's input {graph}; "
+            "the artifact's metadata was edited or damaged, re-export it"
+        )
+
+
 def _tolerance(reference: dict[str, Any], key: str) -> float:
     value = reference.get(key)
     if value is None:
@@ -383,7 +398,9 @@ def describe_artifact(path: str | Path) -> dict[str, Any]:
         checks["sparsity_ok"] = zeros / total >= meta["global_sparsity"] - 1e-6  # stored with 6 decimals
     if "reference" in meta:
         try:
-            parse_reference(meta["reference"])
+            shape = parse_reference(meta["reference"])["shape"]
+            if model.graph.input:
+                check_reference_fits(shape, info["inputs"][0]["shape"])
         except EdgepruneError as exc:  # shown, not raised: inspect describes damaged files too
             checks["reference_ok"], checks["reference_problem"] = False, str(exc)
     info["checks"] = checks

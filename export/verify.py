@@ -40,6 +40,7 @@ from edgeprune.errors import EdgepruneError
 from .metadata import (
     REFERENCE_BATCH,
     check_input_shape,
+    check_reference_fits,
     load_artifact,
     parse_reference,
     read_metadata,
@@ -118,16 +119,7 @@ def _input_shape(session: Any, reference: dict[str, Any] | None, batch: int) -> 
     dims = session.get_inputs()[0].shape
     if reference is not None:
         shape = reference["shape"]
-        fixed = [d if isinstance(d, int) and d > 0 else None for d in dims]
-        # A graph without shape information (no dims) cannot disagree.
-        pairs = zip(fixed[1:], shape[1:], strict=False)
-        misfit = len(shape) != len(dims) or any(f is not None and f != d for f, d in pairs)
-        if dims and misfit:
-            graph = ["?" if f is None else f for f in fixed]
-            raise EdgepruneError(
-                f"the recorded reference input shape {shape} does not fit the graph's input {graph}; "
-                "the artifact's metadata was edited or damaged, re-export it"
-            )
+        check_reference_fits(shape, list(dims))
         return [batch, *shape[1:]]
     if any(not isinstance(d, int) or d <= 0 for d in dims[1:]):
         raise EdgepruneError("the artifact's input shape is not fixed and it records none; pass --data")
