@@ -1,9 +1,10 @@
 """Phase 1: per-layer sparsity ranges.
 
-rho_min(l) / rho_max(l) are the min / max sparsity that the single-criterion baselines (MAG, SNIP, GraSP,
-one global threshold each, at three global targets) leave in layer l. Architecture rules — data files in
-``edgeprune/rules/`` — then clip those ranges. A rule matches layers by role, name pattern and size, and
-clips their range into its own; rules apply in order, so a later (more specific) rule wins.
+rho_min(l) / rho_max(l) are the min / max sparsity that the single-criterion baselines (MAG, SNIP, GraSP as in
+the paper, plus LAMP and ERK, whose allocations win on CNNs; at three global targets) leave in layer l.
+Architecture rules — data files in ``edgeprune/rules/`` — then clip those ranges. A rule matches layers by role,
+name pattern and size, and clips their range into its own; rules apply in order, so a later (more specific) rule
+wins. A file's rules may declare the global sparsity ``band`` they were written for; outside it they do not clip.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class Rule:
     min_params: int | None = None
     max_share: float | None = None  # the layer's share of the model's prunable weights, at most
     why: str = ""
+    band: tuple[float, float] | None = None  # global sparsities its file was written for; outside, it does not clip
 
     def matches(self, layer: Layer, total: int = 0) -> bool:
         """``total``: the model's prunable weights (for ``max_share``; 0 = unknown, the share test passes)."""
@@ -50,15 +52,17 @@ class LayerRange:
     hi: float
     baseline: tuple[float, float] | None = None  # before the rules, None for layers the baselines skip
     rules: list[str] = field(default_factory=list)  # the `why` of every rule that clipped it
+    conflict: str | None = None  # set when a rule did not overlap the range: what was pinned, and by which rule
 
 
 def parse_rules(data: dict, source: str, key: str = "rules") -> list[Rule]:
     """Validate a rules document ({"rules": [...]}) and turn the list under ``key`` into Rule objects."""
     if not isinstance(data, dict) or not isinstance(data.get("rules"), list):
         raise EdgepruneError(f"rules file {source}: expected an object with a 'rules' list")
-    unknown = set(data) - {"description", "rules", "late_rules", "structured"}
+    unknown = set(data) - {"description", "rules", "late_rules", "structured", "band"}
     if unknown:
         raise EdgepruneError(f"rules file {source}: unknown top-level key(s) {sorted(unknown)}")
+    band = parse_band(data.get("band"), source)
     rules = []
     for i, raw in enumerate(data.get(key, [])):
         where = f"rules file {source}, rule {i + 1}"
@@ -95,6 +99,7 @@ def parse_rules(data: dict, source: str, key: str = "rules") -> list[Rule]:
                 min_params=raw.get("min_params"),
                 max_share=None if share is None else float(share),
                 why=raw.get("why", f"{source} rule {i + 1}"),
+                band=band,
             )
         )
     return rules
@@ -138,27 +143,62 @@ def baseline_ranges(plans: list[Plan]) -> dict[str, tuple[float, float]]:
     return {n: (min(p[n] for p in plans), max(p[n] for p in plans)) for n in names}
 
 
-def clip_range(lo: float, hi: float, rule: tuple[float, float]) -> tuple[float, float]:
-    """Clip [lo, hi] into [rule_lo, rule_hi]; a disjoint range collapses onto the nearest bound."""
+def parse_band(band: object, source: str) -> tuple[float, float] | None:
+    """A rules file's optional ``"band": [min, max]``: the global sparsities its rules were written for."""
+    if band is None:
+        return None
+    if not (isinstance(band, list) and len(band) == 2 and all(isinstance(v, (int, float)) for v in band)):
+        raise EdgepruneError(f"rules file {source}: 'band' must be [min, max] global sparsities, got {band!r}")
+    lo, hi = float(band[0]), float(band[1])
+    if not 0.0 <= lo <= hi < 1.0:
+        raise EdgepruneError(f"rules file {source}: band [{lo}, {hi}] must satisfy 0 <= min <= max < 1")
+    return lo, hi
+
+
+def clip_range(lo: float, hi: float, rule: tuple[float, float]) -> tuple[float, float, bool]:
+    """Clip [lo, hi] into the rule's range; the third value says the two did not overlap.
+
+    A rule is a limit, so it wins: a range lying wholly outside it ends on the rule's nearest bound. That empties
+    what the baselines asked for, so the flag lets ``apply_rules`` report it instead of collapsing it silently.
+    """
     rlo, rhi = rule
-    return min(max(lo, rlo), rhi), min(max(hi, rlo), rhi)
+    disjoint = hi < rlo or lo > rhi
+    return min(max(lo, rlo), rhi), min(max(hi, rlo), rhi), disjoint
+
+
+def in_band(rule: Rule, sparsity: float | None) -> bool:
+    """Whether a rule clips at this global sparsity (None: no target, e.g. ``inspect`` - every rule shows)."""
+    return rule.band is None or sparsity is None or rule.band[0] - 1e-9 <= sparsity <= rule.band[1] + 1e-9
 
 
 def apply_rules(
-    layers: list[Layer], rules: list[Rule], base: dict[str, tuple[float, float]] | None = None
+    layers: list[Layer],
+    rules: list[Rule],
+    base: dict[str, tuple[float, float]] | None = None,
+    sparsity: float | None = None,
 ) -> dict[str, LayerRange]:
-    """Final per-layer ranges. Without ``base`` the rules alone define them (what ``inspect`` shows)."""
+    """Final per-layer ranges. Without ``base`` the rules alone define them (what ``inspect`` shows).
+
+    ``sparsity``: the global target; a rule whose file declares a ``band`` clips only inside it (the authors'
+    per-stage rules were written for one regime and cap the model outside it). A rule that does not overlap
+    the range so far pins it to the rule's bound and says so in ``conflict``.
+    """
     out = {}
     total = sum(layer.numel for layer in layers if layer.prunable)
     for layer in layers:
         start = base.get(layer.name) if base else None
         lo, hi = start if start is not None else (0.0, 0.99)
-        applied = []
+        applied, conflicts = [], []
         for rule in rules:
-            if rule.matches(layer, total):
-                new = clip_range(lo, hi, rule.range)
-                if new != (lo, hi):
+            if rule.matches(layer, total) and in_band(rule, sparsity):
+                new_lo, new_hi, disjoint = clip_range(lo, hi, rule.range)
+                if (new_lo, new_hi) != (lo, hi):
                     applied.append(rule.why)
-                lo, hi = new
-        out[layer.name] = LayerRange(lo=lo, hi=hi, baseline=start, rules=applied)
+                if disjoint:
+                    rlo, rhi = rule.range
+                    conflicts.append(
+                        f"{lo:.0%}-{hi:.0%} lies outside {rlo:.0%}-{rhi:.0%} ({rule.why}): pinned at {new_lo:.0%}"
+                    )
+                lo, hi = new_lo, new_hi
+        out[layer.name] = LayerRange(lo=lo, hi=hi, baseline=start, rules=applied, conflict="; ".join(conflicts) or None)
     return out
