@@ -5,12 +5,17 @@ device runs the same self-contained ``runner.py`` in its own process, so peak RS
 torch's) and local numbers are comparable with remote ones:
 
 - ``local``: ``sys.executable runner.py`` on this machine;
-- ``ssh://user@host[:port]``: ``mktemp -d`` on the device, ``scp`` runner + artifacts + inputs .npz,
-  ``python3 runner.py``, parse its JSON, and always kill a leftover runner and remove the temp dir;
+- ``ssh://user@host[:port]``: ``mktemp -d`` on the device, stream runner + artifacts + inputs .npz over
+  ssh (no scp/SFTP: dropbear boards have none), ``python3 runner.py``, parse its JSON, and always kill a
+  leftover runner and remove the temp dir;
 - ``qemu-arm64``: the aarch64 interpreter under QEMU user mode (``edgeprune.benchmarks.qemu_arm64``).
   Correct outputs and accuracy, but timings of an emulator are meaningless: the report is marked
   ``emulated`` and its results carry ``latency_ms: null``; the raw timings stay under
   ``emulated_timings_ms`` only for debugging.
+
+Callers that run long work before benchmarking (``compress``) call `check_device_options` (pure) and
+`check_device` (a cheap login) first, so a bad spec, key or unreachable board fails in seconds, not after
+the pruning.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ import numpy as np
 
 from edgeprune.errors import DataError, DeviceError, EdgepruneError
 
-from .ssh import SshSession, SshTarget
+from .ssh import PROBE_CONNECT_TIMEOUT_S, SshSession, SshTarget, check_identity, check_ssh_options
 
 RUNNER = Path(__file__).with_name("runner.py")
 DEVICES_HELP = "local, ssh://user@host[:port] or qemu-arm64"
+LOCAL_DEVICES = ("local", "qemu-arm64")  # devices named by a word; the rest is an ssh:// URL
 # Fields of a runner result that are timings: hidden behind `emulated_timings_ms` under emulation.
 _TIMING_FIELDS = ("latency_ms", "cv", "noisy", "throughput_per_s", "ratio_to_first")
 
@@ -53,6 +59,58 @@ class BenchReport:
             "peak_rss_mb": self.peak_rss_mb,
             "results": self.results,
         }
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A parsed ``--device`` / ``--latency-from``: ``kind`` is a `LOCAL_DEVICES` word or "ssh"."""
+
+    kind: str
+    ssh: SshTarget | None = None
+
+    def __str__(self) -> str:
+        return str(self.ssh) if self.ssh is not None else self.kind
+
+
+def parse_device(spec: str) -> DeviceSpec:
+    """``local``, ``qemu-arm64`` or ``ssh://[user@]host[:port]``; anything else is a one-line error."""
+    if spec in LOCAL_DEVICES:
+        return DeviceSpec(spec)
+    if spec.startswith("ssh://"):
+        return DeviceSpec("ssh", SshTarget.parse(spec))
+    raise EdgepruneError(f"unknown device '{spec}'; use {DEVICES_HELP}")
+
+
+def check_device_options(
+    spec: str, identity: str | Path | None = None, ssh_options: list[str] | tuple[str, ...] = ()
+) -> DeviceSpec:
+    """Everything about a device that can be checked without touching it: the spec, the key, the options.
+
+    ``--identity`` and ``--ssh-option`` with a device that is not ssh:// are refused: they would be
+    ignored, and a user who passes them believes the numbers came from that board.
+    """
+    device = parse_device(spec)
+    if device.kind != "ssh" and (identity is not None or ssh_options):
+        flag = "--identity" if identity is not None else "--ssh-option"
+        raise EdgepruneError(f"{flag} only applies to an ssh:// device, not '{spec}'; drop it or give ssh://user@host")
+    check_identity(identity)
+    check_ssh_options(ssh_options)
+    return device
+
+
+def check_device(
+    spec: str, identity: str | Path | None = None, ssh_options: list[str] | tuple[str, ...] = ()
+) -> DeviceSpec:
+    """`check_device_options`, then a cheap look at the device itself: for ssh:// a login running ``true``
+    (BatchMode, host-key checking on, a short ConnectTimeout), for qemu-arm64 that QEMU is installed."""
+    device = check_device_options(spec, identity, ssh_options)
+    if device.kind == "ssh":
+        SshSession(device.ssh, identity, ssh_options, connect_timeout=PROBE_CONNECT_TIMEOUT_S).probe()
+    elif device.kind == "qemu-arm64":
+        from .qemu_arm64 import qemu_binary
+
+        qemu_binary()
+    return device
 
 
 def sample_input(path: str | Path, batch: int = 1, seed: int = 0) -> np.ndarray:
@@ -275,13 +333,9 @@ def bench_artifacts(
             raise EdgepruneError(f"artifact not found: {p}")
     if threads < 1 or runs < 1 or warmup < 0:
         raise EdgepruneError("--threads and --runs must be >= 1 and --warmup >= 0")
-    target = None
-    if device.startswith("ssh://"):
-        target = SshTarget.parse(device)
-        if not remote_python or remote_python.startswith("-"):
-            raise EdgepruneError(f"bad --remote-python '{remote_python}': give an interpreter name or path")
-    elif device not in ("local", "qemu-arm64"):
-        raise EdgepruneError(f"unknown device '{device}'; use {DEVICES_HELP}")
+    target = parse_device(device).ssh
+    if target is not None and (not remote_python or remote_python.startswith("-")):
+        raise EdgepruneError(f"bad --remote-python '{remote_python}': give an interpreter name or path")
     args_kw = {"threads": threads, "warmup": warmup, "runs": runs, "outputs": return_outputs}
     names = [str(p) for p in paths]
     with tempfile.TemporaryDirectory(prefix="edgeprune-bench-") as tmp:

@@ -1,14 +1,19 @@
-"""Talk to a benchmark device with the system ``ssh``/``scp``.
+"""Talk to a benchmark device with the system ``ssh`` client.
 
 Why the system client: it already knows the user's keys, agent, ``~/.ssh/config`` (jump hosts, aliases)
 and ``known_hosts``. Every call is an argument list (never ``shell=True``); the one string the remote
 shell sees is built here from constants and ``shlex.quote``-d values. Host-key checking stays on:
 ``BatchMode=yes`` turns "unknown host" into an error instead of a prompt, and the error says how to
 add the key. Every failure becomes a one-line `DeviceError`.
+
+Files travel as ``ssh host 'cat > DIR/NAME'`` with the file on stdin, not ``scp``: OpenSSH >= 9's scp
+speaks SFTP, and boards running dropbear (or any server without an sftp-server) close the connection
+on it. A plain exec channel works with every server.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -19,6 +24,9 @@ from urllib.parse import urlsplit
 from edgeprune.errors import DeviceError, EdgepruneError
 
 CONNECT_TIMEOUT_S = 10
+# The up-front check (`SshSession.probe`) runs before minutes of pruning: a dead board should fail fast.
+PROBE_CONNECT_TIMEOUT_S = 5
+PROBE_TIMEOUT_S = 20
 # A device that stops answering (power cut, kernel panic, cable pulled) is noticed after ~15 s.
 SERVER_ALIVE = ("ServerAliveInterval=5", "ServerAliveCountMax=3")
 _OPTION = re.compile(r"^[A-Za-z][A-Za-z0-9]*[= ]\S.*$")
@@ -60,11 +68,6 @@ class SshTarget:
     def destination(self) -> str:
         return f"{self.user}@{self.host}" if self.user else self.host
 
-    def scp_destination(self, remote_path: str) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host  # IPv6 literal
-        user = f"{self.user}@" if self.user else ""
-        return f"{user}{host}:{remote_path}"
-
     @property
     def known_hosts_name(self) -> str:
         """How the host appears in known_hosts (``[host]:port`` for non-default ports)."""
@@ -75,6 +78,27 @@ class SshTarget:
         user = f"{self.user}@" if self.user else ""
         port = f":{self.port}" if self.port else ""
         return f"ssh://{user}{host}{port}"
+
+
+def check_identity(identity: str | Path | None) -> str | None:
+    """``--identity`` must name a readable key file (ssh would otherwise fall back to other keys quietly)."""
+    if identity is None:
+        return None
+    path = Path(identity)
+    if path.is_dir():
+        raise EdgepruneError(
+            f"--identity {identity} is a directory; give the private key file (e.g. ~/.ssh/id_ed25519)"
+        )
+    if not path.is_file():
+        raise EdgepruneError(f"--identity {identity}: no such key file")
+    try:
+        with path.open("rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise EdgepruneError(
+            f"--identity {identity}: cannot read the key file ({exc.strerror or exc}); check its owner and mode"
+        ) from None
+    return str(identity)
 
 
 def check_ssh_options(options: list[str] | tuple[str, ...]) -> list[str]:
@@ -95,7 +119,7 @@ _CONNECTION_LOST = (
 
 
 def ssh_failure(stderr: str, target: SshTarget, during: str) -> DeviceError:
-    """Turn the stderr of an ``ssh``/``scp`` that exited with 255 into a one-line error with a fix."""
+    """Turn the stderr of an ``ssh`` that exited with 255 into a one-line error with a fix."""
     text = stderr.strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     last = lines[-1] if lines else "no message from ssh"
@@ -136,7 +160,7 @@ def ssh_failure(stderr: str, target: SshTarget, during: str) -> DeviceError:
 
 
 class SshSession:
-    """Runs commands on one device. Each call is a fresh ``ssh``/``scp`` process."""
+    """Runs commands on one device. Each call is a fresh ``ssh`` process."""
 
     def __init__(
         self,
@@ -146,9 +170,7 @@ class SshSession:
         connect_timeout: int = CONNECT_TIMEOUT_S,
     ) -> None:
         self.target = target
-        if identity is not None and not Path(identity).is_file():
-            raise EdgepruneError(f"--identity {identity}: no such key file")
-        self.identity = identity
+        self.identity = check_identity(identity)
         self.options = check_ssh_options(options)
         self.connect_timeout = connect_timeout
 
@@ -172,19 +194,11 @@ class SshSession:
     def ssh_argv(self, remote_command: str) -> list[str]:
         return ["ssh", *self._common("-p"), "--", self.target.destination, remote_command]
 
-    def scp_argv(self, sources: list[Path], remote_dir: str) -> list[str]:
-        # -q: no progress meter; -p: keep times (harmless); paths are absolute so a '-' cannot start one.
-        return [
-            "scp",
-            "-q",
-            *self._common("-P"),
-            *[str(Path(s).absolute()) for s in sources],
-            self.target.scp_destination(remote_dir + "/"),
-        ]
-
-    def _call(self, argv: list[str], timeout: float, during: str) -> subprocess.CompletedProcess:
+    def _call(
+        self, argv: list[str], timeout: float, during: str, stdin=subprocess.DEVNULL
+    ) -> subprocess.CompletedProcess:
         try:
-            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=stdin)
         except FileNotFoundError:
             raise EdgepruneError(f"'{argv[0]}' not found; install the OpenSSH client") from None
         except subprocess.TimeoutExpired:
@@ -200,6 +214,15 @@ class SshSession:
         """Run one remote shell command; ssh-level failures raise, the command's own exit code is returned."""
         return self._call(self.ssh_argv(remote_command), timeout, during)
 
+    def probe(self, timeout: float = PROBE_TIMEOUT_S) -> None:
+        """Log in and run ``true``: reachability, host key and authentication, checked in one cheap call."""
+        proc = self.run("true", timeout, "while checking the device")
+        if proc.returncode != 0:
+            detail = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+            raise DeviceError(
+                f"{self.target} accepted the login but `true` failed there (exit {proc.returncode}): {detail}"
+            )
+
     def make_temp_dir(self, timeout: float) -> str:
         cmd = 'mktemp -d "${TMPDIR:-/tmp}/edgeprune.XXXXXXXX"'
         proc = self.run(cmd, timeout, "while creating a temp dir")
@@ -211,10 +234,25 @@ class SshSession:
         return path
 
     def put(self, files: list[Path], remote_dir: str, timeout: float) -> None:
-        proc = self._call(self.scp_argv(files, remote_dir), timeout, "while copying files")
-        if proc.returncode != 0:
-            detail = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-            raise DeviceError(f"copying files to {self.target}:{remote_dir} failed: {detail}")
+        """Copy ``files`` (by their base names) into ``remote_dir``, one ``cat >`` stream per file.
+
+        ``remote_dir`` comes from `make_temp_dir` (checked against a strict pattern); the names are ours
+        (runner.py, inputs.npz, m0.onnx, ...). Both are quoted anyway. The remote side prints the size it
+        wrote, so a stream cut short (a dropped link) is an error, not a truncated model.
+        """
+        if not _SAFE_REMOTE_DIR.match(remote_dir):
+            raise DeviceError(f"refusing to copy into unexpected remote path {remote_dir!r}")
+        for f in files:
+            dest = shlex.quote(f"{remote_dir}/{Path(f).name}")
+            with open(f, "rb") as stream:
+                size = os.fstat(stream.fileno()).st_size
+                proc = self._call(
+                    self.ssh_argv(f"cat > {dest} && wc -c < {dest}"), timeout, "while copying files", stream
+                )
+            wrote = (proc.stdout.strip().splitlines() or [""])[-1].strip()
+            if proc.returncode != 0 or wrote != str(size):
+                detail = (proc.stderr.strip().splitlines() or [f"{wrote or 'no'} bytes written of {size}"])[-1]
+                raise DeviceError(f"copying {Path(f).name} to {self.target}:{remote_dir} failed: {detail}")
 
     def remove_dir(self, remote_dir: str, timeout: float, pidfile: str | None = None) -> None:
         """Stop a runner that may still be going (by the id it wrote) and delete the temp dir."""

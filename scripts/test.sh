@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages: Fashion-MNIST (real data), QEMU + debootstrap (arm64 checks), OpenSSH (device bench tests).
-APT_PACKAGES="dataset-fashion-mnist qemu-user-static debootstrap debian-archive-keyring openssh-server openssh-client"
+# System packages: Fashion-MNIST (real data), QEMU + debootstrap (arm64 checks), OpenSSH + dropbear (device bench tests).
+APT_PACKAGES="dataset-fashion-mnist qemu-user-static debootstrap debian-archive-keyring openssh-server openssh-client dropbear-bin"
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO="sudo"
 missing=""

@@ -1,17 +1,29 @@
-"""A throwaway OpenSSH server for tests: real ``/usr/sbin/sshd`` on a free loopback port.
+"""Throwaway SSH servers for tests on a free loopback port: real OpenSSH ``sshd``, and real ``dropbear``.
 
-Everything it needs lives in one folder: a fresh host key, a user key pair that is authorized, a second
-key pair that is *not*, its own ``sshd_config`` and a ``known_hosts`` file for the client. Sessions get
+Everything a server needs lives in one folder: a fresh host key, a user key pair that is authorized, a
+second key pair that is *not*, its config and a ``known_hosts`` file for the client. Sessions get
 ``TMPDIR`` pointed at ``remote_tmp/`` inside that folder, so tests can check that the benchmark removed
-its remote temp dir. Used by ``tests/test_ssh*.py`` as a module-scoped fixture; also runnable by hand:
+its remote temp dir. Used by ``tests/test_ssh*.py`` as module-scoped fixtures; also runnable by hand:
 
-    python -m tests.sshd /tmp/sshd-play     # prints the ssh command line, Ctrl-C stops it
+    python -m tests.sshd /tmp/sshd-play            # prints the ssh command line, Ctrl-C stops it
+    python -m tests.sshd /tmp/db-play dropbear     # the same with dropbear
+
+Dropbear is what small boards (OpenWrt, Buildroot, Yocto images) run: no SFTP, so OpenSSH >= 9's scp
+fails against it. Unlike sshd it has no ``AuthorizedKeysFile`` option: it reads
+``~/.ssh/authorized_keys`` of the login user, with the home taken from ``/etc/passwd``. So the test
+server runs in a private mount namespace (``unshare -m``, root only) where a copy of ``/etc/passwd``
+with the user's home moved into the test folder is bind-mounted over the real one; nothing outside the
+folder changes, and the namespace goes away with the server. In the same namespace the
+``sftp-server`` dropbear would exec is hidden (``/dev/null`` bound over it), as on a stock board.
 """
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
+import pwd
+import shlex
 import shutil
 import socket
 import subprocess
@@ -20,6 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"
+DROPBEAR = "/usr/sbin/dropbear"
+# Where Debian's dropbear looks for an SFTP server (`strings /usr/sbin/dropbear | grep sftp`).
+DROPBEAR_SFTP_SERVERS = ("/usr/lib/sftp-server", "/usr/libexec/sftp-server")
 
 
 def sshd_unavailable_reason() -> str | None:
@@ -27,6 +42,22 @@ def sshd_unavailable_reason() -> str | None:
     for tool in (SSHD, shutil.which("ssh"), shutil.which("scp"), shutil.which("ssh-keygen")):
         if not tool or not os.path.exists(tool):
             return "OpenSSH server/client not installed (apt-get install openssh-server openssh-client)"
+    return None
+
+
+@functools.cache
+def dropbear_unavailable_reason() -> str | None:
+    """Why this machine cannot run the dropbear test server, or None when it can."""
+    if not os.path.exists(DROPBEAR) or not shutil.which("dropbearkey"):
+        return "dropbear not installed (apt-get install dropbear-bin)"
+    for tool in ("ssh", "scp", "ssh-keygen", "ssh-keyscan", "unshare"):
+        if not shutil.which(tool):
+            return f"{tool} not installed (apt-get install openssh-client util-linux)"
+    if os.geteuid() != 0:
+        return "the dropbear test server needs root (a private mount namespace for its /etc/passwd)"
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
+    if probe.returncode != 0:
+        return f"unshare -m is not permitted here: {probe.stderr.decode().strip()}"
     return None
 
 
@@ -55,6 +86,7 @@ class Sshd:
     empty_known_hosts: Path
     remote_tmp: Path  # TMPDIR of every session
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    log_name: str = "sshd.log"
 
     @property
     def url(self) -> str:
@@ -66,7 +98,7 @@ class Sshd:
         return [f"UserKnownHostsFile={kh}", "GlobalKnownHostsFile=/dev/null"]
 
     def log(self) -> str:
-        path = self.root / "sshd.log"
+        path = self.root / self.log_name
         return path.read_text() if path.exists() else ""
 
     def stop(self) -> None:
@@ -130,23 +162,88 @@ def start_sshd(root: Path, timeout: float = 10.0) -> Sshd:
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(config)], stdout=log, stderr=log)
     log.close()
     server = Sshd(root, port, user, user_key, wrong_key, known_hosts, empty_known_hosts, remote_tmp, proc)
+    return _wait_listening(server, "sshd", timeout)
+
+
+def _wait_listening(server: Sshd, name: str, timeout: float) -> Sshd:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"sshd exited with {proc.returncode}: {server.log()[-2000:]}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"{name} exited with {server.proc.returncode}: {server.log()[-2000:]}")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            with socket.create_connection(("127.0.0.1", server.port), timeout=0.5):
                 return server
         except OSError:
             time.sleep(0.05)
     server.stop()
-    raise RuntimeError(f"sshd did not listen on port {port} within {timeout} s: {server.log()[-2000:]}")
+    raise RuntimeError(f"{name} did not listen on port {server.port} within {timeout} s: {server.log()[-2000:]}")
+
+
+def start_dropbear(root: Path, timeout: float = 10.0) -> Sshd:
+    """Real dropbear (``-F -E``: foreground, log to stderr; ``-s``: keys only) on a free loopback port.
+
+    Host key from ``dropbearkey``; ``known_hosts`` from ``ssh-keyscan`` of the running server, so host-key
+    checking stays on exactly as a user would set it up for a board. See the module docstring for the
+    mount namespace that gives the login user a home inside ``root``.
+    """
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    host_key, user_key, wrong_key = root / "dropbear_ed25519_host_key", root / "id_user", root / "id_wrong"
+    if not host_key.exists():
+        subprocess.run(["dropbearkey", "-t", "ed25519", "-f", str(host_key)], check=True, capture_output=True)
+    for key in (user_key, wrong_key):
+        if not key.exists():
+            _keygen(key)
+    user = getpass.getuser()
+    home = root / "home"
+    (home / ".ssh").mkdir(parents=True, exist_ok=True)
+    (home / ".ssh" / "authorized_keys").write_text((root / "id_user.pub").read_text())
+    # dropbear refuses an authorized_keys that others could write, like sshd's StrictModes.
+    for path, mode in ((home, 0o700), (home / ".ssh", 0o700), (home / ".ssh" / "authorized_keys", 0o600)):
+        path.chmod(mode)
+    remote_tmp = root / "remote_tmp"
+    remote_tmp.mkdir(exist_ok=True)
+    entry = pwd.getpwnam(user)
+    moved = ":".join(
+        [user, "x", str(entry.pw_uid), str(entry.pw_gid), entry.pw_gecos, str(home), entry.pw_shell or "/bin/sh"]
+    )
+    lines = [ln for ln in Path("/etc/passwd").read_text().splitlines() if not ln.startswith(f"{user}:")]
+    (root / "passwd").write_text("\n".join([moved, *lines]) + "\n")
+    port = _free_port()
+    mounts = [f"mount --bind {shlex.quote(str(root / 'passwd'))} /etc/passwd"]
+    mounts += [f"mount --bind /dev/null {p}" for p in DROPBEAR_SFTP_SERVERS if os.path.exists(p)]
+    dropbear = [DROPBEAR, "-F", "-E", "-e", "-s", "-p", f"127.0.0.1:{port}", "-r", str(host_key)]
+    dropbear += ["-P", str(root / "dropbear.pid")]
+    script = " && ".join([*mounts, "exec " + shlex.join(dropbear)])
+    log = open(root / "dropbear.log", "ab")
+    # -e hands this environment to every session: that is how TMPDIR reaches them (sshd: SetEnv).
+    env = {**os.environ, "TMPDIR": str(remote_tmp)}
+    proc = subprocess.Popen(
+        ["unshare", "-m", "--propagation", "private", "sh", "-c", script], stdout=log, stderr=log, env=env
+    )
+    log.close()
+    empty_known_hosts = root / "known_hosts_empty"
+    empty_known_hosts.write_text("")
+    known_hosts = root / "known_hosts"
+    server = Sshd(
+        root, port, user, user_key, wrong_key, known_hosts, empty_known_hosts, remote_tmp, proc, "dropbear.log"
+    )
+    _wait_listening(server, "dropbear", timeout)
+    scan = subprocess.run(
+        ["ssh-keyscan", "-t", "ed25519", "-p", str(port), "127.0.0.1"], capture_output=True, text=True, timeout=timeout
+    )
+    if not scan.stdout.strip():
+        server.stop()
+        raise RuntimeError(f"ssh-keyscan found no host key on port {port}: {scan.stderr.strip()}")
+    known_hosts.write_text(scan.stdout)
+    return server
 
 
 if __name__ == "__main__":
     import sys
 
-    srv = start_sshd(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/edgeprune-sshd"))
+    start = start_dropbear if sys.argv[2:3] == ["dropbear"] else start_sshd
+    srv = start(Path(sys.argv[1] if len(sys.argv) > 1 else "/tmp/edgeprune-sshd"))
     print(
         f"ssh -i {srv.user_key} -p {srv.port} -o UserKnownHostsFile={srv.known_hosts} {srv.user}@127.0.0.1",
         flush=True,
