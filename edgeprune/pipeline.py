@@ -9,8 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +26,7 @@ from .evaluation import accuracy, params_and_macs, weight_sparsity
 from .inventory import build_inventory
 from .masking import apply_masks_, build_masks
 from .models import load_model, model_family
+from .outdir import claim_output_dir
 from .ranges import LayerRange, apply_rules, baseline_ranges, load_rules, range_targets
 from .recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, resolve_device, teacher_logits
 from .report import (
@@ -143,34 +142,6 @@ class CandidatePlan:
     candidate: Candidate
     scores: Scores
     plan: Plan
-
-
-def prepare_output_dir(out: Path) -> Path:
-    """Create ``out`` and a private staging dir inside it; fail early if it cannot be written."""
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=".edgeprune-staging-", dir=out))
-    except OSError as exc:
-        raise EdgepruneError(f"cannot write to output directory {out}: {exc.strerror or exc}") from None
-
-
-def discard_staging(staging: Path, out: Path, created_out: bool) -> None:
-    """Remove the staging dir, and ``out`` itself if this run created it and nothing was published."""
-    shutil.rmtree(staging, ignore_errors=True)
-    if created_out:
-        try:
-            out.rmdir()  # only succeeds when empty
-        except OSError:
-            pass
-
-
-def publish(staging: Path, out: Path) -> dict[str, str]:
-    """Move every finished artifact from the staging dir into ``out`` (each move is an atomic rename)."""
-    published = {}
-    for f in sorted(staging.iterdir()):
-        os.replace(f, out / f.name)
-        published[f.name] = str(out / f.name)
-    return published
 
 
 def match_data_to_model(model: nn.Module, data):
@@ -345,18 +316,13 @@ def compress(cfg: CompressConfig, progress: Progress | None = None) -> Report:
     cfg.validate()
     target = get_target(cfg.target)
     out = Path(cfg.out)
-    created_out = not out.exists()
-    staging = prepare_output_dir(out)
-    try:
-        report = _compress(cfg, target, staging, progress)
-        names = sorted(f.name for f in staging.iterdir()) + ["report.json"]
-        report.artifacts = {name: str(out / name) for name in names}
-        (staging / "report.json").write_text(report.to_json())
-        publish(staging, out)
-        created_out = False
+    with claim_output_dir(out, log=progress.log) as od:  # locked; the old set stays until the publish
+        report = _compress(cfg, target, od.staging, progress)
+        names = sorted(f.name for f in od.staging.iterdir()) + ["report.json"]
+        report.artifacts = {name: str(out / name) for name in names}  # exactly the published set
+        (od.staging / "report.json").write_text(report.to_json())
+        od.publish()
         return report
-    finally:
-        discard_staging(staging, out, created_out)
 
 
 def bench_threads(cfg: CompressConfig, target: Target) -> int:

@@ -20,18 +20,54 @@ from . import targets_cmd as _targets  # noqa: E402,F401
 from ._app import app
 
 
-def _terminate(signum: int, frame: object) -> None:
-    # Turn SIGTERM into an exception so `finally` blocks remove staging folders and temp files.
-    raise KeyboardInterrupt
+class Interrupted(BaseException):
+    """A signal asked the run to stop. Not an `Exception`, so no ``except Exception`` swallows it, and not
+    a `KeyboardInterrupt`, which Typer would turn into a silent exit; ``finally`` blocks still run, and
+    ``subprocess.run`` kills its child on it (onnxruntime runner, ssh, QEMU)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS: tuple[signal.Signals, ...] = tuple(
+    getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)
+)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    # The first signal stops the run; later ones are swallowed so a second Ctrl-C cannot cut the
+    # clean-up short (staging removal, lock release). A Python no-op handler rather than SIG_IGN: children
+    # started during clean-up must not inherit an ignored SIGINT.
+    for s in STOP_SIGNALS:
+        signal.signal(s, _swallow)
+    raise Interrupted(signum)
+
+
+def _swallow(signum: int, frame: object) -> None:
+    pass
+
+
+def _install_handlers() -> dict[int, object]:
+    previous: dict[int, object] = {}
+    for s in STOP_SIGNALS:
+        try:
+            previous[s] = signal.signal(s, _interrupt)
+        except ValueError:  # not the main thread: signals stay as the host program set them
+            break
+    return previous
 
 
 def main(argv: list[str] | None = None) -> None:
-    signal.signal(signal.SIGTERM, _terminate)
+    previous = _install_handlers()
     try:
         app(args=argv, standalone_mode=True)
     except EdgepruneError as exc:
         print(f"edgeprune: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
+    except Interrupted as exc:
         print("edgeprune: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(128 + exc.signum)  # the shell convention: 130 SIGINT, 143 SIGTERM, 129 SIGHUP
+    finally:
+        for s, handler in previous.items():  # an in-process caller (tests) gets its own handlers back
+            signal.signal(s, handler)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import typer
@@ -41,7 +40,8 @@ def export_cmd(
     from edgeprune.export import build_metadata, export_onnx
     from edgeprune.export.ship import ship_artifacts
     from edgeprune.models import load_model
-    from edgeprune.pipeline import match_data_to_model, prepare_output_dir, publish
+    from edgeprune.outdir import claim_output_dir
+    from edgeprune.pipeline import match_data_to_model
     from edgeprune.targets import get_target
 
     console = Console(stderr=True)
@@ -64,8 +64,8 @@ def export_cmd(
         )
         bundle = match_data_to_model(net, bundle)
 
-    staging = prepare_output_dir(out)
-    try:
+    with claim_output_dir(out, log=console.print) as od:
+        staging = od.staging
         with console.status("exporting to ONNX and checking it against PyTorch"):
             metadata = build_metadata(
                 source_model=model if checkpoint is None else f"{model} ({checkpoint.name})",
@@ -94,9 +94,7 @@ def export_cmd(
                 eval_x=bundle.eval_x,
                 eval_y=bundle.eval_y,
             )
-        published = publish(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        published = od.publish()
 
     summary = {
         "model": model,
