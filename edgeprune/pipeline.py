@@ -41,7 +41,7 @@ from .report import (
 )
 from .selection import Point, pareto_mask, select_index
 from .sensitivity import SIGNALS, compute_sensitivity, signal_scores
-from .strategies import STRATEGY_NAMES, LayerStats, make_all_plans
+from .strategies import LayerStats, reachable, search_plans
 from .targets import Target, get_target
 
 METHODS: tuple[str, ...] = ("mix-and-match", *BASELINES)
@@ -65,6 +65,7 @@ class CompressConfig:
     sparsity: float = 0.8
     max_drop: float | None = None
     signals: tuple[str, ...] = SIGNALS
+    range_baselines: tuple[str, ...] = RANGE_BASELINES  # Phase 1 runs; their plans at the target are candidates
     rules: str | None = None
     bn_recal: bool = True
     finetune_epochs: int = 3
@@ -111,6 +112,10 @@ class CompressConfig:
         if self.recovery not in RECIPES:
             raise EdgepruneError(f"unknown --recovery '{self.recovery}'; choose from {', '.join(RECIPES)}")
         resolve_device(self.device)
+        bad = [b for b in self.range_baselines if b not in BASELINES]
+        if bad or not self.range_baselines:
+            what = f"unknown --range-baselines {bad}" if bad else "--range-baselines is empty"
+            raise EdgepruneError(f"{what}; choose one or more of {', '.join(BASELINES)}")
 
 
 class Progress:
@@ -202,20 +207,31 @@ class Workspace:
         return accuracy(self.model, self.data.eval_x, self.data.eval_y, self.cfg.batch_size)
 
     def ranges(self, sparsity: float, method: str = "mix-and-match") -> dict[str, LayerRange]:
-        """Phase 1 for mix-and-match (baseline runs at three targets, clipped by rules); rules only otherwise."""
+        """Phase 1 for mix-and-match (baseline runs at three targets, clipped by the rules that apply at
+        ``sparsity``); the rules alone otherwise."""
         self.model.load_state_dict(self.original)  # score the dense weights, not the last candidate's
         base = None
         if method == "mix-and-match":
             runs = [
                 BASELINES[b].plan(self.prunable, self.sens, s, self.cfg.seed)
-                for b in RANGE_BASELINES
+                for b in self.cfg.range_baselines
                 for s in range_targets(sparsity)
             ]
             base = baseline_ranges(runs)
-        return apply_rules(self.layers, self.rules, base)
+        return apply_rules(self.layers, self.rules, base, sparsity)
+
+    def layer_stats(self, ranges: dict[str, LayerRange]) -> dict[str, LayerStats]:
+        """What the strategies see of each prunable layer: its range, size and depth."""
+        return {
+            layer.name: LayerStats(ranges[layer.name].lo, ranges[layer.name].hi, layer.numel, layer.depth)
+            for layer in self.prunable
+        }
 
     def plans(self, method: str, sparsity: float, ranges: dict[str, LayerRange] | None = None) -> list[CandidatePlan]:
-        """The candidates of a method: 10 strategies x signals for mix-and-match, one plan for a baseline."""
+        """The candidates of a method: one plan for a baseline; for mix-and-match, per signal, the strategies
+        scaled to ``sparsity`` (``search_plans``), then every range baseline's own plan at ``sparsity`` ranked
+        by each signal and, where no signal orders weights as it does, by its own scores — so the search
+        contains its baselines (``magnitude/baseline:mag`` is the MAG run, ``snip/baseline:snip`` the SNIP run)."""
         self.model.load_state_dict(self.original)  # score the dense weights, not the last candidate's
         if method != "mix-and-match":
             b = BASELINES[method]
@@ -223,17 +239,24 @@ class Workspace:
             cand = Candidate(name=b.name, signal=b.name, strategy="baseline", method=b.name, sparsity=0.0, accuracy=0.0)
             return [CandidatePlan(cand, b.scores(self.prunable, self.sens, self.cfg.seed), plan)]
         ranges = ranges or self.ranges(sparsity)
-        stats = {
-            layer.name: LayerStats(ranges[layer.name].lo, ranges[layer.name].hi, layer.numel, layer.depth)
-            for layer in self.prunable
+        plans = search_plans(self.layer_stats(ranges), sparsity, below=self.cfg.max_drop is not None)
+        signal = {
+            s: {p.name: signal_scores(s, p.weight, self.sens.abs_grad[p.name]) for p in self.prunable}
+            for s in self.cfg.signals
         }
-        plans = make_all_plans(stats)
-        out = []
-        for signal in self.cfg.signals:
-            scores = {p.name: signal_scores(signal, p.weight, self.sens.abs_grad[p.name]) for p in self.prunable}
-            for strategy in STRATEGY_NAMES:
-                cand = Candidate.mix_and_match(signal, strategy)
-                out.append(CandidatePlan(cand, scores, plans[strategy]))
+        out = [
+            CandidatePlan(Candidate.mix_and_match(s, name), signal[s], plan)
+            for s in self.cfg.signals
+            for name, plan in plans.items()
+        ]
+        for name in self.cfg.range_baselines:
+            b = BASELINES[name]
+            plan = b.plan(self.prunable, self.sens, sparsity, self.cfg.seed)
+            rankings = dict(signal)
+            if b.ranks_like not in rankings:
+                rankings[b.name] = b.scores(self.prunable, self.sens, self.cfg.seed)
+            for rank, scores in rankings.items():
+                out.append(CandidatePlan(Candidate.mix_and_match(rank, f"baseline:{b.name}"), scores, plan))
         return out
 
     def materialize(self, cp: CandidatePlan, recalibrate: bool = True) -> nn.Module:
@@ -353,13 +376,20 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
 
     with t("sensitivity"):
         progress.start("sensitivity signals (gradients, GraSP)")
-        ws = Workspace(cfg, model, data, with_hessian=cfg.method in ("mix-and-match", "grasp"))
+        grasp = cfg.method == "grasp" or (cfg.method == "mix-and-match" and "grasp" in cfg.range_baselines)
+        ws = Workspace(cfg, model, data, with_hessian=grasp)  # GraSP's Hessian-gradient product is costly
         progress.finish()
 
     with t("ranges"):
         ranges = ws.ranges(cfg.sparsity, cfg.method)
     with t("strategies"):
         cplans = ws.plans(cfg.method, cfg.sparsity, ranges)
+    if cfg.method == "mix-and-match":
+        low, high = reachable(ws.layer_stats(ranges))
+        short = (
+            "" if low <= cfg.sparsity <= high else f"; not {cfg.sparsity:.1%}: the baseline candidates compete there"
+        )
+        progress.log(f"Mix-and-Match ranges reach {low:.1%}-{high:.1%} global sparsity{short}")
 
     with t("screening"):
         what = "mask + BN re-calibration" if ws.use_bn else "mask"

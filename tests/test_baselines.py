@@ -38,3 +38,21 @@ def test_erk_keeps_small_layers_denser():
     small = min(layers, key=lambda layer: layer.numel)
     big = max(layers, key=lambda layer: layer.numel)
     assert plan[small.name] < plan[big.name]
+
+
+def test_ranks_like_names_the_signal_that_orders_weights_as_the_baseline_does():
+    """A Mix-and-Match candidate with a baseline's plan, ranked by its ``ranks_like`` signal, is that baseline's
+    run: the scores are the same tensors. Baselines without one (SNIP, GraSP, LAMP) rank by their own scores."""
+    from edgeprune.baselines import RANGE_BASELINES
+    from edgeprune.sensitivity import SIGNALS, signal_scores
+
+    layers = prunable_layers(tiny_cnn())
+    assert set(RANGE_BASELINES) == {"mag", "snip", "grasp", "lamp", "erk"}
+    for name, b in BASELINES.items():
+        if b.ranks_like is None:
+            continue
+        assert b.ranks_like in SIGNALS, name
+        scores = b.scores(layers, None, 0)
+        for layer in layers:
+            assert torch.equal(scores[layer.name], signal_scores(b.ranks_like, layer.weight, None)), name
+    assert {n for n, b in BASELINES.items() if b.ranks_like is None} == {"snip", "grasp", "lamp", "random"}

@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..baselines import RANGE_BASELINES
 from ..pipeline import METHODS, CompressConfig, compress
 from ..recovery import RECIPES
 from ..report import Report
@@ -32,6 +33,9 @@ def compress_cmd(
     max_drop: float | None = typer.Option(None, help="instead: sparsest candidate within this many accuracy points"),
     method: str = typer.Option("mix-and-match", help=f"one of: {', '.join(METHODS)}"),
     signals: str = typer.Option(",".join(SIGNALS), help="sensitivity signals for mix-and-match"),
+    range_baselines: str = typer.Option(
+        ",".join(RANGE_BASELINES), help="mix-and-match Phase 1 baselines; their own plans also compete as candidates"
+    ),
     rules: Path | None = typer.Option(None, help="extra architecture rules (JSON, same format as edgeprune/rules)"),
     granularity: str = typer.Option(
         "unstructured", help="unstructured (zeroed weights) or channel (channels/heads removed: faster)"
@@ -83,6 +87,7 @@ def compress_cmd(
         sparsity=sparsity,
         max_drop=max_drop,
         signals=tuple(s.strip() for s in signals.split(",") if s.strip()),
+        range_baselines=tuple(b.strip() for b in range_baselines.split(",") if b.strip()),
         rules=str(rules) if rules else None,
         bn_recal=bn_recal,
         finetune_epochs=finetune_epochs,
