@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -93,9 +94,28 @@ class CompressConfig:
     latency_costs: bool = False  # fit a per-layer latency model; add candidates ranked by score per ms saved
 
     def validate(self) -> None:
+        """Refuse every bad option before any model or data loads: a typo must not cost a whole run.
+
+        No network here (the device itself is probed by `benchmarks.device.check_device`, which `compress`
+        calls right after). Decisions on options that only mean something in one mode:
+
+        - ``--speedup``, ``--latency-budget``, ``--round-to``, ``--latency-costs`` shape or pick channel
+          widths; with ``--granularity unstructured`` they would be ignored, so they are refused.
+        - ``--max-drop`` with ``--speedup`` / ``--latency-budget``: the latency goal would decide and the
+          accuracy bound be dropped silently, so the pair is refused: one selection goal per run.
+        - ``--granularity channel`` ships a compacted FP32 ``model.onnx`` timed on this machine: ``--pack
+          sparse`` (no zeros left to store: channels are removed), ``--quantize int8``, ``--ort-format``
+          and a ``--latency-from`` other than local are not part of that flow and are refused rather than
+          ignored. In unstructured mode ``--pack sparse`` and ``--ort-format`` are allowed at any sparsity
+          (the packed file is verified against the dense-stored one like every artifact).
+        """
+        from .benchmarks.device import check_device_options
+        from .export.ship import PACK_CHOICES, QUANTIZE_CHOICES
+
         if not 0.0 <= self.sparsity < 1.0:
             raise EdgepruneError(f"--sparsity must be in [0, 1), got {self.sparsity}")
-        if self.max_drop is not None and self.max_drop < 0:
+        # `not x >= 0` rather than `x < 0`: NaN fails every comparison and must be refused too.
+        if self.max_drop is not None and not (math.isfinite(self.max_drop) and self.max_drop >= 0):
             raise EdgepruneError(f"--max-drop must be >= 0 points, got {self.max_drop}")
         if self.method not in METHODS:
             raise EdgepruneError(f"unknown --method '{self.method}'; choose from {', '.join(METHODS)}")
@@ -116,6 +136,66 @@ class CompressConfig:
         if bad or not self.range_baselines:
             what = f"unknown --range-baselines {bad}" if bad else "--range-baselines is empty"
             raise EdgepruneError(f"{what}; choose one or more of {', '.join(BASELINES)}")
+        for name in ("threads", "image_size", "num_classes", "in_chans"):  # None: the default
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise EdgepruneError(f"--{name.replace('_', '-')} must be >= 1 (omit it for the default), got {value}")
+        if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
+            raise EdgepruneError(f"--finetune-lr must be a positive number, got {self.finetune_lr}")
+        if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
+            raise EdgepruneError(f"--quantize must be {' or '.join(QUANTIZE_CHOICES)}, got '{self.quantize}'")
+        if self.pack not in PACK_CHOICES:
+            raise EdgepruneError(f"--pack must be {' or '.join(PACK_CHOICES)}, got '{self.pack}'")
+        get_target(self.target)
+        check_device_options(self.latency_from, self.identity, self.ssh_options)
+
+        channel_only = {  # field -> flag; a set value (not None / False) means the user asked for it
+            "speedup": "--speedup",
+            "latency_budget_ms": "--latency-budget",
+            "round_to": "--round-to",
+            "latency_costs": "--latency-costs",
+        }
+        if self.granularity != "channel":
+            for name, flag in channel_only.items():
+                if getattr(self, name) not in (None, False):
+                    raise EdgepruneError(
+                        f"{flag} only applies to --granularity channel; add --granularity channel or drop {flag}"
+                    )
+            return
+        if self.speedup is not None and not (math.isfinite(self.speedup) and self.speedup > 1):
+            raise EdgepruneError(f"--speedup must be > 1 (times faster than dense), got {self.speedup}")
+        budget = self.latency_budget_ms
+        if budget is not None and not (math.isfinite(budget) and budget > 0):
+            raise EdgepruneError(f"--latency-budget must be a positive number of milliseconds, got {budget}")
+        if self.round_to is not None and self.round_to < 1:
+            raise EdgepruneError(f"--round-to must be >= 1, got {self.round_to}")
+        if budget is not None and self.speedup is not None:
+            raise EdgepruneError("give either --latency-budget or --speedup, not both")
+        if self.max_drop is not None and (budget is not None or self.speedup is not None):
+            goal = "--speedup" if self.speedup is not None else "--latency-budget"
+            raise EdgepruneError(
+                f"give one selection goal: --max-drop (the fastest within an accuracy drop) or {goal} "
+                "(the most accurate at a latency), not both"
+            )
+        if self.method != "mix-and-match":
+            raise EdgepruneError(
+                f"--granularity channel supports --method mix-and-match only, got '{self.method}'; "
+                "use --granularity unstructured for the baselines"
+            )
+        unsupported = [
+            (self.pack == "sparse", "--pack sparse", "channel pruning removes channels, so no zeros are left to pack"),
+            (self.quantize == "int8", "--quantize int8", "the channel flow ships FP32 only"),
+            (self.ort_format, "--ort-format", "the channel flow ships model.onnx only"),
+            (
+                self.latency_from != "local",
+                f"--latency-from {self.latency_from}",
+                "the channel search times its candidates on this machine; time model.onnx on the device "
+                "afterwards with `edgeprune bench model.onnx --device ...`",
+            ),
+        ]
+        for given, flag, why in unsupported:
+            if given:
+                raise EdgepruneError(f"{flag} does not apply to --granularity channel ({why}); drop it")
 
 
 class Progress:
@@ -336,7 +416,11 @@ def load_workspace_inputs(cfg: CompressConfig):
 def compress(cfg: CompressConfig, progress: Progress | None = None) -> Report:
     """Run the whole job and write ``model.onnx``, ``dense.onnx``, ``report.json|md``, ``pareto.png``."""
     progress = progress or Progress()
-    cfg.validate()
+    cfg.validate()  # every option, before anything loads
+    if cfg.export:  # the benchmark device too: an unreachable board must fail now, not after the pruning
+        from .benchmarks.device import check_device
+
+        check_device(cfg.latency_from, cfg.identity, cfg.ssh_options)
     target = get_target(cfg.target)
     out = Path(cfg.out)
     with claim_output_dir(out, log=progress.log) as od:  # locked; the old set stays until the publish

@@ -1,6 +1,7 @@
-"""`edgeprune bench --device ssh://…` against a real OpenSSH server started by the test (tests/sshd.py).
+"""`edgeprune bench --device ssh://…` against real SSH servers started by the test (tests/sshd.py):
+OpenSSH's sshd, and dropbear without SFTP (what small boards run).
 
-The "device" is this machine behind its own sshd on a loopback port, with a throwaway host key and user
+The "device" is this machine behind its own server on a loopback port, with a throwaway host key and user
 key. Every session's TMPDIR is the server's ``remote_tmp/``, so we can check the benchmark leaves nothing.
 """
 
@@ -18,20 +19,37 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgeprune.benchmarks.device import bench_artifacts, remote_word, sample_input
-from edgeprune.benchmarks.ssh import SshTarget, check_ssh_options, ssh_failure
+from edgeprune.benchmarks.device import (
+    bench_artifacts,
+    check_device,
+    check_device_options,
+    parse_device,
+    remote_word,
+    sample_input,
+)
+from edgeprune.benchmarks.ssh import SshTarget, check_identity, check_ssh_options, ssh_failure
 
 from edgeprune.errors import DeviceError, EdgepruneError
 
-from .sshd import sshd_unavailable_reason, start_sshd
+from .sshd import dropbear_unavailable_reason, sshd_unavailable_reason, start_dropbear, start_sshd
 from .test_bench import make_tiny_classifier, ort_logits, run_cli
 
 needs_sshd = pytest.mark.skipif(sshd_unavailable_reason() is not None, reason=str(sshd_unavailable_reason()))
+needs_dropbear = pytest.mark.skipif(
+    dropbear_unavailable_reason() is not None, reason=str(dropbear_unavailable_reason())
+)
 
 
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
     server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def dropbear(tmp_path_factory):
+    server = start_dropbear(tmp_path_factory.mktemp("dropbear"))
     yield server
     server.stop()
 
@@ -85,7 +103,7 @@ def test_parse_ssh_target():
     assert (t.user, t.host, t.port) == ("pi", "raspberrypi.local", 2222)
     assert t.destination == "pi@raspberrypi.local" and t.known_hosts_name == "[raspberrypi.local]:2222"
     v6 = SshTarget.parse("ssh://root@[fe80::1]:22")
-    assert v6.host == "fe80::1" and v6.scp_destination("/tmp/x") == "root@[fe80::1]:/tmp/x"
+    assert v6.host == "fe80::1" and str(v6) == "ssh://root@[fe80::1]:22"
     assert SshTarget.parse("ssh://board").user is None
     for bad in ("pi@host", "ssh://", "ssh://pi@host/path", "ssh://pi:pw@host", "ssh://pi@host:99999"):
         with pytest.raises(EdgepruneError):
@@ -302,3 +320,137 @@ def test_sshd_helper_cleans_up(tmp_path):
     server.stop()
     assert proc.poll() is not None
     shutil.rmtree(tmp_path / "s")
+
+
+# ---------------------------------------------------------------- device spec, key and options, checked up front
+
+
+def test_parse_device_and_pure_checks(tmp_path):
+    assert parse_device("local").kind == "local" and parse_device("qemu-arm64").ssh is None
+    assert parse_device("ssh://pi@board:2222").ssh == SshTarget("board", "pi", 2222)
+    with pytest.raises(EdgepruneError, match="unknown device 'pi@board'"):
+        parse_device("pi@board")
+    with pytest.raises(EdgepruneError, match="--identity only applies to an ssh:// device"):
+        check_device_options("local", identity=str(tmp_path))
+    with pytest.raises(EdgepruneError, match="--ssh-option only applies"):
+        check_device_options("qemu-arm64", ssh_options=["ConnectTimeout=3"])
+    with pytest.raises(EdgepruneError, match="no such key file"):
+        check_identity(tmp_path / "id_missing")
+    with pytest.raises(EdgepruneError, match="is a directory"):
+        check_identity(tmp_path)
+    key = tmp_path / "id_key"
+    key.write_text("not checked for format: ssh says what is wrong with a key")
+    assert check_identity(key) == str(key)
+    if os.geteuid() != 0:  # root reads any file
+        key.chmod(0)
+        with pytest.raises(EdgepruneError, match="cannot read the key file"):
+            check_identity(key)
+
+
+@needs_sshd
+def test_probe_checks_host_key_and_auth(sshd):
+    check_device(sshd.url, str(sshd.user_key), sshd.client_options())
+    with pytest.raises(DeviceError, match="authentication to .* failed"):
+        check_device(sshd.url, str(sshd.wrong_key), sshd.client_options())
+    with pytest.raises(DeviceError, match=f"ssh-keyscan -p {sshd.port} 127.0.0.1"):
+        check_device(sshd.url, str(sshd.user_key), sshd.client_options(sshd.empty_known_hosts))
+    closed = sshd.url.rsplit(":", 1)[0] + ":1"
+    with pytest.raises(DeviceError, match="unreachable"):
+        check_device(closed, str(sshd.user_key), sshd.client_options())
+
+
+@needs_sshd
+def test_compress_refuses_a_bad_device_before_loading_anything(sshd, tmp_path):
+    """The probe runs before the model and data load: a wrong key fails in seconds, --out stays untouched.
+
+    The data folder does not exist, so had anything loaded, the error would be about the data instead.
+    """
+    out = tmp_path / "out"
+    args = ["compress", "--data", f"imagefolder:{tmp_path / 'no-such-folder'}", "--out", str(out), "-q"]
+    args += ["--latency-from", sshd.url, "--identity", str(sshd.wrong_key)]
+    for opt in sshd.client_options():
+        args += ["--ssh-option", opt]
+    t0 = time.monotonic()
+    code, err = run_cli_capture(args)
+    assert code == 3 and "authentication to" in err and "Traceback" not in err
+    assert time.monotonic() - t0 < 20 and not out.exists()
+
+
+def run_cli_capture(argv: list[str]) -> tuple[int, str]:
+    from tests.hostile.runner import run_cli as run_in_process
+
+    outcome = run_in_process(argv)
+    return outcome.exit_code, outcome.stderr
+
+
+# ---------------------------------------------------------------- dropbear (no SFTP), like a small board
+
+
+@needs_dropbear
+def test_dropbear_board_has_no_sftp(dropbear, tmp_path):
+    """The fixture is a faithful board: OpenSSH >= 9's scp (SFTP) fails against it as reported in issue 19."""
+    f = tmp_path / "f"
+    f.write_text("x")
+    argv = ["scp", "-q", "-o", "BatchMode=yes", "-i", str(dropbear.user_key), "-P", str(dropbear.port)]
+    for opt in dropbear.client_options():
+        argv += ["-o", opt]
+    proc = subprocess.run([*argv, str(f), f"{dropbear.user}@127.0.0.1:{dropbear.remote_tmp}/"], capture_output=True)
+    assert proc.returncode != 0 and b"Connection closed" in proc.stderr
+    assert not (dropbear.remote_tmp / "f").exists()
+
+
+@needs_dropbear
+def test_bench_over_dropbear(dropbear, models):
+    sample = sample_input(models["a"])
+    rep = ssh_bench(
+        dropbear, [models["a"], models["b"]], sample=sample, runs=20, warmup=2, x=models["x"], y=models["y"],
+        return_outputs=True,
+    )  # fmt: skip
+    a, b = rep.results
+    assert a["ratio_to_first"] == 1.0 and b["ratio_to_first"] > 3
+    assert a["accuracy"] == 1.0 and b["accuracy"] == pytest.approx(models["acc_b"])
+    np.testing.assert_allclose(rep.outputs[0], ort_logits(models["a"], sample), rtol=1e-5, atol=1e-6)
+    assert rep.device["spec"] == dropbear.url and rep.device["onnxruntime"]
+    assert leftovers(dropbear) == []
+
+
+@needs_dropbear
+def test_cli_bench_over_dropbear(dropbear, models, tmp_path):
+    """`edgeprune bench model.onnx --device ssh://root@127.0.0.1:PORT` against dropbear, host keys checked."""
+    out = tmp_path / "r.json"
+    args = ["bench", str(models["a"]), "--device", dropbear.url, "--identity", str(dropbear.user_key)]
+    args += ["--runs", "5", "--warmup", "1", "--json", str(out), "--remote-python", sys.executable]
+    for opt in dropbear.client_options():
+        args += ["--ssh-option", opt]
+    assert run_cli(args) == 0
+    assert json.loads(out.read_text())["results"][0]["latency_ms"]["p50"] > 0
+    assert leftovers(dropbear) == []
+
+
+@needs_dropbear
+def test_dropbear_probe_and_refusals(dropbear, models):
+    check_device(dropbear.url, str(dropbear.user_key), dropbear.client_options())
+    with pytest.raises(DeviceError, match="not in known_hosts.*ssh-keyscan -p"):
+        ssh_bench(dropbear, [models["a"]], ssh_options=dropbear.client_options(dropbear.empty_known_hosts))
+    with pytest.raises(DeviceError, match="authentication to .* failed"):
+        check_device(dropbear.url, str(dropbear.wrong_key), dropbear.client_options())
+    assert leftovers(dropbear) == []
+
+
+@needs_dropbear
+def test_copy_names_with_shell_characters_arrive_intact(dropbear, tmp_path):
+    """The remote command is built with shlex.quote: a file name the shell would split or expand arrives as is."""
+    from edgeprune.benchmarks.ssh import SshSession
+
+    session = SshSession(SshTarget.parse(dropbear.url), dropbear.user_key, dropbear.client_options())
+    remote = session.make_temp_dir(30)
+    src = tmp_path / "a b;$(touch pwned).bin"
+    payload = os.urandom(200_000)
+    src.write_bytes(payload)
+    try:
+        session.put([src], remote, 30)
+        assert (Path(remote) / src.name).read_bytes() == payload
+        assert not any((d / "pwned").exists() for d in (Path(remote), dropbear.root / "home", Path.cwd()))
+    finally:
+        session.remove_dir(remote, 30)
+    assert leftovers(dropbear) == []

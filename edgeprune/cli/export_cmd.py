@@ -13,6 +13,32 @@ from ..errors import EdgepruneError
 from ._app import CheckpointOpt, InChansOpt, ModelOpt, NumClassesOpt, PretrainedOpt, TargetOpt, app
 
 
+def check_export_options(
+    *,
+    quantize: str | None,
+    pack: str,
+    opset: int | None,
+    calib_size: int,
+    eval_size: int,
+    image_size: int | None,
+    num_classes: int | None,
+    in_chans: int | None,
+) -> None:
+    """One-line errors for `edgeprune export` options that cannot work (before anything loads)."""
+    from edgeprune.export.ship import PACK_CHOICES, QUANTIZE_CHOICES
+
+    if quantize is not None and quantize not in QUANTIZE_CHOICES:
+        raise EdgepruneError(f"--quantize must be {' or '.join(QUANTIZE_CHOICES)}, got '{quantize}'")
+    if pack not in PACK_CHOICES:
+        raise EdgepruneError(f"--pack must be {' or '.join(PACK_CHOICES)}, got '{pack}'")
+    if calib_size < 1 or eval_size < 1:
+        raise EdgepruneError(f"--calib-size and --eval-size must be >= 1, got {calib_size} and {eval_size}")
+    sizes = {"--opset": opset, "--image-size": image_size, "--num-classes": num_classes, "--in-chans": in_chans}
+    for flag, value in sizes.items():  # None: the default
+        if value is not None and value < 1:
+            raise EdgepruneError(f"{flag} must be >= 1 (omit it for the default), got {value}")
+
+
 @app.command("export")
 def export_cmd(
     model: ModelOpt = "demo",
@@ -45,11 +71,18 @@ def export_cmd(
     from edgeprune.targets import get_target
 
     console = Console(stderr=True)
-    profile = get_target(target)  # fail on a bad target before any slow work
-    if quantize is not None and quantize not in ("int8", "none"):
-        raise EdgepruneError(f"--quantize must be int8 or none, got '{quantize}'")
-    if pack not in ("dense", "sparse"):
-        raise EdgepruneError(f"--pack must be dense or sparse, got '{pack}'")
+    # Every option is checked before any slow work (loading the model and data, exporting).
+    profile = get_target(target)
+    check_export_options(
+        quantize=quantize,
+        pack=pack,
+        opset=opset,
+        calib_size=calib_size,
+        eval_size=eval_size,
+        image_size=image_size,
+        num_classes=num_classes,
+        in_chans=in_chans,
+    )
     torch.set_num_threads(max(1, min(torch.get_num_threads(), profile.threads)))
 
     with console.status("loading model and data"):
