@@ -449,7 +449,7 @@ def test_bad_selection_flags_are_refused(tmp_path):
 
     for kw, msg in (
         ({"latency_budget_ms": 1.0, "speedup": 2.0}, "not both"),
-        ({"speedup": 0.5}, "--speedup must be >= 1"),
+        ({"speedup": 0.5}, "--speedup must be > 1"),
         ({"latency_budget_ms": 0.0}, "--latency-budget must be a positive"),
         ({"method": "mag"}, "mix-and-match only"),
     ):
