@@ -537,7 +537,7 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
             range=[ranges[layer.name].lo, ranges[layer.name].hi],
             sparsity=per_layer.get(layer.name, 0.0),
             baseline_range=list(ranges[layer.name].baseline) if ranges[layer.name].baseline else None,
-            rules=ranges[layer.name].rules,
+            rules=ranges[layer.name].rules + [f"conflict: {c}" for c in [ranges[layer.name].conflict] if c],
         )
         for layer in ws.layers
     ]
