@@ -333,7 +333,7 @@ def bench_artifacts(
             raise EdgepruneError(f"artifact not found: {p}")
     if threads < 1 or runs < 1 or warmup < 0:
         raise EdgepruneError("--threads and --runs must be >= 1 and --warmup >= 0")
-    target = parse_device(device).ssh
+    target = check_device_options(device, identity, ssh_options).ssh  # before any file is written
     if target is not None and (not remote_python or remote_python.startswith("-")):
         raise EdgepruneError(f"bad --remote-python '{remote_python}': give an interpreter name or path")
     args_kw = {"threads": threads, "warmup": warmup, "runs": runs, "outputs": return_outputs}

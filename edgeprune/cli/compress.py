@@ -30,7 +30,11 @@ def compress_cmd(
     eval_size: int = typer.Option(2000, help="evaluation images (disjoint from calibration)"),
     target: TargetOpt = "arm64",
     sparsity: float = typer.Option(0.8, help="global sparsity to reach, in [0, 1)"),
-    max_drop: float | None = typer.Option(None, help="instead: sparsest candidate within this many accuracy points"),
+    max_drop: float | None = typer.Option(
+        None,
+        help="instead: sparsest (channel: fastest) candidate within this many accuracy points; not with --speedup "
+        "or --latency-budget",
+    ),
     method: str = typer.Option("mix-and-match", help=f"one of: {', '.join(METHODS)}"),
     signals: str = typer.Option(",".join(SIGNALS), help="sensitivity signals for mix-and-match"),
     range_baselines: str = typer.Option(
@@ -41,7 +45,7 @@ def compress_cmd(
         "unstructured", help="unstructured (zeroed weights) or channel (channels/heads removed: faster)"
     ),
     latency_budget: float | None = typer.Option(None, help="channel: most accurate candidate under this p50 (ms)"),
-    speedup: float | None = typer.Option(None, help="channel: most accurate candidate at least this much faster"),
+    speedup: float | None = typer.Option(None, help="channel: most accurate candidate at least this much faster (> 1)"),
     round_to: int | None = typer.Option(None, help="channel: keep widths multiples of this (default: the target's)"),
     latency_costs: bool = typer.Option(
         False,
@@ -59,13 +63,23 @@ def compress_cmd(
         "auto", help="where fine-tuning runs: auto (a CUDA GPU when torch sees one), cpu or cuda"
     ),
     quantize: str | None = typer.Option(None, help="int8 or none (default: the target profile's choice)"),
-    pack: str = typer.Option("dense", help="dense, or sparse: store zeroed weights as ONNX sparse initializers"),
-    ort_format: bool = typer.Option(False, help="also write .ort files for onnxruntime mobile/minimal builds"),
-    latency_from: str = typer.Option("local", help="benchmark on: local, ssh://user@host[:port] or qemu-arm64"),
+    pack: str = typer.Option(
+        "dense", help="dense, or sparse: store zeroed weights as ONNX sparse initializers (unstructured only)"
+    ),
+    ort_format: bool = typer.Option(
+        False, help="also write .ort files for onnxruntime mobile/minimal builds (unstructured only)"
+    ),
+    latency_from: str = typer.Option(
+        "local",
+        help="benchmark on: local, ssh://user@host[:port] (login checked before the run) or qemu-arm64; "
+        "unstructured only (channel mode times on this machine)",
+    ),
     identity: Path | None = typer.Option(None, help="ssh private key for --latency-from ssh://…"),
     ssh_option: list[str] = typer.Option([], help="extra `ssh -o` option, repeatable"),
     out: Path = typer.Option(Path("edgeprune-out"), help="output directory"),
-    threads: int | None = typer.Option(None, help="benchmark threads (default: the target's, capped by local cores)"),
+    threads: int | None = typer.Option(
+        None, help="benchmark threads, >= 1 (default: the target's, capped by local cores)"
+    ),
     bench_runs: int = typer.Option(50, help="timed benchmark runs per artifact"),
     seed: int = typer.Option(0, help="random seed (data splits, fine-tuning)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
