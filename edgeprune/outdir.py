@@ -23,9 +23,9 @@ Publishing is a write-ahead journal, applied forward:
    there are only renames and unlinks, which need no free space, so a full disk cannot stop them.
 
 SIGINT/SIGTERM/SIGHUP are held back from step 2 to the end of step 3, so an interruption lands before the
-commit (old set) or after the publish (new set). Only SIGKILL or a power cut can stop step 3 half-way;
-the next run to claim the folder finds the journal, applies it again (every step is idempotent) and so
-completes the new set before it does anything else. It then removes staging folders left by killed runs
+commit (old set) or after the publish (new set). The staged files are fsync'd before the commit. Only
+SIGKILL or a power cut can stop step 3 half-way; the next run to claim the folder finds the journal,
+applies it again (every step is idempotent) and so completes the new set before it does anything else. It then removes staging folders left by killed runs
 (it holds the lock, so none of them belongs to a live run) and says so in one log line.
 
 Which files are ours: exactly the names `is_managed` accepts (``model``/``dense`` with optional ``.int8``
@@ -54,6 +54,7 @@ from .errors import EdgepruneError
 STAGING_PREFIX = ".edgeprune-staging-"
 JOURNAL = ".edgeprune-publish.json"
 MANIFEST = ".edgeprune-manifest.json"
+# A new artifact name must be added here: publish refuses a staged file it would not know as ours later.
 _MANAGED = re.compile(r"(model|dense)(\.int8)?\.(onnx|ort|onnx\.data)|report\.(json|md)|pareto\.png")
 _STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"[A-Za-z0-9_]+")
 # Errors of the disk, not of the input: reported as one line, --out left as it was.
@@ -88,10 +89,14 @@ class OutputDir:
             target = self.out / name
             if target.is_dir() and not target.is_symlink():
                 raise EdgepruneError(f"{target} is a folder, where edgeprune writes {name}; move it away and rerun")
+        for name in names:  # on disk before the commit, so a power cut cannot leave renamed empty files
+            _fsync(self.staging / name)
+        _fsync(self.staging)
         journal = {"staging": self.staging.name, "files": names}
         with _signals_held():
             _write_json_atomic(self.out / JOURNAL, journal)  # the commit point
             _apply_journal(self.out)
+            _fsync(self.out)
         self.published = {n: str(self.out / n) for n in names}
         return self.published
 
@@ -223,7 +228,7 @@ def _lock_holder(out: Path) -> int | None:
             ino = int(dev_ino.rsplit(":", 1)[1])
         except (IndexError, ValueError):
             continue
-        if ino == st.st_ino:
+        if dev_ino == f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{ino}":
             return pid
     return None
 
@@ -258,6 +263,14 @@ def _apply_journal(out: Path) -> None:
             p.unlink()
     os.replace(path, out / MANIFEST)
     shutil.rmtree(out / staging, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_json_atomic(path: Path, data: dict) -> None:

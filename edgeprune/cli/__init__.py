@@ -6,6 +6,7 @@ Each sub-command lives in its own module and registers itself on the shared Type
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 
@@ -66,7 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"edgeprune: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except Interrupted as exc:
-        print("edgeprune: interrupted", file=sys.stderr)
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            print("edgeprune: interrupted", file=sys.stderr)
         sys.exit(128 + exc.signum)  # the shell convention: 130 SIGINT, 143 SIGTERM, 129 SIGHUP
     finally:
         for s, handler in previous.items():  # an in-process caller (tests) gets its own handlers back
