@@ -13,6 +13,7 @@ from edgeprune.export import onnx_weight_sparsity, read_metadata
 
 import edgeprune.zoo  # noqa: F401  (registers fmnist_resnet in timm)
 from edgeprune.data import load_data
+from edgeprune.outdir import MANIFEST, read_manifest
 
 from .test_export import _randomize_bn, _zero_fraction
 from .test_export_verify import run_cli
@@ -39,8 +40,9 @@ def test_export_writes_every_verified_artifact(checkpoint, tmp_path, capsys):
     args += ["--calib-size", "64", "--eval-size", "100", "--quantize", "int8", "--pack", "sparse", "--ort-format"]
     assert run_cli([*args, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    names = sorted(p.name for p in out.iterdir())
+    names = sorted(p.name for p in out.iterdir() if p.name != MANIFEST)
     assert names == ["model.int8.onnx", "model.int8.ort", "model.onnx", "model.ort"]  # nothing half-written
+    assert read_manifest(out) == names  # the published set, as edgeprune/outdir.py records it
 
     assert summary["sparsity"] == pytest.approx(0.8, abs=0.01)
     assert summary["parity_max_abs_diff"] <= 1e-4 and summary["zeros_onnx"] == summary["zeros_torch"]
