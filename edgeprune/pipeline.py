@@ -86,6 +86,7 @@ class CompressConfig:
     latency_from: str = "local"  # benchmark device: local | ssh://user@host[:port] | qemu-arm64
     identity: str | None = None  # ssh key for latency_from
     ssh_options: tuple[str, ...] = ()
+    remote_python: str = "python3"  # interpreter on an ssh:// device (needs numpy + onnxruntime)
     seed: int = 0
     # structured (--granularity channel) selection and shaping
     latency_budget_ms: float | None = None
@@ -148,6 +149,8 @@ class CompressConfig:
             raise EdgepruneError(f"--pack must be {' or '.join(PACK_CHOICES)}, got '{self.pack}'")
         get_target(self.target)
         check_device_options(self.latency_from, self.identity, self.ssh_options)
+        if not self.remote_python or self.remote_python.startswith("-"):
+            raise EdgepruneError(f"bad --remote-python '{self.remote_python}': give an interpreter name or path")
 
         channel_only = {  # field -> flag; a set value (not None / False) means the user asked for it
             "speedup": "--speedup",
@@ -635,6 +638,7 @@ def _export_and_bench(
             y=data.eval_y.numpy(),
             identity=cfg.identity,
             ssh_options=list(cfg.ssh_options),
+            remote_python=cfg.remote_python,
         )
         progress.finish()
     by_name = {n: r for n, r in zip(names, bench.results)}

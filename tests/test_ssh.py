@@ -454,3 +454,22 @@ def test_copy_names_with_shell_characters_arrive_intact(dropbear, tmp_path):
     finally:
         session.remove_dir(remote, 30)
     assert leftovers(dropbear) == []
+
+
+@needs_dropbear
+@pytest.mark.slow
+def test_compress_benchmarks_on_a_dropbear_board(dropbear, tmp_path):
+    """The whole job with --latency-from a dropbear board: the login is checked first, the artifacts are
+    streamed (no SFTP) and timed there, and the report says where."""
+    out = tmp_path / "out"
+    args = ["compress", "--signals", "magnitude", "--range-baselines", "mag", "--finetune-epochs", "0"]
+    args += ["--calib-size", "200", "--eval-size", "300", "--bench-runs", "5", "--quantize", "none", "-q"]
+    args += ["--out", str(out), "--latency-from", dropbear.url, "--identity", str(dropbear.user_key)]
+    args += ["--remote-python", sys.executable]
+    for opt in dropbear.client_options():
+        args += ["--ssh-option", opt]
+    assert run_cli(args) == 0
+    bench = json.loads((out / "report.json").read_text())["bench"]
+    assert bench["device"]["spec"] == dropbear.url
+    assert [r["latency_ms"]["p50"] > 0 for r in bench["results"]] == [True, True]
+    assert leftovers(dropbear) == []

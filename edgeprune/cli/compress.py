@@ -76,6 +76,9 @@ def compress_cmd(
     ),
     identity: Path | None = typer.Option(None, help="ssh private key for --latency-from ssh://…"),
     ssh_option: list[str] = typer.Option([], help="extra `ssh -o` option, repeatable"),
+    remote_python: str = typer.Option(
+        "python3", help="Python on the ssh:// device, with numpy + onnxruntime (e.g. ~/ort/bin/python3)"
+    ),
     out: Path = typer.Option(Path("edgeprune-out"), help="output directory"),
     threads: int | None = typer.Option(
         None, help="benchmark threads, >= 1 (default: the target's, capped by local cores)"
@@ -119,6 +122,7 @@ def compress_cmd(
         latency_from=latency_from,
         identity=str(identity) if identity else None,
         ssh_options=tuple(ssh_option),
+        remote_python=remote_python,
         out=str(out),
         threads=threads,
         bench_runs=bench_runs,
