@@ -17,5 +17,6 @@ if [ -n "$missing" ]; then
 fi
 
 # torch/torchvision pinned to the pair that installs CPU-runnable wheels together on Python 3.11 x86_64.
-python3 -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 -e '.[dev]'
+# setuptools >= 70.1 (bdist_wheel built in): tests/test_install.py builds the wheel offline, --no-build-isolation.
+python3 -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1 'setuptools>=70.1' -e '.[dev]'
 python3 -m pytest "$@"
