@@ -69,6 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     except Interrupted as exc:
         with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
             print("edgeprune: interrupted", file=sys.stderr)
+        # The process is on its way out: a late signal must not break the exit (atexit hooks, torch
+        # finalizers) with a trace, nor kill it once finalization has put the defaults back, which it
+        # does for Python handlers but not for SIG_IGN. Its children are gone already, none is started.
+        for s in STOP_SIGNALS:
+            signal.signal(s, signal.SIG_IGN)
+        previous = {}
         sys.exit(128 + exc.signum)  # the shell convention: 130 SIGINT, 143 SIGTERM, 129 SIGHUP
     finally:
         for s, handler in previous.items():  # an in-process caller (tests) gets its own handlers back
