@@ -8,7 +8,7 @@ Transpose, Identity, Reshape, Cast), so one function counts FP32, INT8 (QDQ) and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,17 @@ _TORCH_PRUNABLE = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvT
 _TORCH_BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
+@dataclass(frozen=True)
+class TorchWeight:
+    """One prunable weight as the forward pass used it, in PyTorch's layout (output channels first)."""
+
+    name: str  # "blocks.0.conv_pw.weight"
+    values: np.ndarray
+    # Output channels whose following BatchNorm has a scale of exactly 0: folding it zeroes the whole row,
+    # so zeros gained there are expected (timm zero-initialises the last BN of residual blocks).
+    zero_scaled_rows: tuple[int, ...] = ()
+
+
 @dataclass
 class TorchWeightCount:
     """Zeros in the prunable weights a forward pass actually uses."""
@@ -42,6 +53,7 @@ class TorchWeightCount:
     # convolution before it (timm zero-initialises the last BN of residual blocks, for instance).
     bn_fold_extra_zeros: int
     names: list[str]
+    weights: list[TorchWeight] = field(default_factory=list)
 
 
 def _load(path_or_model: str | Path | bytes | onnx.ModelProto) -> onnx.ModelProto:
@@ -165,10 +177,14 @@ def torch_weight_sparsity(model: nn.Module, example: torch.Tensor) -> TorchWeigh
     """Count zeros in the prunable weights that one forward pass on ``example`` uses (model in eval mode).
 
     Modules that never run (a detached auxiliary head, say) are not in the ONNX graph either, so they are
-    left out. Also returns the zeros BatchNorm folding will add (a conv row times a BN scale of 0).
+    left out. Also returns the zeros BatchNorm folding will add (a conv row times a BN scale of 0), and
+    each weight's values for `account_zeros`.
     """
     used: dict[int, tuple[str, nn.Module]] = {}
-    conv_by_output: dict[int, nn.Module] = {}
+    # id(conv output) -> (conv, that output). The output is held so its id cannot be recycled: with only
+    # the id, a later tensor (LeViT's flattened Linear output entering its BatchNorm1d) could land on a
+    # freed conv output's address and be taken for it, pairing a 256-channel BN with a 16-channel conv.
+    conv_by_output: dict[int, tuple[nn.Module, torch.Tensor]] = {}
     folds: list[tuple[nn.Module, nn.Module]] = []
     names = {id(m): n for n, m in model.named_modules()}
     hooks = []
@@ -176,10 +192,10 @@ def torch_weight_sparsity(model: nn.Module, example: torch.Tensor) -> TorchWeigh
     def on_forward(module: nn.Module, inputs: tuple, output: object) -> None:
         used.setdefault(id(module), (names.get(id(module), "?"), module))
         if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and isinstance(output, torch.Tensor):
-            conv_by_output[id(output)] = module
+            conv_by_output[id(output)] = (module, output)
         if isinstance(module, _TORCH_BN) and inputs and isinstance(inputs[0], torch.Tensor):
-            conv = conv_by_output.get(id(inputs[0]))
-            if conv is not None:
+            conv, seen_output = conv_by_output.get(id(inputs[0]), (None, None))
+            if conv is not None and seen_output is inputs[0] and conv.out_channels == module.num_features:
                 folds.append((conv, module))
 
     for module in model.modules():
@@ -190,10 +206,19 @@ def torch_weight_sparsity(model: nn.Module, example: torch.Tensor) -> TorchWeigh
     finally:
         for hook in hooks:
             hook.remove()
+    conv_by_output.clear()
+
+    dead_rows: dict[int, tuple[int, ...]] = {}
+    for conv, bn in folds:
+        if bn.weight is None:
+            continue  # affine=False: the scale 1/sqrt(var+eps) is never 0
+        dead = tuple(int(i) for i in (bn.weight == 0).nonzero().flatten())
+        if dead:
+            dead_rows[id(conv.weight)] = tuple(sorted(set(dead_rows.get(id(conv.weight), ())) | set(dead)))
 
     seen: set[int] = set()
-    zeros = total = 0
-    weight_names: list[str] = []
+    zeros = total = extra = 0
+    weights: list[TorchWeight] = []
     for name, module in used.values():
         for wname, weight in _torch_weights_of(module):
             if id(weight) in seen:
@@ -201,14 +226,198 @@ def torch_weight_sparsity(model: nn.Module, example: torch.Tensor) -> TorchWeigh
             seen.add(id(weight))
             zeros += int((weight == 0).sum())
             total += weight.numel()
-            weight_names.append(f"{name}.{wname}")
+            rows = dead_rows.get(id(weight), ())
+            if rows:
+                extra += int((weight[list(rows)] != 0).sum())
+            values = weight.detach().cpu().float().numpy()
+            weights.append(TorchWeight(f"{name}.{wname}", values, rows))
+    return TorchWeightCount(
+        zeros=zeros, total=total, bn_fold_extra_zeros=extra, names=[w.name for w in weights], weights=weights
+    )
 
-    extra = 0
-    for conv, bn in folds:
-        if bn.weight is None:
-            continue  # affine=False: the scale 1/sqrt(var+eps) is never 0
-        dead = (bn.weight == 0).nonzero().flatten()
-        if dead.numel():
-            rows = conv.weight[dead]
-            extra += int((rows != 0).sum())
-    return TorchWeightCount(zeros=zeros, total=total, bn_fold_extra_zeros=extra, names=weight_names)
+
+# --- Zero accounting: each PyTorch weight followed into the ONNX graph ---------------------------------
+
+# A folded weight is PyTorch's times a per-output-channel factor, computed in float32: one rounding per
+# element, so 1e-5 relative is generous for a fold and still rejects any other tensor.
+_SCALE_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class LayerZeros:
+    """Where one PyTorch weight went in the ONNX graph and whether its zeros survived."""
+
+    layer: str  # the PyTorch weight ("blocks.0.conv_pw.weight")
+    onnx: tuple[str, ...]  # the initializer(s) holding it (more than one: the exporter copied it)
+    how: str  # "name", "copy", "transposed copy", "scaled" (a folded BatchNorm) or "scaled transposed"
+    zeros_torch: int
+    zeros_onnx: int  # zeros at this weight's positions, in the first initializer
+    lost: int  # PyTorch zeros that are non-zero in an initializer (over all copies)
+    gained: int  # zeros in an initializer that PyTorch does not have and no zero BN scale explains
+
+
+@dataclass
+class ZeroAccount:
+    """The result of `account_zeros`: every PyTorch weight's fate, and what could not be explained."""
+
+    layers: list[LayerZeros]
+    missing: list[str]  # PyTorch weights found nowhere in the graph (not by name, value, transpose or scale)
+    extra_onnx: list[str]  # prunable-slot initializers no PyTorch weight explains (constants, not weights)
+
+    @property
+    def ok(self) -> bool:
+        return not self.missing and all(entry.lost == 0 and entry.gained == 0 for entry in self.layers)
+
+    @property
+    def problem(self) -> str:
+        """One line naming the first layer that fails, and what to do; "" when `ok`."""
+        for entry in self.layers:
+            if entry.lost:
+                return (
+                    f"ONNX export lost {entry.lost} of the {entry.zeros_torch} zeros of layer {entry.layer} "
+                    f"(initializer {entry.onnx[0]}); the exported model is not the pruned one: "
+                    "report this model, or export without simplification"
+                )
+            if entry.gained:
+                return (
+                    f"ONNX export added {entry.gained} zeros to layer {entry.layer} (initializer {entry.onnx[0]}) "
+                    "that no zero BatchNorm scale explains; the exported model is not the pruned one: report this model"
+                )
+        if self.missing:
+            more = f" (and {len(self.missing) - 1} more)" if len(self.missing) > 1 else ""
+            return (
+                f"layer {self.missing[0]}{more} is not in the exported graph as itself, a transpose or a "
+                "BatchNorm-folded copy (merged branches are not supported); this model's layers are not supported"
+            )
+        return ""
+
+
+def _views(array: np.ndarray, shape: tuple[int, ...]) -> list[tuple[str, np.ndarray]]:
+    """``array`` seen in PyTorch's ``shape``: as stored, and transposed when it is a matrix (Linear -> MatMul)."""
+    if array.size != int(np.prod(shape)):
+        return []
+    views = [("", array.reshape(shape))]
+    squeezed = array.squeeze() if array.ndim > 2 else array
+    if squeezed.ndim == 2:  # the values decide which orientation is right (a square one may fit either)
+        views.append(("transposed ", np.ascontiguousarray(squeezed.T).reshape(shape)))
+    return views
+
+
+def _row_scales(torch_rows: np.ndarray, onnx_rows: np.ndarray, dead_rows: tuple[int, ...]) -> np.ndarray | None:
+    """Per-row factors s with onnx[r] == s[r] * torch[r] on torch's non-zeros, or None if there are none.
+
+    Judged on PyTorch's non-zeros only, so a lost zero still matches (and is then reported as lost rather
+    than as a missing layer). A row may scale to 0 only where PyTorch's BatchNorm scale is exactly 0;
+    otherwise an all-zero tensor would "match" every weight.
+    """
+    w = torch_rows.astype(np.float64)
+    v = onnx_rows.astype(np.float64)
+    pivot = np.abs(w).argmax(axis=1)
+    rows = np.arange(len(w))
+    pw, pv = w[rows, pivot], v[rows, pivot]
+    live = pw != 0
+    if not live.any():
+        return None
+    scale = np.where(live, pv / np.where(live, pw, 1.0), 1.0)
+    zero_rows = live & (scale == 0)
+    if zero_rows.any() and not set(np.flatnonzero(zero_rows).tolist()) <= set(dead_rows):
+        return None
+    # Cheap rejection first: most candidates of the same size are other layers and fail on row 0.
+    first = int(np.flatnonzero(live)[0])
+    if not _rows_fit(w[first : first + 1], v[first : first + 1], scale[first : first + 1]):
+        return None
+    return scale if _rows_fit(w, v, scale) else None
+
+
+def _rows_fit(w: np.ndarray, v: np.ndarray, scale: np.ndarray) -> bool:
+    predicted = scale[:, None] * w
+    tol = _SCALE_RTOL * np.abs(predicted) + 1e-7 * np.abs(predicted).max(axis=1, keepdims=True)
+    return bool(np.all((w == 0) | (np.abs(v - predicted) <= tol)))
+
+
+def _zero_diff(weight: TorchWeight, view: np.ndarray) -> tuple[int, int, int]:
+    """(zeros in the ONNX view, PyTorch zeros lost, zeros gained outside zero-scaled rows)."""
+    w0 = weight.values == 0
+    v0 = view == 0
+    gained = v0 & ~w0
+    if weight.zero_scaled_rows:
+        gained[list(weight.zero_scaled_rows)] = False
+    return int(v0.sum()), int((w0 & ~v0).sum()), int(gained.sum())
+
+
+def account_zeros(path_or_model: str | Path | bytes | onnx.ModelProto, counted: TorchWeightCount) -> ZeroAccount:
+    """Follow every PyTorch prunable weight into the ONNX graph and check that each of its zeros is still a zero.
+
+    A PyTorch weight W is found, in this order:
+
+    1. by name: torch.onnx keeps the parameter's name for an initializer it did not rewrite;
+    2. by value: an initializer equal to W, or to W transposed (a Linear exported as MatMul), possibly
+       stored several times (a weight shared by two nodes, or copied by the exporter); every copy is checked;
+    3. by scale: an initializer whose every output row is W's row times one factor, on W's non-zeros
+       (a BatchNorm folded into the conv before it, ``W' = W * gamma / sqrt(var + eps)`` per output channel).
+
+    The rule, per element: a zero of W must be a zero in every initializer holding W (a lost zero fails,
+    naming the layer); an initializer may not gain zeros either, except whole output rows whose BatchNorm
+    scale is exactly 0 in PyTorch (folding multiplies them by 0). Per-channel folding cannot move a zero
+    (the factor multiplies the whole row), so the positions are compared one to one.
+
+    Merged branches (RepVGG/MobileOne re-parameterisation, ``W = W3x3 + pad(W1x1) + I``) are not
+    accepted: a merged element is zero only where every branch is zero and the sum does not cancel, so
+    only the intersection of the branches' zeros is guaranteed and the pruned count cannot be kept. The
+    exporter never merges branches (timm runs them as separate convs until ``reparameterize()``); a graph
+    that did would leave the branch weights unmatched and fail naming the first one. The re-parameterise
+    step belongs before pruning, where the merged conv is the weight that is pruned.
+
+    Initializers in weight slots that no PyTorch weight explains (constants the exporter folded, say) are
+    listed in ``extra_onnx`` and do not fail the check: they hold none of the pruned weights.
+    """
+    arrays = prunable_onnx_weights(path_or_model)
+    by_size: dict[int, list[str]] = {}
+    for name, array in arrays.items():
+        by_size.setdefault(int(array.size), []).append(name)
+    claimed: set[str] = set()
+    layers: list[LayerZeros] = []
+    missing: list[str] = []
+    for weight in counted.weights:
+        shape = weight.values.shape
+        found: list[tuple[str, str, np.ndarray]] = []  # (initializer, how, view)
+        named = arrays.get(weight.name)
+        if named is not None and named.size == weight.values.size:
+            views = _views(named, shape)
+            # A named initializer is this weight; take the orientation whose values fit.
+            fit = next((v for v in views if np.array_equal(v[1] != 0, weight.values != 0)), views[0])
+            found.append((weight.name, "name", fit[1]))
+        else:
+            rows = weight.values.reshape(shape[0], -1) if weight.values.ndim else weight.values.reshape(1, -1)
+            for name in by_size.get(int(weight.values.size), []):
+                if name in counted.names:
+                    continue  # another PyTorch weight's own initializer
+                for prefix, view in _views(arrays[name], shape):
+                    if np.array_equal(view, weight.values):
+                        found.append((name, prefix + "copy", view))
+                        break
+                    scale = _row_scales(rows, view.reshape(rows.shape), weight.zero_scaled_rows)
+                    if scale is not None:
+                        found.append((name, "scaled" + (" transposed" if prefix else ""), view))
+                        break
+            # An initializer two same-valued weights could both claim goes to the first unclaimed one.
+            unclaimed = [f for f in found if f[0] not in claimed]
+            found = unclaimed or found[:1]
+        if not found:
+            missing.append(weight.name)
+            continue
+        claimed.update(f[0] for f in found)
+        diffs = [_zero_diff(weight, view) for _, _, view in found]
+        layers.append(
+            LayerZeros(
+                layer=weight.name,
+                onnx=tuple(f[0] for f in found),
+                how=found[0][1],
+                zeros_torch=int((weight.values == 0).sum()),
+                zeros_onnx=diffs[0][0],
+                lost=sum(d[1] for d in diffs),
+                gained=sum(d[2] for d in diffs),
+            )
+        )
+    extra = [name for name in arrays if name not in claimed]
+    return ZeroAccount(layers=layers, missing=missing, extra_onnx=extra)
