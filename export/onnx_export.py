@@ -35,7 +35,7 @@ from .metadata import (
     set_metadata,
     weights_digest,
 )
-from .sparsity import TorchWeightCount, onnx_weight_sparsity, torch_weight_sparsity
+from .sparsity import TorchWeightCount, ZeroAccount, account_zeros, onnx_weight_sparsity, torch_weight_sparsity
 
 log = logging.getLogger(__name__)
 
@@ -140,13 +140,15 @@ def _simplify(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
     return model, ""
 
 
-def _zeros_match(onnx_model: onnx.ModelProto, counted: TorchWeightCount) -> tuple[bool, int, int]:
+def _zeros_match(onnx_model: onnx.ModelProto, counted: TorchWeightCount) -> tuple[ZeroAccount, int, int]:
+    """Each PyTorch weight followed into the graph (`account_zeros`), plus the graph's (zeros, total).
+
+    Per weight rather than totals: BN folded into a conv, a Linear stored transposed, a weight stored
+    twice all change the initializers without changing a single zero, and totals could not tell those
+    from a lost zero balanced by a gained one.
+    """
     zeros, total = onnx_weight_sparsity(onnx_model)
-    if total != counted.total:
-        return False, zeros, total
-    # Folding a BN with a zero scale into its conv adds zeros; anything else must match exactly.
-    ok = counted.zeros <= zeros <= counted.zeros + counted.bn_fold_extra_zeros
-    return ok, zeros, total
+    return account_zeros(onnx_model, counted), zeros, total
 
 
 def make_session(model: onnx.ModelProto | bytes | str | Path, threads: int | None = None) -> ort.InferenceSession:
@@ -352,20 +354,17 @@ def export_onnx(
     n_outputs = len(_flatten_outputs(net(example)))
     exported = _torch_export(net, example, opset, dynamic_batch, n_outputs)
 
-    ok, zeros, total = _zeros_match(exported, counted)
-    if not ok:
-        raise UnsupportedModelError(
-            f"ONNX export changed the prunable weights: PyTorch has {counted.zeros} zeros in {counted.total} "
-            f"weights, the exported graph {zeros} in {total}; this model's layers are not supported"
-        )
+    account, zeros, total = _zeros_match(exported, counted)
+    if not account.ok:
+        raise UnsupportedModelError(account.problem)
 
     final, used = exported, ""
     if simplify:
         candidate, used = _simplify(exported)
         if used:
-            # The simplifier must keep exactly the exported graph's zeros: not one lost, none added.
-            zeros_s, total_s = onnx_weight_sparsity(candidate)
-            if (zeros_s, total_s) == (zeros, total):
+            # The simplifier must keep every weight's zeros, and the graph's counts (what verify recounts).
+            account_s, zeros_s, total_s = _zeros_match(candidate, counted)
+            if account_s.ok and (zeros_s, total_s) == (zeros, total):
                 final = candidate
             else:
                 log.warning(
