@@ -18,8 +18,20 @@ from pathlib import Path
 from .baselines import Plan
 from .errors import EdgepruneError
 from .inventory import ROLES, Layer
+from .schema import Int, NameList, Num, Pattern, Range01, Str, check_object, read_json_file, show
 
-RULE_KEYS = {"roles", "not_roles", "name", "max_params", "min_params", "max_share", "range", "why"}
+# One rule of a rules file, field by field (edgeprune.schema checks it and names the bad field).
+RULE_SCHEMA = {
+    "roles": NameList(ROLES, "role"),
+    "not_roles": NameList(ROLES, "role"),
+    "name": Pattern(),  # searched in the layer name; bounded (schema.safe_pattern) so matching cannot hang
+    "max_params": Int(lo=0),
+    "min_params": Int(lo=0),
+    "max_share": Num(0.0, 1.0, lo_open=True),
+    "range": Range01(),
+    "why": Str(),
+}
+RULE_KEYS = set(RULE_SCHEMA)
 
 
 @dataclass(frozen=True)
@@ -63,32 +75,15 @@ def parse_rules(data: dict, source: str, key: str = "rules") -> list[Rule]:
     if unknown:
         raise EdgepruneError(f"rules file {source}: unknown top-level key(s) {sorted(unknown)}")
     band = parse_band(data.get("band"), source)
+    for name in ("late_rules", "structured"):
+        if not isinstance(data.get(name, []), list):
+            raise EdgepruneError(f"rules file {source}: {name} must be a list of rules, got {show(data[name])}")
+    items = data.get(key, [])
     rules = []
-    for i, raw in enumerate(data.get(key, [])):
-        where = f"rules file {source}, rule {i + 1}"
-        if not isinstance(raw, dict):
-            raise EdgepruneError(f"{where}: expected an object")
-        unknown = set(raw) - RULE_KEYS
-        if unknown:
-            raise EdgepruneError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: {sorted(RULE_KEYS)}")
-        rng = raw.get("range")
-        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(v, (int, float)) for v in rng)):
-            raise EdgepruneError(f"{where}: 'range' must be [min, max]")
-        lo, hi = float(rng[0]), float(rng[1])
-        if not (0.0 <= lo <= hi < 1.0):
-            raise EdgepruneError(f"{where}: range [{lo}, {hi}] must satisfy 0 <= min <= max < 1")
-        for key in ("roles", "not_roles"):
-            bad = [r for r in raw.get(key, []) if r not in ROLES]
-            if bad:
-                raise EdgepruneError(f"{where}: unknown role(s) {bad}; known roles: {', '.join(ROLES)}")
+    for i, raw in enumerate(items):
+        check_object(raw, RULE_SCHEMA, f"rules file {source}", f"{key}[{i}]", required=("range",))
+        lo, hi = float(raw["range"][0]), float(raw["range"][1])
         share = raw.get("max_share")
-        if share is not None and not (isinstance(share, (int, float)) and 0.0 < share <= 1.0):
-            raise EdgepruneError(f"{where}: 'max_share' must be a fraction in (0, 1], got {share!r}")
-        if "name" in raw:
-            try:
-                re.compile(raw["name"])
-            except re.error as exc:
-                raise EdgepruneError(f"{where}: bad name pattern {raw['name']!r}: {exc}") from None
         rules.append(
             Rule(
                 range=(lo, hi),
@@ -122,14 +117,8 @@ def load_rules(family: str | None = None, user_file: str | Path | None = None) -
 
 
 def read_rules_file(path: str | Path) -> dict:
-    """A user's rules file as JSON, with one-line errors for a missing or malformed file."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EdgepruneError(f"rules file not found: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise EdgepruneError(f"rules file {path} is not valid JSON: {exc}") from None
+    """A user's rules file as JSON, with one-line errors for a missing, unreadable or malformed file."""
+    return read_json_file(path, "rules file")
 
 
 def range_targets(sparsity: float) -> tuple[float, float, float]:

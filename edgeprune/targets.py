@@ -16,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 
 from .errors import EdgepruneError
+from .schema import Bool, Int, OneOf, Str, field_problems, read_json_file, show
 
 ENV_VAR = "EDGEPRUNE_TARGETS"
 ARCHES = ("x86_64", "aarch64")
@@ -51,17 +52,28 @@ def _builtin() -> dict[str, dict]:
 
 
 def _read_user_file(path: Path) -> dict[str, dict]:
-    try:
-        table = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise EdgepruneError(f"target file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EdgepruneError(f"cannot read target file {path}: {exc}") from None
-    except json.JSONDecodeError as exc:
-        raise EdgepruneError(f"target file {path} is not valid JSON: {exc}") from None
+    table = read_json_file(path, "target file")
     if not isinstance(table, dict) or not all(isinstance(v, dict) for v in table.values()):
         raise EdgepruneError(f'target file {path} must be a JSON object of profiles: {{"name": {{...}}}}')
+    for name, fields_ in table.items():
+        base = fields_.get("base")
+        if base is not None and not isinstance(base, str):
+            raise EdgepruneError(
+                f"target profile '{name}' in {path}: base must be the name of a target (a string), got {show(base)}"
+            )
     return table
+
+
+# Every field of a profile and what it must hold; `_validate` reports all the bad ones on one line.
+TARGET_SCHEMA = {
+    "arch": OneOf(ARCHES),
+    "description": Str(),
+    "threads": Int(lo=1),
+    "round_to": Int(lo=1),
+    "int8_format": OneOf(INT8_FORMATS),
+    "int8_worth_it": Bool(),
+    "opset": Int(lo=1),
+}
 
 
 def _validate(name: str, fields_: dict, where: str) -> Target:
@@ -73,18 +85,7 @@ def _validate(name: str, fields_: dict, where: str) -> Target:
         )
         raise EdgepruneError(f"target profile '{name}' in {where} is malformed: {'; '.join(parts)}")
     f = {k: v for k, v in fields_.items() if k != "base"}
-    problems = []
-    if f["arch"] not in ARCHES:
-        problems.append(f"arch must be one of {', '.join(ARCHES)}")
-    for key in ("threads", "round_to", "opset"):
-        if not isinstance(f[key], int) or isinstance(f[key], bool) or f[key] < 1:
-            problems.append(f"{key} must be a positive integer")
-    if f["int8_format"] not in INT8_FORMATS:
-        problems.append(f"int8_format must be one of {', '.join(INT8_FORMATS)}")
-    if not isinstance(f["int8_worth_it"], bool):
-        problems.append("int8_worth_it must be true or false")
-    if not isinstance(f["description"], str):
-        problems.append("description must be a string")
+    problems = field_problems(f, TARGET_SCHEMA)
     if problems:
         raise EdgepruneError(f"target profile '{name}' in {where} is malformed: {'; '.join(problems)}")
     return Target(name=name, **f)
