@@ -9,8 +9,12 @@ read), so `scripts/train_reference.py` can use its IDX readers on a machine with
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
+import struct
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -302,51 +306,147 @@ def load_demo_arrays() -> tuple[np.ndarray, np.ndarray]:
         return npz["images"], npz["labels"].astype(np.int64)
 
 
+# What an image folder may hold, as torchvision's ImageFolder reads it (lower-case suffixes).
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGE_SIZE_RANGE = (8, 4096)  # below 8 px the models' strided stems leave nothing; above 4096 the tensors explode
+# Decoding limit per image (PIL's default warns at 89 MP and only fails at twice that): 64 MP is a 8K photo;
+# a file that claims more is a decompression bomb or not a dataset image.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def check_image_size(image_size: int | None) -> None:
+    """``--image-size`` within IMAGE_SIZE_RANGE (None: the source's or the model's default)."""
+    lo, hi = IMAGE_SIZE_RANGE
+    if image_size is not None and not (isinstance(image_size, int) and lo <= image_size <= hi):
+        raise DataError(f"--image-size must be between {lo} and {hi} pixels, got {image_size}")
+
+
+def _hidden(name: str) -> bool:
+    # .ipynb_checkpoints/, .DS_Store, ._x.png (macOS resource forks), .git/: never classes or images.
+    return name.startswith(".")
+
+
+def list_imagefolder(root: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """Class names (visible sub-folders, sorted) and (image path, label) pairs, as ImageFolder orders them.
+
+    Hidden (dot) folders and files are skipped at every depth.
+    """
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not _hidden(d.name))
+    samples = []
+    for label, name in enumerate(classes):
+        for dirpath, _, files in sorted(os.walk(root / name, followlinks=True)):
+            if any(_hidden(part) for part in Path(dirpath).relative_to(root).parts):
+                continue
+            samples += [
+                (os.path.join(dirpath, f), label)
+                for f in sorted(files)
+                if not _hidden(f) and f.lower().endswith(IMG_EXTENSIONS)
+            ]
+    return classes, samples
+
+
+@contextlib.contextmanager
+def _bounded_decoding() -> Iterator[None]:
+    """PIL with MAX_IMAGE_PIXELS as a hard limit: its DecompressionBombWarning is raised as an error."""
+    import PIL.Image
+
+    saved = PIL.Image.MAX_IMAGE_PIXELS
+    PIL.Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+            yield
+    finally:
+        PIL.Image.MAX_IMAGE_PIXELS = saved
+
+
+def _decode_error(path: str, exc: BaseException) -> DataError:
+    import PIL.Image
+
+    if isinstance(exc, (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning)):
+        return DataError(
+            f"image {path} is too large to decode (over {MAX_IMAGE_PIXELS:,} pixels: a decompression bomb?); "
+            "remove or shrink it"
+        )
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return DataError(f"cannot read image {path}: {text}; remove or replace it")
+
+
+def _decode_errors() -> tuple[type[BaseException], ...]:
+    import PIL.Image
+
+    # PIL's format plugins fail on a damaged file with any of these (a truncated PNG: OSError, a bad
+    # header: SyntaxError or struct.error, a huge one: MemoryError or the bomb check).
+    return (
+        OSError,
+        ValueError,
+        SyntaxError,
+        EOFError,
+        struct.error,
+        MemoryError,
+        PIL.Image.DecompressionBombError,
+        PIL.Image.DecompressionBombWarning,
+    )
+
+
 def _read_imagefolder(root: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str], int]:
     """uint8-range float images in [0, 1] (N, C, S, S), labels, class names, channels."""
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     if not root.is_dir():
         raise DataError(f"imagefolder path is not a folder: {root}")
-    from torchvision.datasets import ImageFolder  # lazy: keeps `import edgeprune.data` light
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    try:
+        classes, samples = list_imagefolder(root)
+    except OSError as exc:
+        raise DataError(f"cannot read image folder {root}: {exc.strerror or exc}") from None
     if not classes:
         raise DataError(
             f"{root} has no class sub-folders; an imagefolder is ROOT/<class>/<image>.png (one folder per class)"
         )
-    try:
-        dataset = ImageFolder(str(root), allow_empty=True)
-    except (FileNotFoundError, OSError) as exc:
-        raise DataError(f"cannot read image folder {root}: {exc}") from exc
-    if len(dataset.samples) == 0:
+    if len(samples) == 0:
         raise DataError(
             f"{root} has class folders ({', '.join(classes[:5])}) but no images ({', '.join(IMG_EXTENSIONS)})"
         )
+    if len(samples) < 2:
+        raise DataError(f"need at least 2 images (one to calibrate, one to evaluate), found {len(samples)} in {root}")
     import PIL.Image  # torchvision depends on Pillow
 
-    # Grey if every image is grey, else RGB: decide from the files' modes before converting.
-    modes = set()
-    for path, _ in dataset.samples:
-        try:
-            with PIL.Image.open(path) as img:
-                modes.add(img.mode)
-        except (OSError, PIL.UnidentifiedImageError) as exc:
-            raise DataError(f"cannot read image {path}: {exc}; remove or replace it") from exc
-    grey = modes <= {"L", "1", "I;16", "I"}
-    channels = 1 if grey else 3
-    images = []
-    for path, _ in dataset.samples:
-        with PIL.Image.open(path) as img:
-            img = img.convert("L" if grey else "RGB")
-            if img.size != (image_size, image_size):
-                img = img.resize((image_size, image_size), PIL.Image.Resampling.BILINEAR)
-            arr = np.asarray(img, dtype=np.uint8)
-        images.append(arr[None] if grey else arr.transpose(2, 0, 1))
+    errors = _decode_errors()
+    with _bounded_decoding():
+        # Grey if every image is grey, else RGB: decide from the files' headers before decoding.
+        modes = set()
+        for path, _ in samples:
+            if os.path.getsize(path) == 0:
+                raise DataError(f"image {path} is an empty file (0 bytes); remove or replace it")
+            try:
+                with PIL.Image.open(path) as img:
+                    modes.add(img.mode)
+                    if 0 in img.size:
+                        raise DataError(f"image {path} is {img.size[0]}x{img.size[1]} pixels; remove or replace it")
+            except errors as exc:
+                raise _decode_error(path, exc) from None
+        used = sorted({label for _, label in samples})
+        if len(used) < 2:
+            only = classes[used[0]]
+            raise DataError(
+                f"{root} has images of one class only ({only}); accuracy needs at least 2 classes, one folder each"
+            )
+        grey = modes <= {"L", "1", "I;16", "I"}
+        channels = 1 if grey else 3
+        images = []
+        for path, _ in samples:
+            try:
+                with PIL.Image.open(path) as img:
+                    img = img.convert("L" if grey else "RGB")  # decodes the whole file: truncation shows here
+                    if img.size != (image_size, image_size):
+                        img = img.resize((image_size, image_size), PIL.Image.Resampling.BILINEAR)
+                    arr = np.asarray(img, dtype=np.uint8)
+            except errors as exc:
+                raise _decode_error(path, exc) from None
+            images.append(arr[None] if grey else arr.transpose(2, 0, 1))
     x = torch.from_numpy(np.stack(images)).float().div_(255.0)
-    y = torch.tensor([label for _, label in dataset.samples], dtype=torch.int64)
-    return x, y, list(dataset.classes), channels
+    y = torch.tensor([label for _, label in samples], dtype=torch.int64)
+    return x, y, classes, channels
 
 
 def load_data(
@@ -364,6 +464,9 @@ def load_data(
     `image_size` resizes (default: 28 for Fashion-MNIST sources, 224 for image folders); `mean`/`std`
     override the normalization (default: Fashion-MNIST's for the grey sources, ImageNet's for folders).
     """
+    if not isinstance(spec, str):
+        raise DataError(f"data spec must be a string: {DATA_SPECS}")
+    check_image_size(image_size)
     spec = spec.strip()
     if spec in ("demo", "fashion-mnist", "fmnist"):
         if spec == "demo":

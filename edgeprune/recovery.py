@@ -71,8 +71,16 @@ def recalibrate_bn(
     bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
     if not bns:
         return
+    x = x[: batch_size * max_batches]
+    # Training-mode BatchNorm needs 2+ values per channel: one image whose features shrink to 1x1 (or a last
+    # batch of one) fails deep inside torch, after the statistics were reset. Refuse before touching them.
+    if len(x) < 2:
+        raise EdgepruneError(
+            f"BatchNorm re-calibration needs at least 2 calibration images, got {len(x)}; "
+            "raise --calib-size or pass --no-bn-recal"
+        )
     with on_device(model, device) as dev:
-        _recalibrate(model, bns, x[: batch_size * max_batches].to(dev), batch_size)
+        _recalibrate(model, bns, x.to(dev), max(2, batch_size))
 
 
 def _recalibrate(model: nn.Module, bns: list[nn.Module], x: torch.Tensor, batch_size: int) -> None:
@@ -84,8 +92,11 @@ def _recalibrate(model: nn.Module, bns: list[nn.Module], x: torch.Tensor, batch_
         saved_momentum.append(bn.momentum)
         bn.momentum = None  # cumulative moving average = exact mean over the batches seen
         bn.train()
-    for i in range(0, len(x), batch_size):
-        model(x[i : i + batch_size])
+    starts = list(range(0, len(x), batch_size))
+    if len(x) - starts[-1] == 1 and len(starts) > 1:
+        starts.pop()  # a last batch of one image joins the one before (see recalibrate_bn)
+    for i, j in zip(starts, [*starts[1:], len(x)]):
+        model(x[i:j])
     for bn, momentum in zip(bns, saved_momentum):
         bn.momentum = momentum
     model.train(was_training)
