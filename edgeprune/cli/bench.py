@@ -19,6 +19,7 @@ from rich.table import Table
 from ..benchmarks.device import DEVICES_HELP, BenchReport, bench_artifacts, input_shape, sample_input
 from ..benchmarks.runner import NOISY_CV
 from ..errors import DataError, EdgepruneError
+from ..export.load import load_onnx_checked
 from ..targets import ENV_VAR, get_target
 from ._app import app
 
@@ -196,8 +197,7 @@ def bench_command(
     if threads is None:
         threads = profile.threads if profile else 1
     for p in artifacts:
-        if not p.is_file():
-            raise EdgepruneError(f"artifact not found: {p}")
+        load_onnx_checked(p)  # a text file, a folder or an empty graph: one line here, not a runner traceback
     if batch < 1 or eval_size < 1:
         raise EdgepruneError("--batch and --eval-size must be >= 1")
     x = y = None

@@ -9,6 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ..data import check_image_size
 from ..errors import EdgepruneError
 from ._app import app
 
@@ -26,6 +27,7 @@ def inspect_cmd(
 ) -> None:
     """Print every weight tensor's role, shape, size and allowed sparsity range (from the rules)."""
     console = Console()
+    check_image_size(image_size)
     if artifact is not None:
         _inspect_artifact(artifact, console, as_json)
         return
@@ -63,9 +65,13 @@ def inspect_cmd(
 
 
 def _inspect_artifact(path: Path, console: Console, as_json: bool) -> None:
-    if not path.is_file():
-        raise EdgepruneError(f"artifact not found: {path}")
+    from ..export.load import load_onnx_checked
     from ..export.metadata import describe_artifact
+
+    if path.suffix != ".ort":  # ORT-format files are flatbuffers; describe_artifact loads those itself
+        load_onnx_checked(path)
+    elif not path.is_file():
+        raise EdgepruneError(f"artifact not found: {path}")
 
     info = describe_artifact(path)
     if as_json:
