@@ -133,6 +133,7 @@ class CompressConfig:
         if self.recovery not in RECIPES:
             raise EdgepruneError(f"unknown --recovery '{self.recovery}'; choose from {', '.join(RECIPES)}")
         resolve_device(self.device)
+        load_rules(None, self.rules)  # a bad --rules file (schema, regex bound) is refused before anything loads
         bad = [b for b in self.range_baselines if b not in BASELINES]
         if bad or not self.range_baselines:
             what = f"unknown --range-baselines {bad}" if bad else "--range-baselines is empty"

@@ -158,6 +158,21 @@ CASES = [
         expect="late_rules must be a list of rules",
         argv=lambda s: _rules(s, {"rules": [], "late_rules": 3}),
     ),
+    Case(
+        name="input-compress-rules-bad-field",
+        what='`compress --rules` with `"min_params": -5` (refused before anything loads)',
+        expect="rules[0].min_params must be an integer in [0, inf], got -5",
+        argv=lambda s: [
+            "compress",
+            "--rules",
+            _rules(s, _rule(min_params=-5))[-1],
+            "--data",
+            f"imagefolder:{s / 'missing'}",
+            "--out",
+            str(s / OUT),
+            "-q",
+        ],
+    ),
     # ----------------------------------------------------------------------------------------- target files
     Case(
         name="input-targets-base-list",
