@@ -25,8 +25,9 @@ Publishing is a write-ahead journal, applied forward:
 SIGINT/SIGTERM/SIGHUP are held back from step 2 to the end of step 3, so an interruption lands before the
 commit (old set) or after the publish (new set). The staged files are fsync'd before the commit. Only
 SIGKILL or a power cut can stop step 3 half-way; the next run to claim the folder finds the journal,
-applies it again (every step is idempotent) and so completes the new set before it does anything else. It then removes staging folders left by killed runs
-(it holds the lock, so none of them belongs to a live run) and says so in one log line.
+applies it again (every step is idempotent) and so completes the new set before it does anything else.
+It then removes staging folders left by killed runs (it holds the lock, so none of them belongs to a
+live run) and says so in one log line.
 
 Which files are ours: exactly the names `is_managed` accepts (``model``/``dense`` with optional ``.int8``
 as ``.onnx``/``.ort``/``.onnx.data``, ``report.json``, ``report.md``, ``pareto.png``). A run deletes such
@@ -187,6 +188,9 @@ def _lock(out: Path) -> tuple[int, bool]:
         raise EdgepruneError(f"cannot write to output directory {out}: it is not a folder; choose another --out")
     try:
         fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+        if fd < 3:  # never a standard stream's number, which a child started later would keep open
+            fd, low = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 3), fd
+            os.close(low)
     except OSError as exc:
         raise EdgepruneError(f"cannot write to output directory {out}: {exc.strerror or exc}") from None
     try:
@@ -211,26 +215,31 @@ def _unlock_after_failure(fd: int, out: Path, created: bool) -> None:
 
 
 def _lock_holder(out: Path) -> int | None:
-    """The pid holding a flock on ``out``, from /proc/locks (Linux); ``None`` when it cannot be told."""
+    """The one other process with ``out`` open (the lock holder), from /proc (Linux); else ``None``.
+
+    Not /proc/locks: a flock belongs to an open file description, and its pid there stays the locker's
+    even when only a forked child still holds it.
+    """
     try:
-        st = out.stat()
-        lines = Path("/proc/locks").read_text().splitlines()
+        target = os.stat(out)
+        procs = [p for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) != os.getpid()]
     except OSError:
         return None
-    for line in lines:
-        parts = line.split()
-        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF" (a blocked waiter has "->" after the number)
-        if "FLOCK" not in parts or "->" in parts:
-            continue
+    holders = set()
+    for proc in procs:
         try:
-            i = parts.index("FLOCK")
-            pid, dev_ino = int(parts[i + 3]), parts[i + 4]
-            ino = int(dev_ino.rsplit(":", 1)[1])
-        except (IndexError, ValueError):
+            fds = list((proc / "fd").iterdir())
+        except OSError:  # gone, or not ours to look at
             continue
-        if dev_ino == f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{ino}":
-            return pid
-    return None
+        for fd in fds:
+            try:
+                st = os.stat(fd)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (target.st_dev, target.st_ino):
+                holders.add(int(proc.name))
+                break
+    return holders.pop() if len(holders) == 1 else None
 
 
 def _apply_journal(out: Path) -> None:
