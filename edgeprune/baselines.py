@@ -10,6 +10,7 @@ All functions are pure: tensors and dicts in, dicts out.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -22,11 +23,31 @@ Plan = dict[str, float]
 Scores = dict[str, torch.Tensor]
 
 
+def at_least(sparsity: float, n: int) -> int:
+    """The fewest of ``n`` weights to zero for a sparsity of at least ``sparsity``.
+
+    Not round(): half a weight below the target is below it, and selection (``sparsity >= target``) would drop
+    a baseline candidate that zeroed round(0.8 * N) weights when 0.8 * N ends in .4. The 1e-6 absorbs float
+    noise in the product (0.8 * 20 is 16.000000000000004)."""
+    return min(n, max(0, math.ceil(sparsity * n - 1e-6)))
+
+
+def whole_counts(plan: Plan, numel: dict[str, int], sparsity: float) -> Plan:
+    """A layer-wise allocation in whole weights: each layer's count rounded down, then the remaining weights
+    of ``at_least(sparsity, N)`` to the layers with the largest remainders; masks then hit the target exactly."""
+    exact = {n: min(numel[n], plan[n] * numel[n]) for n in plan}
+    counts = {n: math.floor(v + 1e-9) for n, v in exact.items()}
+    deficit = at_least(sparsity, sum(numel.values())) - sum(counts.values())
+    for n in sorted(exact, key=lambda n: counts[n] - exact[n])[: max(0, deficit)]:
+        counts[n] = min(numel[n], counts[n] + 1)
+    return {n: counts[n] / numel[n] for n in plan}
+
+
 def global_threshold_plan(scores: Scores, sparsity: float) -> Plan:
-    """Prune exactly round(sparsity * N) lowest-scoring weights across all layers; return per-layer sparsity."""
+    """Prune exactly at_least(sparsity, N) lowest-scoring weights across all layers; return per-layer sparsity."""
     names = list(scores)
     flat = torch.cat([scores[n].detach().flatten().float() for n in names])
-    k = int(round(sparsity * flat.numel()))
+    k = at_least(sparsity, flat.numel())
     owner = torch.cat([torch.full((scores[n].numel(),), i, dtype=torch.long) for i, n in enumerate(names)])
     if k == 0:
         return dict.fromkeys(names, 0.0)
@@ -84,9 +105,8 @@ class Baseline:
     def plan(self, layers: list[Layer], sens: Sensitivity | None, sparsity: float, seed: int = 0) -> Plan:
         if self.allocate == "global":
             return global_threshold_plan(self.scores(layers, sens, seed), sparsity)
-        if self.allocate == "erk":
-            return erk_plan(layers, sparsity)
-        return uniform_plan(layers, sparsity)
+        plan = erk_plan(layers, sparsity) if self.allocate == "erk" else uniform_plan(layers, sparsity)
+        return whole_counts(plan, {layer.name: layer.numel for layer in layers}, sparsity)
 
 
 def _magnitude(layers: list[Layer], sens: Sensitivity | None, seed: int) -> Scores:

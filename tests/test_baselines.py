@@ -1,3 +1,5 @@
+import math
+
 import torch
 
 from edgeprune.baselines import BASELINES, erk_plan, global_threshold_plan, lamp_scores
@@ -56,3 +58,17 @@ def test_ranks_like_names_the_signal_that_orders_weights_as_the_baseline_does():
         for layer in layers:
             assert torch.equal(scores[layer.name], signal_scores(b.ranks_like, layer.weight, None)), name
     assert {n for n, b in BASELINES.items() if b.ranks_like is None} == {"snip", "grasp", "lamp", "random"}
+
+
+def test_every_baseline_masks_at_least_the_target_in_whole_weights():
+    """Selection keeps candidates with sparsity >= target: a baseline half a weight short would be dropped."""
+    from edgeprune.masking import build_masks
+
+    layers = prunable_layers(tiny_cnn())
+    total = sum(layer.numel for layer in layers)
+    for name in ("mag", "lamp", "erk", "uniform", "random"):
+        b = BASELINES[name]
+        for sparsity in (0.333, 0.8, 0.9, 0.97):
+            masks = build_masks(b.scores(layers, None, 0), b.plan(layers, None, sparsity))
+            zeros = sum(int((~m).sum()) for m in masks.values())
+            assert zeros == math.ceil(sparsity * total - 1e-6), (name, sparsity)
