@@ -41,6 +41,9 @@ class TorchWeight:
     # Output channels whose following BatchNorm has a scale of exactly 0: folding it zeroes the whole row,
     # so zeros gained there are expected (timm zero-initialises the last BN of residual blocks).
     zero_scaled_rows: tuple[int, ...] = ()
+    # Per-output-channel factor gamma / sqrt(var + eps) of the eval-mode BatchNorm that reads this conv's
+    # output (None: no BatchNorm follows): the exporter folds it in, W' = W * scale[o].
+    fold_scale: np.ndarray | None = None
 
 
 @dataclass
@@ -91,7 +94,8 @@ def _sparse_to_dense(sparse: onnx.SparseTensorProto) -> np.ndarray:
 def prunable_onnx_weights(path_or_model: str | Path | bytes | onnx.ModelProto) -> dict[str, np.ndarray]:
     """Name -> weight array (dequantized where the graph stores it quantized) for every prunable weight.
 
-    Each source initializer is returned once even when several nodes consume it.
+    Each source initializer is returned once even when several nodes consume it, except through an
+    Identity alias (the exporter's de-duplication of equal constants), returned under the alias's name.
     """
     model = _load(path_or_model)
     graph = model.graph
@@ -108,12 +112,17 @@ def prunable_onnx_weights(path_or_model: str | Path | bytes | onnx.ModelProto) -
             while name not in arrays and name in producer and producer[name].op_type in _PASS_THROUGH:
                 chain.append(producer[name])
                 name = producer[name].input[0]
-            if name not in arrays or name in found:
+            # An Identity in the chain is an alias the exporter made when it stored equal constants once
+            # (two layers pruned to all zeros, say): each alias stands for its own PyTorch weight, so it
+            # is counted under its own name, as PyTorch counts both layers.
+            aliases = [n.output[0] for n in chain if n.op_type == "Identity"]
+            key = aliases[-1] if aliases else name
+            if name not in arrays or key in found:
                 continue
             weight = arrays[name]
             if not np.issubdtype(weight.dtype, np.floating) and not any(n.op_type == "DequantizeLinear" for n in chain):
                 continue  # integer shape constants fed to MatMul are not weights
-            found[name] = _dequantize_through(weight, chain, arrays)
+            found[key] = _dequantize_through(weight, chain, arrays)
     return found
 
 
@@ -209,7 +218,12 @@ def torch_weight_sparsity(model: nn.Module, example: torch.Tensor) -> TorchWeigh
     conv_by_output.clear()
 
     dead_rows: dict[int, tuple[int, ...]] = {}
+    fold_scales: dict[int, np.ndarray] = {}
     for conv, bn in folds:
+        if bn.running_var is None:
+            continue  # no running statistics: eval mode normalises by the batch, nothing is folded
+        gamma = bn.weight if bn.weight is not None else torch.ones_like(bn.running_var)
+        fold_scales.setdefault(id(conv.weight), (gamma / torch.sqrt(bn.running_var + bn.eps)).float().numpy())
         if bn.weight is None:
             continue  # affine=False: the scale 1/sqrt(var+eps) is never 0
         dead = tuple(int(i) for i in (bn.weight == 0).nonzero().flatten())
@@ -230,7 +244,7 @@ def torch_weight_sparsity(model: nn.Module, example: torch.Tensor) -> TorchWeigh
             if rows:
                 extra += int((weight[list(rows)] != 0).sum())
             values = weight.detach().cpu().float().numpy()
-            weights.append(TorchWeight(f"{name}.{wname}", values, rows))
+            weights.append(TorchWeight(f"{name}.{wname}", values, rows, fold_scales.get(id(weight))))
     return TorchWeightCount(
         zeros=zeros, total=total, bn_fold_extra_zeros=extra, names=[w.name for w in weights], weights=weights
     )
@@ -252,7 +266,7 @@ class LayerZeros:
     how: str  # "name", "copy", "transposed copy", "scaled" (a folded BatchNorm) or "scaled transposed"
     zeros_torch: int
     zeros_onnx: int  # zeros at this weight's positions, in the first initializer
-    lost: int  # PyTorch zeros that are non-zero in an initializer (over all copies)
+    lost: int  # PyTorch zeros that are non-zero in an initializer (the worst copy, named first in ``onnx``)
     gained: int  # zeros in an initializer that PyTorch does not have and no zero BN scale explains
 
 
@@ -303,30 +317,24 @@ def _views(array: np.ndarray, shape: tuple[int, ...]) -> list[tuple[str, np.ndar
     return views
 
 
-def _row_scales(torch_rows: np.ndarray, onnx_rows: np.ndarray, dead_rows: tuple[int, ...]) -> np.ndarray | None:
-    """Per-row factors s with onnx[r] == s[r] * torch[r] on torch's non-zeros, or None if there are none.
+def _scaled_copy(torch_rows: np.ndarray, onnx_rows: np.ndarray, scale: np.ndarray) -> bool:
+    """Whether onnx[r] == scale[r] * torch[r] on torch's non-zeros, ``scale`` being PyTorch's own BN factor.
 
-    Judged on PyTorch's non-zeros only, so a lost zero still matches (and is then reported as lost rather
-    than as a missing layer). A row may scale to 0 only where PyTorch's BatchNorm scale is exactly 0;
-    otherwise an all-zero tensor would "match" every weight.
+    The factor comes from PyTorch, not from the graph: a factor fitted per row would let any tensor of
+    the same shape match when rows are one element long (a 1x1 conv on one input channel, a depthwise
+    1x1), and a fitted factor of 0 would let an all-zero tensor match every weight. Judged on PyTorch's
+    non-zeros only, so a lost zero still matches and is then reported as lost, not as a missing layer.
     """
     w = torch_rows.astype(np.float64)
     v = onnx_rows.astype(np.float64)
-    pivot = np.abs(w).argmax(axis=1)
-    rows = np.arange(len(w))
-    pw, pv = w[rows, pivot], v[rows, pivot]
-    live = pw != 0
-    if not live.any():
-        return None
-    scale = np.where(live, pv / np.where(live, pw, 1.0), 1.0)
-    zero_rows = live & (scale == 0)
-    if zero_rows.any() and not set(np.flatnonzero(zero_rows).tolist()) <= set(dead_rows):
-        return None
-    # Cheap rejection first: most candidates of the same size are other layers and fail on row 0.
-    first = int(np.flatnonzero(live)[0])
-    if not _rows_fit(w[first : first + 1], v[first : first + 1], scale[first : first + 1]):
-        return None
-    return scale if _rows_fit(w, v, scale) else None
+    s = scale.astype(np.float64).reshape(-1)
+    if s.shape[0] != w.shape[0] or not (w != 0).any():
+        return False
+    # Cheap rejection first: most candidates of the same size are other layers and fail on one row.
+    first = int(np.flatnonzero((w != 0).any(axis=1))[0])
+    if not _rows_fit(w[first : first + 1], v[first : first + 1], s[first : first + 1]):
+        return False
+    return _rows_fit(w, v, s)
 
 
 def _rows_fit(w: np.ndarray, v: np.ndarray, scale: np.ndarray) -> bool:
@@ -353,8 +361,13 @@ def account_zeros(path_or_model: str | Path | bytes | onnx.ModelProto, counted: 
     1. by name: torch.onnx keeps the parameter's name for an initializer it did not rewrite;
     2. by value: an initializer equal to W, or to W transposed (a Linear exported as MatMul), possibly
        stored several times (a weight shared by two nodes, or copied by the exporter); every copy is checked;
-    3. by scale: an initializer whose every output row is W's row times one factor, on W's non-zeros
-       (a BatchNorm folded into the conv before it, ``W' = W * gamma / sqrt(var + eps)`` per output channel).
+    3. by scale: an initializer equal, on W's non-zeros, to W times the factor of the BatchNorm that reads
+       W's conv in PyTorch (folded by the exporter: ``W' = W * gamma / sqrt(var + eps)`` per output channel).
+       The factor is PyTorch's, never fitted to the graph: a fitted one matches any tensor whose rows
+       are one element long.
+
+    Steps 2 and 3 compare on W's non-zeros only, so a weight whose zero was damaged is still found, and
+    its lost zero reported against it.
 
     The rule, per element: a zero of W must be a zero in every initializer holding W (a lost zero fails,
     naming the layer); an initializer may not gain zeros either, except whole output rows whose BatchNorm
@@ -389,25 +402,34 @@ def account_zeros(path_or_model: str | Path | bytes | onnx.ModelProto, counted: 
             found.append((weight.name, "name", fit[1]))
         else:
             rows = weight.values.reshape(shape[0], -1) if weight.values.ndim else weight.values.reshape(1, -1)
+            empty = not rows.any()  # a layer pruned away entirely: any all-zero tensor of its shape holds it
+            # Another weight's named initializer may hold this one too: the exporter stores equal
+            # constants once (two layers pruned to all zeros share one tensor through Identity nodes).
             for name in by_size.get(int(weight.values.size), []):
-                if name in counted.names:
-                    continue  # another PyTorch weight's own initializer
                 for prefix, view in _views(arrays[name], shape):
-                    if np.array_equal(view, weight.values):
+                    if empty:
+                        if not view.any():
+                            found.append((name, prefix + "copy", view))
+                        break
+                    # Equal on PyTorch's non-zeros (so a damaged zero is found, then reported as lost).
+                    if _scaled_copy(rows, view.reshape(rows.shape), np.ones(rows.shape[0])):
                         found.append((name, prefix + "copy", view))
                         break
-                    scale = _row_scales(rows, view.reshape(rows.shape), weight.zero_scaled_rows)
-                    if scale is not None:
+                    scale = weight.fold_scale
+                    if scale is not None and _scaled_copy(rows, view.reshape(rows.shape), scale):
                         found.append((name, "scaled" + (" transposed" if prefix else ""), view))
                         break
-            # An initializer two same-valued weights could both claim goes to the first unclaimed one.
-            unclaimed = [f for f in found if f[0] not in claimed]
+            # Prefer initializers no other weight holds; a shared one (equal values) only if none is left.
+            unclaimed = [f for f in found if f[0] not in claimed and (f[0] == weight.name or f[0] not in counted.names)]
             found = unclaimed or found[:1]
         if not found:
             missing.append(weight.name)
             continue
         claimed.update(f[0] for f in found)
         diffs = [_zero_diff(weight, view) for _, _, view in found]
+        # The worst copy first: the message names the initializer that lost (or gained) zeros.
+        order = sorted(range(len(found)), key=lambda i: (-diffs[i][1], -diffs[i][2]))
+        found, diffs = [found[i] for i in order], [diffs[i] for i in order]
         layers.append(
             LayerZeros(
                 layer=weight.name,
@@ -415,8 +437,8 @@ def account_zeros(path_or_model: str | Path | bytes | onnx.ModelProto, counted: 
                 how=found[0][1],
                 zeros_torch=int((weight.values == 0).sum()),
                 zeros_onnx=diffs[0][0],
-                lost=sum(d[1] for d in diffs),
-                gained=sum(d[2] for d in diffs),
+                lost=diffs[0][1],
+                gained=max(d[2] for d in diffs),
             )
         )
     extra = [name for name in arrays if name not in claimed]
