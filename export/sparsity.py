@@ -4,6 +4,10 @@
 paper counts sparsity. On the ONNX side those are the initializers feeding Conv / ConvTranspose / Gemm /
 MatMul, traced back through the nodes a quantizer or exporter puts in between (DequantizeLinear,
 Transpose, Identity, Reshape, Cast), so one function counts FP32, INT8 (QDQ) and sparse-packed graphs.
+
+`account_zeros` is the export's check: it follows each PyTorch weight to the initializer(s) holding it
+(by name, value, transpose or BatchNorm-fold factor) and compares zeros position by position, so legal
+rewrites pass and a single lost zero fails naming the layer.
 """
 
 from __future__ import annotations
@@ -290,12 +294,12 @@ class ZeroAccount:
                 return (
                     f"ONNX export lost {entry.lost} of the {entry.zeros_torch} zeros of layer {entry.layer} "
                     f"(initializer {entry.onnx[0]}); the exported model is not the pruned one: "
-                    "report this model, or export without simplification"
+                    "this model's layers are not supported"
                 )
             if entry.gained:
                 return (
                     f"ONNX export added {entry.gained} zeros to layer {entry.layer} (initializer {entry.onnx[0]}) "
-                    "that no zero BatchNorm scale explains; the exported model is not the pruned one: report this model"
+                    "that no zero BatchNorm scale explains; this model's layers are not supported"
                 )
         if self.missing:
             more = f" (and {len(self.missing) - 1} more)" if len(self.missing) > 1 else ""
