@@ -10,6 +10,7 @@ import torch
 from edgeprune.benchmarks import paper
 
 from edgeprune.pipeline import CompressConfig, Workspace, load_workspace_inputs
+from edgeprune.strategies import STRATEGY_NAMES
 
 
 def _cands(*pairs: tuple[float, float]) -> list[SimpleNamespace]:
@@ -60,7 +61,10 @@ def test_quick_run_writes_the_schema(tmp_path) -> None:
     assert model["model"] == "fmnist_resnet" and 0.5 < model["dense_fp32"] <= 1.0
     (level,) = model["levels"]
     assert level["level"] == 0.9
-    assert len(level["candidates"]) == 10  # --quick: one signal x ten strategies
+    # --quick: one signal; its strategies scaled to the level, then the baselines' own plans (issue 15)
+    names = {c["name"] for c in level["candidates"]}
+    assert {f"product/baseline:{b}" for b in ("mag", "snip", "grasp", "lamp", "erk")} <= names
+    assert any(c["strategy"] in STRATEGY_NAMES for c in level["candidates"])
     assert sum(c["selected"] for c in level["candidates"]) == 1
 
     methods = ["mix-and-match", "mag", "snip", "erk"]
