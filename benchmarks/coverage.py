@@ -1,0 +1,227 @@
+"""Architecture coverage: which timm families go through compress -> export -> parity -> zeros, and what stops the rest.
+
+For each architecture (<= ~10 M parameters, CNN / mobile / re-parameterisable / ViT / hierarchical /
+hybrid) and each granularity, one `edgeprune.pipeline.compress` at the model's natural input size, on
+the bundled demo images resized to it (1 channel: timm builds the stem for ``in_chans=1``; coverage is
+about the graph, not accuracy), magnitude signal only, no fine-tuning. A row passes when the pipeline
+returns a report: the export itself checks parity and follows every pruned weight's zeros into the graph
+(`edgeprune.export.sparsity.account_zeros`). A row that fails records the one-line `EdgepruneError`
+(it names the layer or op); any other exception is a finding and records its type, message and last frame.
+
+    python -m edgeprune.benchmarks.coverage                      # every model, both granularities
+    python -m edgeprune.benchmarks.coverage --models levit_128s,repvgg_a0 --granularity unstructured
+
+Results: ``benchmarks/results/coverage.{json,md}`` with machine, versions and the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from edgeprune.benchmarks.machine import command_line, machine_info, write_results
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# (family, timm name): every name checked against the installed timm at start-up (an unknown one is a row
+# that says so, not a crash). Kept at <= ~10 M parameters so a full run fits a CPU afternoon.
+MODELS: tuple[tuple[str, str], ...] = (
+    ("resnet", "resnet10t"),
+    ("resnet", "resnet18"),
+    ("regnet", "regnetx_002"),
+    ("regnet", "regnety_002"),
+    ("mobilenetv2", "mobilenetv2_050"),
+    ("mobilenetv2", "mobilenetv2_100"),
+    ("mobilenetv3", "mobilenetv3_small_050"),
+    ("mobilenetv3", "mobilenetv3_large_100"),
+    ("mobilenetv4", "mobilenetv4_conv_small"),
+    ("mobilenetv4", "mobilenetv4_hybrid_medium_075"),
+    ("efficientnet", "efficientnet_b0"),
+    ("efficientnet", "efficientnet_lite0"),
+    ("ghostnet", "ghostnet_050"),
+    ("ghostnet", "ghostnetv2_100"),
+    ("mnasnet", "mnasnet_050"),
+    ("mnasnet", "mnasnet_small"),
+    ("tinynet", "tinynet_e"),
+    ("tinynet", "tinynet_a"),
+    ("lcnet", "lcnet_050"),
+    ("mixnet", "mixnet_s"),
+    ("mobileone", "mobileone_s0"),
+    ("mobileone", "mobileone_s1"),
+    ("repvgg", "repvgg_a0"),
+    ("repghost", "repghostnet_050"),
+    ("fastvit", "fastvit_t8"),
+    ("levit", "levit_128s"),
+    ("levit", "levit_conv_128s"),
+    ("vit", "deit_tiny_patch16_224"),
+    ("vit", "vit_tiny_patch16_224"),
+    ("vit", "deit_tiny_distilled_patch16_224"),
+    ("swin", "swin_s3_tiny_224"),  # the smallest Swin in timm is ~28 M: an upper-bound row
+    ("efficientvit", "efficientvit_b0"),
+    ("efficientvit", "efficientvit_m0"),
+    ("efficientformer", "efficientformerv2_s0"),
+    ("mobilevit", "mobilevit_xxs"),
+    ("mobilevit", "mobilevitv2_050"),
+    ("edgenext", "edgenext_xx_small"),
+    ("convnext", "convnext_atto"),
+    ("convnext", "convnext_femto"),
+    ("hgnet", "hgnetv2_b0"),
+    ("dla", "dla46_c"),
+    ("densenet", "densenet121"),
+    ("tiny_vit", "tiny_vit_5m_224"),
+    ("pit", "pit_ti_224"),
+)
+GRANULARITIES = ("unstructured", "channel")
+
+
+@dataclass
+class Row:
+    model: str
+    family: str
+    granularity: str
+    image_size: int | None = None
+    params_m: float | None = None
+    status: str = "fail"  # "pass" | "fail" (EdgepruneError: a named, user-facing stop) | "crash" (a finding)
+    stopped_by: str = ""  # the one-line message, or "Type: message @ file:line in func" for a crash
+    pruned: float | None = None  # the selected candidate's sparsity: zeroed weights, or removed parameters (channel)
+    sparsity_onnx: float | None = None  # zeros recounted in the ONNX weights (0 for channel: the zeros are gone)
+    parity_max_abs_diff: float | None = None
+    wall_s: float = 0.0
+
+
+def natural_size(name: str) -> tuple[int, float]:
+    """(input side in pixels from the timm config, parameters in millions) without building twice."""
+    import timm
+
+    model = timm.create_model(name, pretrained=False)
+    size = int(model.pretrained_cfg.get("input_size", (3, 224, 224))[-1])
+    return size, sum(p.numel() for p in model.parameters()) / 1e6
+
+
+def _last_frame(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    f = frames[-1]
+    return f" @ {Path(f.filename).name}:{f.lineno} in {f.name}"
+
+
+def run_row(family: str, name: str, granularity: str, eval_size: int, calib_size: int, sparsity: float) -> Row:
+    import timm
+
+    from edgeprune.errors import EdgepruneError
+    from edgeprune.pipeline import CompressConfig, compress
+
+    row = Row(model=name, family=family, granularity=granularity)
+    start = time.perf_counter()
+    out = Path(tempfile.mkdtemp(prefix=f"coverage-{name}-"))
+    try:
+        if name not in timm.list_models():
+            row.stopped_by = f"not in the installed timm {timm.__version__}"
+            return row
+        row.image_size, row.params_m = natural_size(name)
+        cfg = CompressConfig(
+            model=name,
+            image_size=row.image_size,
+            data="demo",
+            calib_size=calib_size,
+            eval_size=eval_size,
+            granularity=granularity,
+            method="mix-and-match",
+            signals=("magnitude",),
+            sparsity=sparsity,
+            finetune_epochs=0,
+            quantize="none",
+            bench_runs=3,
+            out=str(out / "out"),
+            batch_size=32,
+        )
+        report = compress(cfg)
+        selected = report.selected
+        row.status = "pass"
+        row.pruned = selected.sparsity
+        row.sparsity_onnx = getattr(selected, "onnx_sparsity", None)
+        row.parity_max_abs_diff = getattr(selected, "parity_max_abs_diff", None)
+    except EdgepruneError as exc:
+        row.stopped_by = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    except Exception as exc:  # a traceback is a finding: record what and where, keep going
+        row.status = "crash"
+        message = str(exc).splitlines()[0][:200] if str(exc) else ""
+        row.stopped_by = f"{type(exc).__name__}: {message}{_last_frame(exc)}"
+    finally:
+        row.wall_s = round(time.perf_counter() - start, 1)
+        shutil.rmtree(out, ignore_errors=True)
+    return row
+
+
+def markdown(rows: list[Row], info: dict) -> str:
+    lines = [
+        "# Architecture coverage: compress -> export -> parity -> zeros",
+        "",
+        f"`{info['command']}` on {info['cpu']} ({info['cores']} cores), {info['utc']}",
+        "",
+        "| family | model | params (M) | px | granularity | result | pruned | ONNX zeros | parity | s | stopped by |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        sp = "" if r.sparsity_onnx is None else f"{r.sparsity_onnx:.3f}"
+        pruned = "" if r.pruned is None else f"{r.pruned:.3f}"
+        par = "" if r.parity_max_abs_diff is None else f"{r.parity_max_abs_diff:.2g}"
+        params = "" if r.params_m is None else f"{r.params_m:.1f}"
+        why = r.stopped_by.replace("|", "\\|")
+        lines.append(
+            f"| {r.family} | {r.model} | {params} | {r.image_size or ''} | {r.granularity} | {r.status} "
+            f"| {pruned} | {sp} | {par} | {r.wall_s} | {why} |"
+        )
+    passed = sum(r.status == "pass" for r in rows)
+    lines += ["", f"{passed} of {len(rows)} rows pass; crashes are findings (exception type and last frame)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="", help="comma-separated timm names (default: the built-in list)")
+    p.add_argument("--granularity", default="both", choices=(*GRANULARITIES, "both"))
+    p.add_argument("--eval-size", type=int, default=64)
+    p.add_argument("--calib-size", type=int, default=64)
+    p.add_argument("--sparsity", type=float, default=0.5)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--stem", default="coverage", help="results file name (without extension)")
+    a = p.parse_args(argv)
+
+    families = dict((name, fam) for fam, name in MODELS)
+    names = [n.strip() for n in a.models.split(",") if n.strip()] or [name for _, name in MODELS]
+    grans = GRANULARITIES if a.granularity == "both" else (a.granularity,)
+    info = machine_info()
+    info["command"] = command_line("edgeprune.benchmarks.coverage", argv)
+    rows: list[Row] = []
+    for name in names:
+        for granularity in grans:
+            row = run_row(families.get(name, "?"), name, granularity, a.eval_size, a.calib_size, a.sparsity)
+            rows.append(row)
+            print(f"{name:32s} {granularity:12s} {row.status:5s} {row.wall_s:7.1f}s {row.stopped_by}", flush=True)
+            # Written after every row: a long run stopped half-way still leaves its results.
+            result = {
+                "machine": info,
+                "settings": {
+                    "eval_size": a.eval_size,
+                    "calib_size": a.calib_size,
+                    "sparsity": a.sparsity,
+                    "signals": ["magnitude"],
+                    "finetune_epochs": 0,
+                    "data": "demo images resized to the model's natural size (1 channel)",
+                },
+                "rows": [asdict(r) for r in rows],
+            }
+            write_results(a.out, a.stem, result, markdown(rows, info))
+    return 0 if all(r.status == "pass" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
