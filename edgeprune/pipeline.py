@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .baselines import BASELINES, RANGE_BASELINES, Plan, Scores
-from .data import load_data
+from .data import check_image_size, load_data
 from .errors import DataError, EdgepruneError
 from .evaluation import accuracy, params_and_macs, weight_sparsity
 from .inventory import build_inventory
@@ -138,7 +138,8 @@ class CompressConfig:
         if bad or not self.range_baselines:
             what = f"unknown --range-baselines {bad}" if bad else "--range-baselines is empty"
             raise EdgepruneError(f"{what}; choose one or more of {', '.join(BASELINES)}")
-        for name in ("threads", "image_size", "num_classes", "in_chans"):  # None: the default
+        check_image_size(self.image_size)
+        for name in ("threads", "num_classes", "in_chans"):  # None: the default
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EdgepruneError(f"--{name.replace('_', '-')} must be >= 1 (omit it for the default), got {value}")

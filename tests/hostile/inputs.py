@@ -249,6 +249,24 @@ CASES = [
         argv=lambda s: ["bench", _write(s, "model.onnx", "hello, I am not a model\n")],
     ),
     Case(
+        name="input-verify-not-onnx",
+        what="`verify` on a text file named .onnx",
+        expect="readable",
+        argv=lambda s: ["verify", _write(s, "model.onnx", "hello, I am not a model\n")],
+    ),
+    Case(
+        name="input-verify-empty-graph",
+        what="`verify` on an ONNX model whose graph has no nodes",
+        expect="failed verification (onnx.checker",
+        argv=lambda s: ["verify", _write(s, "model.onnx", _onnx_bytes("no-nodes"))],
+    ),
+    Case(
+        name="input-compress-image-size-zero",
+        what="`compress --image-size 0` (refused before the demo data loads)",
+        expect="--image-size must be between 8 and 4096",
+        argv=lambda s: ["compress", "--image-size", "0", "--out", str(s / "out"), "-q"],
+    ),
+    Case(
         name="input-inspect-not-onnx",
         what="`inspect` on a text file named .onnx",
         expect="is not an ONNX model",
