@@ -347,6 +347,42 @@ def _rows_fit(w: np.ndarray, v: np.ndarray, scale: np.ndarray) -> bool:
     return bool(np.all((w == 0) | (np.abs(v - predicted) <= tol)))
 
 
+def _fitted_scale_match(
+    weight: TorchWeight,
+    rows: np.ndarray,
+    arrays: dict[str, np.ndarray],
+    by_size: dict[int, list[str]],
+    claimed: set[str],
+) -> list[tuple[str, str, np.ndarray]]:
+    """Last resort: an unclaimed initializer equal to W times a per-output-channel factor fitted from the graph.
+
+    A simplifier folds per-channel constants PyTorch applies after the layer (FastViT's layer scale) into
+    the weight; the factor is then not a BatchNorm's. A fitted factor is evidence only when every row
+    PyTorch has non-zeros in has at least two of them, no row scales to 0 outside a zero BN scale, and
+    exactly one unclaimed initializer fits; otherwise nothing is matched and the layer is reported.
+    """
+    live = (rows != 0).sum(axis=1)
+    if not live.any() or (live[live > 0] < 2).any():
+        return []
+    w = rows.astype(np.float64)
+    pivot = np.abs(w).argmax(axis=1)
+    hits: list[tuple[str, str, np.ndarray]] = []
+    for name in by_size.get(int(rows.size), []):
+        if name in claimed:
+            continue
+        for prefix, view in _views(arrays[name], weight.values.shape):
+            v = view.reshape(rows.shape).astype(np.float64)
+            picked_w, picked_v = w[np.arange(len(w)), pivot], v[np.arange(len(w)), pivot]
+            scale = np.where(picked_w != 0, picked_v / np.where(picked_w != 0, picked_w, 1.0), 0.0)
+            dead = set(np.flatnonzero((live > 0) & (scale == 0)).tolist())
+            if dead - set(weight.zero_scaled_rows):
+                continue
+            if _scaled_copy(rows, v, scale):
+                hits.append((name, "scaled" + (" transposed" if prefix else "") + " (fitted)", view))
+                break
+    return hits if len(hits) == 1 else []
+
+
 def _zero_diff(weight: TorchWeight, view: np.ndarray) -> tuple[int, int, int]:
     """(zeros in the ONNX view, PyTorch zeros lost, zeros gained outside zero-scaled rows)."""
     w0 = weight.values == 0
@@ -426,6 +462,8 @@ def account_zeros(path_or_model: str | Path | bytes | onnx.ModelProto, counted: 
             # Prefer initializers no other weight holds; a shared one (equal values) only if none is left.
             unclaimed = [f for f in found if f[0] not in claimed and (f[0] == weight.name or f[0] not in counted.names)]
             found = unclaimed or found[:1]
+            if not found:
+                found = _fitted_scale_match(weight, rows, arrays, by_size, claimed)
         if not found:
             missing.append(weight.name)
             continue

@@ -169,3 +169,22 @@ def test_levit_linear_batchnorm_is_counted_without_crashing():
         assert counted.total == sum(w.numel() for w in prunable)
         # A BatchNorm1d after a Linear is never folded into a conv: it adds no zeros.
         assert counted.bn_fold_extra_zeros == 0
+
+
+def test_a_per_channel_factor_folded_by_a_simplifier_is_matched_by_fit(exported):
+    # onnxsim folds FastViT's layer scale (a per-channel Mul after the conv) into the weight: the factor
+    # is not the BatchNorm's, so it is fitted from the graph, and a lost zero is still reported.
+    _, graph, counted = exported
+    entry = next(e for e in account_zeros(graph, counted).layers if e.layer == "conv1.weight")
+    factor = np.linspace(2.0, 3.0, 8, dtype=np.float32).reshape(8, 1, 1, 1)
+    rescaled = _graph_with(graph, entry.onnx[0], lambda a: np.multiply(a, factor, out=a))
+    account = account_zeros(rescaled, counted)
+    assert account.ok, account.problem
+    assert next(e for e in account.layers if e.layer == "conv1.weight").how == "scaled (fitted)"
+
+    def rescale_and_lose_a_zero(a: np.ndarray) -> None:
+        np.multiply(a, factor, out=a)
+        _set_first(a, a == 0, 1.0)
+
+    damaged = account_zeros(_graph_with(graph, entry.onnx[0], rescale_and_lose_a_zero), counted)
+    assert "zeros of layer conv1.weight" in damaged.problem and "lost 1 of" in damaged.problem
