@@ -329,16 +329,16 @@ def _scaled_copy(torch_rows: np.ndarray, onnx_rows: np.ndarray, scale: np.ndarra
     1x1), and a fitted factor of 0 would let an all-zero tensor match every weight. Judged on PyTorch's
     non-zeros only, so a lost zero still matches and is then reported as lost, not as a missing layer.
     """
-    w = torch_rows.astype(np.float64)
-    v = onnx_rows.astype(np.float64)
-    s = scale.astype(np.float64).reshape(-1)
-    if s.shape[0] != w.shape[0] or not (w != 0).any():
+    s = np.asarray(scale, dtype=np.float64).reshape(-1)
+    if s.shape[0] != torch_rows.shape[0]:
         return False
-    # Cheap rejection first: most candidates of the same size are other layers and fail on one row.
-    first = int(np.flatnonzero((w != 0).any(axis=1))[0])
-    if not _rows_fit(w[first : first + 1], v[first : first + 1], s[first : first + 1]):
+    # Cheap rejection first: most candidates of the same size are other layers and already differ at
+    # PyTorch's largest element (one element read, no copies: this runs for every same-size pair).
+    r, c = np.unravel_index(int(np.abs(torch_rows).argmax()), torch_rows.shape)
+    expected = s[r] * float(torch_rows[r, c])
+    if torch_rows[r, c] == 0 or abs(float(onnx_rows[r, c]) - expected) > _SCALE_RTOL * abs(expected) + 1e-30:
         return False
-    return _rows_fit(w, v, s)
+    return _rows_fit(torch_rows.astype(np.float64), onnx_rows.astype(np.float64), s)
 
 
 def _rows_fit(w: np.ndarray, v: np.ndarray, scale: np.ndarray) -> bool:
