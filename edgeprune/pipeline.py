@@ -40,6 +40,7 @@ from .report import (
     render_markdown,
     versions,
 )
+from .screening import screen_candidates
 from .selection import Point, pareto_mask, select_index
 from .sensitivity import SIGNALS, compute_sensitivity, signal_scores
 from .strategies import LayerStats, reachable, search_plans
@@ -47,6 +48,7 @@ from .targets import Target, get_target
 
 METHODS: tuple[str, ...] = ("mix-and-match", *BASELINES)
 GRANULARITIES: tuple[str, ...] = ("unstructured", "channel")
+SCREEN_PROBE = 3  # a signal whose first 3 candidates collapse after BN re-calibration is not screened further
 
 
 @dataclass
@@ -483,10 +485,20 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
     with t("screening"):
         what = "mask + BN re-calibration" if ws.use_bn else "mask"
         progress.start(f"screen {len(cplans)} candidates ({what})", total=len(cplans))
-        for cp in cplans:
-            ws.screen(cp)
-            progress.advance()
+        kept, screening = screen_candidates(
+            [cp.candidate for cp in cplans],
+            masks_of=lambda i: build_masks(cplans[i].scores, cplans[i].plan),
+            evaluate=lambda i: ws.screen(cplans[i]),
+            num_classes=data.num_classes,
+            dense_accuracy=dense_acc,
+            probe=SCREEN_PROBE if cfg.method == "mix-and-match" else 0,
+            advance=progress.advance,
+        )
         progress.finish()
+    cplans = [cplans[i] for i in kept]
+    for signal, why in screening.skipped_signals.items():
+        n = sum(1 for name in screening.skipped if name.startswith(f"{signal}/"))
+        progress.log(f"signal {signal}: {why}; its other {n} candidates were not screened")
 
     cands = [cp.candidate for cp in cplans]
     finetuned: dict[int, dict] = {}
@@ -561,6 +573,7 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
         versions=versions(),
         config=config_dict(cfg),
         bench=bench,
+        screening=asdict(screening),
     )
     report.timings["total"] = round(sum(t.seconds.values()), 3)
     (staging / "report.md").write_text(render_markdown(report))

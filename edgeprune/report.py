@@ -99,6 +99,7 @@ class Report:
     config: dict = field(default_factory=dict)
     artifacts: dict[str, str] = field(default_factory=dict)
     bench: dict | None = None  # the benchmark device and every artifact's raw results
+    screening: dict | None = None  # candidates evaluated, shared (identical masks) and skipped (signal at chance)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
@@ -183,6 +184,17 @@ def render_markdown(report: Report) -> str:
         lines.append(
             f"| {mark}{c.name}{mark} | {c.signal} | {_pct(c.sparsity)} | {_pct(c.zero_shot_accuracy)} "
             f"| {_pct(c.accuracy)} | {_pct(c.finetuned_accuracy)} | {'●' if c.pareto else ''} |"
+        )
+    sc = report.screening
+    if sc:
+        lines.append(
+            f"\n{sc['candidates']} candidates, {sc['evaluated']} distinct models evaluated; "
+            f"{len(sc['duplicates'])} shared identical masks with another candidate"
+            + "".join(
+                f"; signal {k} dropped: {v} ({sum(n.startswith(k + '/') for n in sc['skipped'])} not screened)"
+                for k, v in sc["skipped_signals"].items()
+            )
+            + "."
         )
     lines += ["", "## Layers", "", "| layer | role | params | range % | sparsity % |", "|---|---|---:|---|---:|"]
     for layer in report.layers:
