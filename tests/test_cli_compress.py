@@ -61,9 +61,15 @@ def test_compress_mix_and_match_end_to_end(tmp_path, capsys):
     cands = report["strategies"]
     signals = {"magnitude", "gradient", "product"}
     assert {c["signal"] for c in cands if "baseline:" not in c["strategy"]} == signals
-    # the search contains its baselines: each one's plan at the target, ranked by every signal (issue 15)
+    # the search contains its baselines: each one's plan at the target, ranked by every signal (issue 15);
+    # a signal that collapsed in screening keeps its probed candidates and lists the rest as skipped
+    screening = report["screening"]
+    assert screening["candidates"] == len(cands) + len(screening["skipped"])
+    assert screening["evaluated"] == len(cands) - len(screening["duplicates"])
     for b in ("mag", "snip", "grasp", "lamp", "erk"):
-        assert {f"{s}/baseline:{b}" for s in signals} <= {c["name"] for c in cands}, b
+        assert {f"{s}/baseline:{b}" for s in signals} <= {c["name"] for c in cands} | set(screening["skipped"]), b
+    for name in screening["skipped"]:
+        assert name.split("/")[0] in screening["skipped_signals"], name
     # the strategies compare allocations at the target; /unscaled ones are kept only as sparser points
     for c in cands:
         if c["strategy"].endswith("/unscaled"):
