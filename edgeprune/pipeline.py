@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,7 +43,7 @@ from .screening import screen_candidates
 from .selection import Point, pareto_mask, select_index
 from .sensitivity import SIGNALS, compute_sensitivity, signal_scores
 from .strategies import LayerStats, reachable, search_plans
-from .targets import Target, get_target
+from .targets import Target, bench_threads, get_target
 
 METHODS: tuple[str, ...] = ("mix-and-match", *BASELINES)
 GRANULARITIES: tuple[str, ...] = ("unstructured", "channel")
@@ -439,15 +438,10 @@ def compress(cfg: CompressConfig, progress: Progress | None = None) -> Report:
         return report
 
 
-def bench_threads(cfg: CompressConfig, target: Target) -> int:
-    """Benchmark threads: the user's, else the target's default capped by this machine's cores."""
-    return cfg.threads or max(1, min(target.threads, os.cpu_count() or 1))
-
-
 def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Progress) -> Report:
     torch.manual_seed(cfg.seed)
     t = Timings()
-    threads = bench_threads(cfg, target)
+    threads = bench_threads(cfg.threads, target)
 
     with t("load"):
         progress.start("load model and data")

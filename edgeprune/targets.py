@@ -150,3 +150,8 @@ def round_to_hint(target: Target, round_to: int, host_arch: str, flags: set[str]
         f"note: this CPU runs convolutions in {block}-channel blocks (AVX-512) and round_to is {round_to}: widths "
         f"between multiples of {block} buy no latency here; consider --round-to {block} (or --target x86_64-avx512)"
     )
+
+
+def bench_threads(threads: int | None, target: Target) -> int:
+    """Benchmark threads: the user's, else the target's default capped by this machine's cores."""
+    return threads or max(1, min(target.threads, os.cpu_count() or 1))

@@ -39,7 +39,7 @@ from ..recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, resolve
 from ..report import Candidate, DenseSummary, LayerReport, Report, SelectedSummary, render_markdown, versions
 from ..selection import Point, pareto_mask, select_index
 from ..strategies import STRATEGY_NAMES, LayerStats, make_all_plans
-from ..targets import host_cpu_flags, round_to_hint
+from ..targets import bench_threads, host_cpu_flags, round_to_hint
 from .costs import LatencyModel, calibrated, fit_latency_model, latency_allocation, layer_macs
 from .groups import ROOT_TYPES, ChannelGroup, GroupGraph, check_forward
 from .planning import Widths, allowed_keeps, max_ratio, units_to_remove, widths_for
@@ -304,13 +304,11 @@ class ChannelSearch:
     """The stages of ``compress_channels``, in order; each one reads what the previous ones left."""
 
     def __init__(self, cfg, target, model: nn.Module, data, staging: Path, work: Path, progress, t):
-        from ..pipeline import bench_threads
-
         self.cfg, self.target, self.data, self.staging, self.work = cfg, target, data, staging, work
         self.progress, self.t = progress, t
         self.model = model.eval()
         self.round_to = cfg.round_to or target.round_to
-        self.threads = bench_threads(cfg, target)
+        self.threads = bench_threads(cfg.threads, target)
         self.example, self.check = data.eval_x[:1], data.eval_x[:CHECK_IMAGES]
         self.sample = data.eval_x[:1].numpy().astype(np.float32)
         self.use_bn = cfg.bn_recal and has_batchnorm(model)
