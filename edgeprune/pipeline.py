@@ -24,7 +24,7 @@ from .data import check_image_size, load_data
 from .errors import DataError, EdgepruneError
 from .evaluation import accuracy, params_and_macs, weight_sparsity
 from .inventory import build_inventory
-from .masking import apply_masks_, build_masks
+from .masking import Masks, apply_masks_, build_masks
 from .models import load_model, model_family
 from .outdir import claim_output_dir
 from .ranges import LayerRange, apply_rules, baseline_ranges, load_rules, range_targets
@@ -345,18 +345,19 @@ class Workspace:
                 out.append(CandidatePlan(Candidate.mix_and_match(rank, f"baseline:{b.name}"), scores, plan))
         return out
 
-    def materialize(self, cp: CandidatePlan, recalibrate: bool = True) -> nn.Module:
-        """The model with this candidate's masks applied (and BN re-calibrated): weights are zeroed in place."""
+    def materialize(self, cp: CandidatePlan, recalibrate: bool = True, masks: Masks | None = None) -> nn.Module:
+        """The model with this candidate's masks applied (and BN re-calibrated): weights are zeroed in place.
+        ``masks``: the candidate's masks when the caller already built them (screening hashes them first)."""
         self.model.load_state_dict(self.original)
-        apply_masks_(self.model, build_masks(cp.scores, cp.plan))
+        apply_masks_(self.model, masks if masks is not None else build_masks(cp.scores, cp.plan))
         if recalibrate and self.use_bn:
             recalibrate_bn(self.model, self.data.calib_x, self.cfg.batch_size)
         return self.model
 
-    def screen(self, cp: CandidatePlan) -> Candidate:
+    def screen(self, cp: CandidatePlan, masks: Masks | None = None) -> Candidate:
         """Zero-shot and BN-re-calibrated accuracy, and the exact sparsity, of one candidate."""
         c = cp.candidate
-        self.materialize(cp, recalibrate=False)
+        self.materialize(cp, recalibrate=False, masks=masks)
         c.sparsity = weight_sparsity(self.model, self.prunable)[0].sparsity
         c.zero_shot_accuracy = self.accuracy()
         if self.use_bn:
@@ -482,7 +483,7 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
         kept, screening = screen_candidates(
             [cp.candidate for cp in cplans],
             masks_of=lambda i: build_masks(cplans[i].scores, cplans[i].plan),
-            evaluate=lambda i: ws.screen(cplans[i]),
+            evaluate=lambda i, masks: ws.screen(cplans[i], masks),
             num_classes=data.num_classes,
             dense_accuracy=dense_acc,
             probe=SCREEN_PROBE if cfg.method == "mix-and-match" else 0,

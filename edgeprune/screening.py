@@ -50,7 +50,7 @@ def collapsed(accuracy: float, num_classes: int, dense_accuracy: float) -> bool:
 def screen_candidates(
     candidates: Sequence[Candidate],
     masks_of: Callable[[int], Masks],
-    evaluate: Callable[[int], None],
+    evaluate: Callable[[int, Masks], None],
     num_classes: int,
     dense_accuracy: float,
     probe: int = 3,
@@ -58,7 +58,8 @@ def screen_candidates(
 ) -> tuple[list[int], ScreeningSummary]:
     """Screen ``candidates`` in order; returns the indices kept (evaluated or sharing a result) and a summary.
 
-    ``masks_of(i)`` builds candidate i's masks; ``evaluate(i)`` fills its sparsity and accuracies. A signal is
+    ``masks_of(i)`` builds candidate i's masks; ``evaluate(i, masks)`` fills its sparsity and accuracies
+    (given the masks just built, so they are built once per candidate). A signal is
     dropped once its first ``probe`` evaluated candidates have all `collapsed` (``probe=0`` never drops one).
     """
     summary = ScreeningSummary(candidates=len(candidates))
@@ -70,7 +71,8 @@ def screen_candidates(
         if c.signal in summary.skipped_signals:
             summary.skipped.append(c.name)
             continue
-        key = mask_key(masks_of(i))
+        masks = masks_of(i)
+        key = mask_key(masks)
         if key in first_with:
             src = candidates[first_with[key]]
             c.sparsity, c.zero_shot_accuracy, c.accuracy = src.sparsity, src.zero_shot_accuracy, src.accuracy
@@ -78,7 +80,7 @@ def screen_candidates(
             kept.append(i)
             continue
         first_with[key] = i
-        evaluate(i)
+        evaluate(i, masks)
         summary.evaluated += 1
         kept.append(i)
         seen = probed.setdefault(c.signal, [])

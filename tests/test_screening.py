@@ -24,7 +24,8 @@ def test_identical_masks_are_screened_once_and_share_the_result() -> None:
     masks = [{"l": torch.tensor([True, False])}, {"l": torch.tensor([True, False])}, {"l": torch.tensor([False, True])}]
     evaluated = []
 
-    def evaluate(i: int) -> None:
+    def evaluate(i: int, built: dict) -> None:
+        assert built is masks[i]  # the masks screening hashed, not a second build
         evaluated.append(i)
         cands[i].sparsity, cands[i].accuracy, cands[i].zero_shot_accuracy = 0.5, 0.9 - i / 10, 0.4
 
@@ -38,7 +39,7 @@ def test_a_collapsed_signal_stops_after_its_probe() -> None:
     names = [f"gradient/s{i}" for i in range(5)] + [f"magnitude/s{i}" for i in range(5)]
     cands = _cands(*names)
 
-    def evaluate(i: int) -> None:
+    def evaluate(i: int, built: dict) -> None:
         cands[i].accuracy = 0.11 if cands[i].signal == "gradient" else 0.80
 
     masks = [{"l": torch.tensor([b == "1" for b in f"{i:04b}"])} for i in range(10)]
@@ -55,7 +56,7 @@ def test_one_good_candidate_keeps_the_signal() -> None:
     cands = _cands("gradient/a", "gradient/b", "gradient/c", "gradient/d")
     acc = [0.1, 0.5, 0.1, 0.1]
 
-    def evaluate(i: int) -> None:
+    def evaluate(i: int, built: dict) -> None:
         cands[i].accuracy = acc[i]
 
     masks = [{"l": torch.tensor([b == "1" for b in f"{i:02b}"])} for i in range(4)]
