@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from edgeprune.benchmarks.conv_blocks import main, steps
+from edgeprune.benchmarks.lab.conv_blocks import main, steps
 
 
 def test_steps_flags_widths_that_are_padded_up():

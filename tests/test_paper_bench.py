@@ -1,4 +1,4 @@
-"""The paper benchmark (`edgeprune.benchmarks.paper`): selection rule, and `--quick` end to end (schema)."""
+"""The paper benchmark (`edgeprune.benchmarks.lab.paper`): selection rule, and `--quick` end to end (schema)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from edgeprune.benchmarks import paper
+from edgeprune.benchmarks.lab import paper
 
 from edgeprune.pipeline import CompressConfig, Workspace, load_workspace_inputs
 from edgeprune.strategies import STRATEGY_NAMES
@@ -80,7 +80,7 @@ def test_quick_run_writes_the_schema(tmp_path) -> None:
     assert set(level["reduction"]) == {"mag", "snip", "erk"}
 
     md = (tmp_path / "paper_quick.md").read_text()
-    assert "python -m edgeprune.benchmarks.paper --quick" in md and "Degradation reduction" in md
+    assert "python -m edgeprune.benchmarks.lab.paper --quick" in md and "Degradation reduction" in md
     assert (tmp_path / "paper_quick_fmnist_resnet.png").stat().st_size > 10_000
 
 

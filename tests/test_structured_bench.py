@@ -6,7 +6,7 @@ import tempfile
 
 import numpy as np
 import pytest
-from edgeprune.benchmarks.structured_speed import equal_latency_pairs, interpolate, main, spread
+from edgeprune.benchmarks.lab.structured_speed import equal_latency_pairs, interpolate, main, spread
 
 
 def test_spread_keeps_the_goal_crossings_and_both_ends():
@@ -110,7 +110,7 @@ def test_small_run_writes_consistent_results(split, fmnist_idx_dir, monkeypatch,
 
 
 def test_width_variants_keep_only_the_named_stages_whole():
-    from edgeprune.benchmarks.width_latency import variants
+    from edgeprune.benchmarks.lab.width_latency import variants
 
     widths = {"conv1": 16, "layer1.0.conv1": 8, "layer2.0.conv1": 16, "layer10.conv": 4}
     full = {"conv1": 16, "layer1.0.conv1": 16, "layer2.0.conv1": 32, "layer10.conv": 8}
@@ -130,7 +130,7 @@ def test_measure_without_a_bundle_is_one_line(tmp_path, capsys):
 
 
 def test_mean_sd():
-    from edgeprune.benchmarks.recovery_noise import mean_sd
+    from edgeprune.benchmarks.lab.recovery_noise import mean_sd
 
     assert mean_sd([0.9]) == (0.9, 0.0)
     m, sd = mean_sd([0.90, 0.92, 0.94])
@@ -139,7 +139,7 @@ def test_mean_sd():
 
 @pytest.mark.slow
 def test_recovery_noise_recovers_both_models_once_per_seed(fmnist_idx_dir, monkeypatch, tmp_path):
-    from edgeprune.benchmarks import recovery_noise
+    from edgeprune.benchmarks.lab import recovery_noise
 
     monkeypatch.setenv("EDGEPRUNE_FASHION_MNIST", str(fmnist_idx_dir))
     argv = [
@@ -164,7 +164,7 @@ def test_recovery_noise_recovers_both_models_once_per_seed(fmnist_idx_dir, monke
 
 @pytest.mark.slow
 def test_latency_allocation_times_every_architecture_and_scores_both_predictors(fmnist_idx_dir, monkeypatch, tmp_path):
-    from edgeprune.benchmarks import latency_allocation
+    from edgeprune.benchmarks.lab import latency_allocation
 
     monkeypatch.setenv("EDGEPRUNE_FASHION_MNIST", str(fmnist_idx_dir))
     argv = [
@@ -188,7 +188,7 @@ def test_latency_allocation_times_every_architecture_and_scores_both_predictors(
 
 @pytest.mark.slow
 def test_recovery_noise_recovers_a_named_pick(fmnist_idx_dir, monkeypatch, tmp_path, capsys):
-    from edgeprune.benchmarks import recovery_noise
+    from edgeprune.benchmarks.lab import recovery_noise
 
     monkeypatch.setenv("EDGEPRUNE_FASHION_MNIST", str(fmnist_idx_dir))
     argv = [

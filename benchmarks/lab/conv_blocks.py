@@ -1,6 +1,6 @@
 """Which channel widths buy latency on this CPU: a stack of 3x3 convolutions timed at a range of widths.
 
-    python -m edgeprune.benchmarks.conv_blocks --out benchmarks/results
+    python -m edgeprune.benchmarks.lab.conv_blocks --out benchmarks/results
 
 onnxruntime's CPU convolutions work on blocks of channels (MLAS NCHWc: 16 floats per AVX-512 register, 8 per
 AVX2 register). A width between two multiples of the block is padded up and runs as slow as the next multiple,
@@ -16,9 +16,9 @@ import tempfile
 from pathlib import Path
 
 import torch
+from edgeprune.benchmarks.lab.structured_speed import LATENCY_ORDER
 from edgeprune.benchmarks.machine import command_line, machine_info, write_results
 from edgeprune.benchmarks.runner import median_p50
-from edgeprune.benchmarks.structured_speed import LATENCY_ORDER
 from edgeprune.export import export_onnx
 from torch import nn
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
     result = {
-        "command": command_line("edgeprune.benchmarks.conv_blocks", argv),
+        "command": command_line("edgeprune.benchmarks.lab.conv_blocks", argv),
         "depth": args.depth,
         "widths": widths,
         "rows": rows,

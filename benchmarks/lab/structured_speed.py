@@ -1,6 +1,6 @@
 """Structured Mix-and-Match on a ResNet-style Fashion-MNIST model: accuracy drop vs measured ONNX speedup.
 
-    python -m edgeprune.benchmarks.structured_speed --pretrained --out benchmarks/results
+    python -m edgeprune.benchmarks.lab.structured_speed --pretrained --out benchmarks/results
 
 Data (Fashion-MNIST from the Debian package or $EDGEPRUNE_FASHION_MNIST): ``--calib-images`` images of
 the *training* split (default all 60 000) are the calibration set (signals, BN re-calibration,
@@ -28,8 +28,8 @@ Writes ``structured_speed_<model>.json`` and ``.md`` into ``--out``.
 Recovery is the hours of this benchmark on a CPU. On a GPU machine, run the first half there and time the
 second where the model will run:
 
-    python -m edgeprune.benchmarks.structured_speed --pretrained --device cuda --workers 8 --bundle B
-    python -m edgeprune.benchmarks.structured_speed --measure B --out benchmarks/results
+    python -m edgeprune.benchmarks.lab.structured_speed --pretrained --device cuda --workers 8 --bundle B
+    python -m edgeprune.benchmarks.lab.structured_speed --measure B --out benchmarks/results
 
 ``--bundle`` writes the recovered ONNX files and the search's facts (``state.json``) into B; ``--measure``
 times them here (median of ``--repeats`` interleaved runs) and scores them on the held-out images.
@@ -581,7 +581,7 @@ def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dic
 
     return {
         "args": {k: v for k, v in vars(args).items() if k not in ("bundle", "measure", "out")},
-        "command": command_line("edgeprune.benchmarks.structured_speed", argv),
+        "command": command_line("edgeprune.benchmarks.lab.structured_speed", argv),
         "machine": this_machine(),
         "recovery_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "wall_s": round(time.time() - t_start, 1),
@@ -725,7 +725,7 @@ def measure(state: dict, files: Path, args: argparse.Namespace, argv: list[str] 
         # that says whether it is real (test-set sampling only; recovery's seed noise is not in it)
         "paired_se_of_mean_points": paired_se_points(np.mean(pair_diffs, axis=0)) if pair_diffs else None,
     }
-    measure_command = command_line("edgeprune.benchmarks.structured_speed", argv)
+    measure_command = command_line("edgeprune.benchmarks.lab.structured_speed", argv)
     split = bool(args.measure)
     sel = state["selected"]
     result = {

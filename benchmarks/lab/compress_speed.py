@@ -1,6 +1,6 @@
 """Wall time of `edgeprune compress --target arm64` on the bundled defaults, stage by stage.
 
-    python -m edgeprune.benchmarks.compress_speed [--repeats 2] [--out benchmarks/results]
+    python -m edgeprune.benchmarks.lab.compress_speed [--repeats 2] [--out benchmarks/results]
 
 Runs the real CLI in a subprocess (fresh interpreter: imports count) in a temp folder, reads the
 stage timings from its report.json and writes ``compress_speed.json`` + ``compress_speed.md``.
@@ -18,7 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .machine import machine_info
+from edgeprune.benchmarks.lab import RESULTS
+from edgeprune.benchmarks.machine import machine_info
 
 COMMAND = ["compress", "--target", "arm64", "-q"]
 
@@ -48,7 +49,7 @@ def run_once() -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     info = machine_info()
     runs = [run_once() for _ in range(args.repeats)]

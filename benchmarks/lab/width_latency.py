@@ -1,6 +1,6 @@
 """Where channel pruning buys latency: the structured benchmark's selected widths, with chosen stages kept whole.
 
-    python -m edgeprune.benchmarks.width_latency --keep layer1 --keep layer1.,layer2. --out benchmarks/results
+    python -m edgeprune.benchmarks.lab.width_latency --keep layer1 --keep layer1.,layer2. --out benchmarks/results
 
 Reads the selected architecture's widths (``group_widths``) from a ``structured_speed_<model>.json``,
 rebuilds it with ``compact`` (magnitude ranking; latency does not depend on which channels go), and times it
@@ -18,8 +18,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from edgeprune.benchmarks.lab.structured_speed import speedup_at_sizes
 from edgeprune.benchmarks.machine import command_line, machine_info, write_results
-from edgeprune.benchmarks.structured_speed import speedup_at_sizes
 
 from edgeprune.models import load_model
 from edgeprune.structured import GroupGraph, compact, group_scores, units_to_remove
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="edgeprune-width-latency-") as tmp:
         table = speedup_at_sizes(model, models, [int(v) for v in args.sizes.split(",")], args.runs, Path(tmp))
     result = {
-        "command": command_line("edgeprune.benchmarks.width_latency", argv),
+        "command": command_line("edgeprune.benchmarks.lab.width_latency", argv),
         "model": src["model"],
         "source": args.results,
         "variants": chosen,

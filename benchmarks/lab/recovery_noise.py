@@ -1,6 +1,6 @@
 """Equal latency, replicated: a Mix-and-Match pick against torch-pruning's uniform model, seed by seed.
 
-    python -m edgeprune.benchmarks.recovery_noise --pretrained --out benchmarks/results
+    python -m edgeprune.benchmarks.lab.recovery_noise --pretrained --out benchmarks/results
 
 The structured benchmark (``structured_speed``) recovers each model once, so its equal-latency comparison
 (issue 3) cannot tell an allocation that is better from a recovery that was luckier. Here both models get
@@ -27,9 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from edgeprune.benchmarks.machine import command_line, write_results
-from edgeprune.benchmarks.runner import median_p50
-from edgeprune.benchmarks.structured_speed import (
+from edgeprune.benchmarks.lab.structured_speed import (
     LATENCY_ORDER,
     Log,
     add_input_arguments,
@@ -43,6 +41,8 @@ from edgeprune.benchmarks.structured_speed import (
     this_machine,
     uniform_prune,
 )
+from edgeprune.benchmarks.machine import command_line, write_results
+from edgeprune.benchmarks.runner import median_p50
 from edgeprune.export import export_onnx
 from edgeprune.export.quantize import onnx_hits
 from torch import nn
@@ -183,7 +183,7 @@ def summarize(a, argv, seeds, hits, lat, dense_acc, search, pick, mm: nn.Module,
     mm_r["group_widths"] = {g.name: f"{pick.widths[g.name]}/{g.units}" for g in search.groups}
     u_r["ratio"] = a.uniform_ratio
     return {
-        "command": command_line("edgeprune.benchmarks.recovery_noise", argv),
+        "command": command_line("edgeprune.benchmarks.lab.recovery_noise", argv),
         "model": a.model,
         "data": search.data.name,
         "held_out_test_images": len(hits["uniform"][0]),

@@ -8,8 +8,8 @@ returns a report: the export itself checks parity and follows every pruned weigh
 (`edgeprune.export.sparsity.account_zeros`). A row that fails records the one-line `EdgepruneError`
 (it names the layer or op); any other exception is a finding and records its type, message and last frame.
 
-    python -m edgeprune.benchmarks.coverage                      # every model, both granularities
-    python -m edgeprune.benchmarks.coverage --models levit_128s,repvgg_a0 --granularity unstructured
+    python -m edgeprune.benchmarks.lab.coverage                      # every model, both granularities
+    python -m edgeprune.benchmarks.lab.coverage --models levit_128s,repvgg_a0 --granularity unstructured
 
 Results: ``benchmarks/results/coverage.{json,md}`` with machine, versions and the command.
 """
@@ -25,9 +25,8 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from edgeprune.benchmarks.lab import RESULTS
 from edgeprune.benchmarks.machine import command_line, machine_info, write_results
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 # (family, timm name): every name checked against the installed timm at start-up (an unknown one is a row
 # that says so, not a crash). Kept at <= ~10 M parameters so a full run fits a CPU afternoon.
@@ -199,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [n.strip() for n in a.models.split(",") if n.strip()] or [name for _, name in MODELS]
     grans = GRANULARITIES if a.granularity == "both" else (a.granularity,)
     info = machine_info()
-    info["command"] = command_line("edgeprune.benchmarks.coverage", argv)
+    info["command"] = command_line("edgeprune.benchmarks.lab.coverage", argv)
     rows: list[Row] = []
     for name in names:
         for granularity in grans:

@@ -1,7 +1,7 @@
 """The paper's comparison on Fashion-MNIST: Mix-and-Match vs single-criterion pruning at matched sparsity.
 
-    python -m edgeprune.benchmarks.paper --out benchmarks/results            # the full run (five models)
-    python -m edgeprune.benchmarks.paper --quick --out /tmp/paper-quick      # smoke test (one small model)
+    python -m edgeprune.benchmarks.lab.paper --out benchmarks/results            # the full run (five models)
+    python -m edgeprune.benchmarks.lab.paper --quick --out /tmp/paper-quick      # smoke test (one small model)
 
 For every reference model (``edgeprune/zoo.py``; trained weights bundled in ``edgeprune/assets/<name>.pt``,
 trained by ``scripts/train_reference.py``, which this benchmark runs when a file is missing) and every
@@ -69,7 +69,7 @@ BASELINE_METHODS: tuple[str, ...] = ("mag", "snip", "grasp", "lamp", "erk", "uni
 LEVELS: tuple[float, ...] = (0.8, 0.9, 0.95)
 WINDOW = 0.005  # matched sparsity: the selected candidate lies in [level, level + WINDOW]
 MM = "mix-and-match"
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -155,7 +155,7 @@ def ensure_checkpoint(name: str) -> Path:
     script = REPO_ROOT / "scripts" / "train_reference.py"
     if not script.is_file():
         raise EdgepruneError(f"no weights for {name} and no {script}; run from a repository checkout")
-    out = Path(__file__).resolve().parent.parent / "edgeprune" / "assets"
+    out = REPO_ROOT / "edgeprune" / "assets"
     subprocess.run([sys.executable, str(script), "--models", name, "--out", str(out)], check=True)
     path = bundled_weights(name)
     if path is None:
@@ -718,7 +718,7 @@ def merge_runs(paths: list[Path], out: Path) -> Path:
     for m in results:  # complete: every level its runs were asked for (models may use different levels)
         m.complete = {lv.level for lv in m.levels} >= asked[m.model]
     meta = {k: docs[0][k] for k in ("versions", "seed", "started") if k in docs[0]}
-    meta["command"] = "python -m edgeprune.benchmarks.paper --merge " + ",".join(map(str, paths))
+    meta["command"] = "python -m edgeprune.benchmarks.lab.paper --merge " + ",".join(map(str, paths))
     write_outputs(results, s, meta, out, "paper")
     return out / "paper.json"
 
@@ -783,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     stem = "paper_quick" if s.quick else "paper"
     out = Path(s.out)
     meta: dict[str, Any] = {
-        "command": command_line("edgeprune.benchmarks.paper", argv),
+        "command": command_line("edgeprune.benchmarks.lab.paper", argv),
         "versions": versions(),
         "seed": s.seed,
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),

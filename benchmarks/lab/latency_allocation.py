@@ -1,6 +1,6 @@
 """Does a per-layer latency model help the structured search? Screening-level check of ``--latency-costs``.
 
-    python -m edgeprune.benchmarks.latency_allocation --pretrained --out benchmarks/results
+    python -m edgeprune.benchmarks.lab.latency_allocation --pretrained --out benchmarks/results
 
 Runs the structured search (no fine-tuning) with the latency model on, then times every distinct screened
 architecture and torch-pruning's uniform model interleaved with dense (1 thread, median of ``--repeats``),
@@ -22,9 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from edgeprune.benchmarks.machine import command_line, write_results
-from edgeprune.benchmarks.runner import median_p50
-from edgeprune.benchmarks.structured_speed import (
+from edgeprune.benchmarks.lab.structured_speed import (
     LATENCY_ORDER,
     Log,
     add_input_arguments,
@@ -34,6 +32,8 @@ from edgeprune.benchmarks.structured_speed import (
     this_machine,
     uniform_prune,
 )
+from edgeprune.benchmarks.machine import command_line, write_results
+from edgeprune.benchmarks.runner import median_p50
 from edgeprune.export import export_onnx
 
 from edgeprune.evaluation import params_and_macs
@@ -108,7 +108,7 @@ def run(a: argparse.Namespace, argv: list[str] | None, work: Path) -> dict:
         return float(np.mean([abs(r[key] / r[measured] - 1) for r in rows]))
 
     return {
-        "command": command_line("edgeprune.benchmarks.latency_allocation", argv),
+        "command": command_line("edgeprune.benchmarks.lab.latency_allocation", argv),
         "model": a.model,
         "data": data.name,
         "screening_images": len(data.eval_x),
