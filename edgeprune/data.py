@@ -1,7 +1,14 @@
 """Data loading: the bundled demo subset, Fashion-MNIST IDX files, or a user's ImageFolder.
 
-Every source ends as a `DataBundle`: float32 (N, C, H, W) images already normalized, int64 labels,
-split into disjoint calibration and evaluation sets (seeded, stratified by class).
+Every source ends as a `DataBundle`: float32 (N, C, H, W) images already normalized, int64 labels, in three
+disjoint splits (seeded, stratified by class):
+
+- *calibration* (`calib_x/calib_y`): signals, BatchNorm statistics, fine-tuning. The training data where the
+  source has it (Fashion-MNIST's 60 k train images, an image folder's ``train/``).
+- *selection* (`eval_x/eval_y`, alias `select_x/select_y`): every decision (choosing among candidates, early
+  stopping, --max-drop).
+- *test* (`test_split(reason)`): the reported accuracy only. It is sealed: reading it is an explicit call that
+  is recorded, so a decision cannot use it by accident.
 
 This module imports only torch and numpy at import time (torchvision is imported when an ImageFolder is
 read), so `scripts/train_reference.py` can use its IDX readers on a machine without edgeprune's extras.
@@ -14,8 +21,9 @@ import gzip
 import os
 import struct
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -52,14 +60,77 @@ _IDX_IMAGES_MAGIC = 2051
 _IDX_LABELS_MAGIC = 2049
 
 
+SPLIT_NAMES = ("calibration", "selection", "test")
+
+
+class SealedSplitError(DataError):
+    """The test split was read before anyone opened it."""
+
+
+@dataclass(frozen=True)
+class SplitInfo:
+    """One split as report.json names it."""
+
+    name: str  # one of SPLIT_NAMES
+    size: int
+    source: str  # where its images come from: "demo", "fashion-mnist train", "imagefolder val/", ...
+    opened_for: tuple[str, ...] = ()  # the test split: the reasons it was opened (empty: still sealed)
+
+
+@dataclass(frozen=True)
+class SplitOpening:
+    reason: str
+    at: str  # UTC, ISO 8601 to the second
+
+
+class SealedSplit:
+    """Test images and labels, readable only through `open(reason)`, which records when and why.
+
+    Decisions must never see these images; sealing makes reading them an explicit, logged act instead of an
+    attribute anyone can reach. `map` transforms the images without opening them; the result shares this
+    split's log (the images are the same ones), so opening a resized copy shows on the original too.
+    """
+
+    __slots__ = ("_x", "_y", "source", "openings")
+
+    def __init__(
+        self, x: torch.Tensor, y: torch.Tensor, source: str, openings: list[SplitOpening] | None = None
+    ) -> None:
+        self._x, self._y = x, y
+        self.source = source
+        self.openings: list[SplitOpening] = [] if openings is None else openings
+
+    def __len__(self) -> int:
+        return len(self._y)
+
+    def __repr__(self) -> str:
+        state = f"opened {len(self.openings)}x" if self.openings else "sealed"
+        return f"SealedSplit({len(self)} images from {self.source}, {state})"
+
+    @property
+    def opened(self) -> bool:
+        return bool(self.openings)
+
+    def open(self, reason: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The images and labels; `reason` (e.g. "final evaluation") is recorded with the time."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise ValueError("SealedSplit.open needs a reason, e.g. open(reason='final evaluation')")
+        self.openings.append(SplitOpening(reason.strip(), datetime.now(timezone.utc).isoformat(timespec="seconds")))
+        return self._x, self._y
+
+    def map(self, images: Callable[[torch.Tensor], torch.Tensor]) -> SealedSplit:
+        """The same split with `images` applied to its images, still sealed, sharing this split's log."""
+        return SealedSplit(images(self._x), self._y, self.source, self.openings)
+
+
 @dataclass
 class DataBundle:
-    """Normalized images and labels, split into disjoint calibration and evaluation sets."""
+    """Normalized images and labels in disjoint calibration, selection and (sealed) test splits."""
 
     name: str  # "demo", "fashion-mnist", "imagefolder:/abs/path"
     calib_x: torch.Tensor  # float32 (N, C, H, W), normalized with mean/std
     calib_y: torch.Tensor  # int64 (N,)
-    eval_x: torch.Tensor
+    eval_x: torch.Tensor  # the selection split (the name predates the test split)
     eval_y: torch.Tensor
     num_classes: int
     in_chans: int
@@ -67,6 +138,60 @@ class DataBundle:
     class_names: list[str]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    test: SealedSplit | None = None  # None: a bundle built by hand without a test split
+    calib_source: str = ""  # "" : `name`
+    select_source: str = ""
+
+    @property
+    def select_x(self) -> torch.Tensor:
+        return self.eval_x
+
+    @property
+    def select_y(self) -> torch.Tensor:
+        return self.eval_y
+
+    def test_split(self, reason: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Open the sealed test split (recorded with `reason`): images and labels for the reported accuracy."""
+        return self._sealed().open(reason)
+
+    @property
+    def test_x(self) -> torch.Tensor:
+        """The test images, once `test_split` opened them; before that a `SealedSplitError`."""
+        return self._opened()[0]
+
+    @property
+    def test_y(self) -> torch.Tensor:
+        return self._opened()[1]
+
+    def _sealed(self) -> SealedSplit:
+        if self.test is None:
+            raise DataError(f"the data {self.name} has no test split (the bundle was built without one)")
+        return self.test
+
+    def _opened(self) -> tuple[torch.Tensor, torch.Tensor]:
+        test = self._sealed()
+        if not test.opened:
+            raise SealedSplitError(
+                "the test split is sealed: decisions use the selection split (eval_x/eval_y); open it only for "
+                "the reported accuracy with bundle.test_split(reason='final evaluation')"
+            )
+        return test._x, test._y
+
+    def splits(self) -> list[SplitInfo]:
+        """Each split's name, size and source (the test split also says what it was opened for)."""
+        out = [
+            SplitInfo("calibration", len(self.calib_y), self.calib_source or self.name),
+            SplitInfo("selection", len(self.eval_y), self.select_source or self.name),
+        ]
+        if self.test is not None:
+            reasons = tuple(o.reason for o in self.test.openings)
+            out.append(SplitInfo("test", len(self.test), self.test.source, reasons))
+        return out
+
+    def _mapped(self, images: Callable[[torch.Tensor], torch.Tensor], **changes) -> DataBundle:
+        # Every split goes through the same transform; the test split stays sealed.
+        test = None if self.test is None else self.test.map(images)
+        return replace(self, calib_x=images(self.calib_x), eval_x=images(self.eval_x), test=test, **changes)
 
     def with_channels(self, in_chans: int) -> DataBundle:
         """The same images with `in_chans` channels: grey → RGB repeats, RGB → grey takes the luminance.
@@ -95,14 +220,7 @@ class DataBundle:
                 raw = (raw * torch.tensor(_LUMA).view(1, 3, 1, 1)).sum(1, keepdim=True)
             return normalize(raw, mean, std)
 
-        return replace(
-            self,
-            calib_x=convert(self.calib_x),
-            eval_x=convert(self.eval_x),
-            in_chans=in_chans,
-            mean=mean,
-            std=std,
-        )
+        return self._mapped(convert, in_chans=in_chans, mean=mean, std=std)
 
     def resized(self, image_size: int) -> DataBundle:
         """The same images resized (bilinear) to `image_size` × `image_size`."""
@@ -110,12 +228,7 @@ class DataBundle:
             return self
         if image_size < 1:
             raise DataError(f"image size must be positive, got {image_size}")
-        return replace(
-            self,
-            calib_x=resize_images(self.calib_x, image_size),
-            eval_x=resize_images(self.eval_x, image_size),
-            image_size=image_size,
-        )
+        return self._mapped(lambda x: resize_images(x, image_size), image_size=image_size)
 
 
 def normalize(x: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -236,23 +349,37 @@ def read_fashion_mnist(split: str = "test", folder: str | Path | None = None) ->
 # ----------------------------------------------------------------------------------------------- splits
 
 
-def stratified_split(
-    labels: np.ndarray, calib_size: int, eval_size: int, seed: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Disjoint index arrays (calib, eval) of the requested sizes with class proportions kept.
+def fit_sizes(n: int, sizes: tuple[int, ...]) -> tuple[int, ...]:
+    """`sizes` if they fit in `n` images, else shrunk in proportion to sum to `n`, each keeping at least one."""
+    if sum(sizes) <= n:
+        return sizes
+    shares = [n * s / sum(sizes) for s in sizes]
+    fitted = [max(1, int(share)) for share in shares]
+    # Largest remainders take the images left over; the largest split gives back any excess of the floor of 1.
+    by_remainder = sorted(range(len(sizes)), key=lambda i: shares[i] - int(shares[i]), reverse=True)
+    for i in by_remainder[: max(0, n - sum(fitted))]:
+        fitted[i] += 1
+    while sum(fitted) > n:
+        fitted[fitted.index(max(fitted))] -= 1
+    return tuple(fitted)
 
-    Indices are shuffled per class with `seed` and interleaved round-robin across classes, so any
-    prefix of the order is close to class-balanced; calib takes the first `calib_size`, eval the next.
-    If the two do not fit, both shrink in proportion (each keeps at least one image).
+
+def stratified_split(labels: np.ndarray, *sizes: int, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Disjoint sorted index arrays, one per requested size, with class proportions kept.
+
+    Indices are shuffled per class with `seed` and interleaved round-robin across classes, so any prefix of
+    the order is close to class-balanced; the first split takes the first `sizes[0]`, the next the next
+    `sizes[1]`, and so on (a split's images do not depend on the sizes of the splits after it). If the sizes
+    do not fit, all shrink in proportion (`fit_sizes`: each keeps at least one image).
     """
     n = len(labels)
-    if n < 2:
-        raise DataError(f"need at least 2 images (one to calibrate, one to evaluate), found {n}")
-    if calib_size < 1 or eval_size < 1:
-        raise DataError(f"calibration and evaluation sizes must be ≥ 1, got {calib_size} and {eval_size}")
-    if calib_size + eval_size > n:
-        calib_size = max(1, min(n - 1, round(n * calib_size / (calib_size + eval_size))))
-        eval_size = n - calib_size
+    if not sizes:
+        raise ValueError("stratified_split needs at least one size")
+    if n < len(sizes):
+        raise DataError(f"need at least {len(sizes)} images (one for each split), found {n}")
+    if min(sizes) < 1:
+        raise DataError(f"split sizes must be ≥ 1, got {', '.join(map(str, sizes))}")
+    sizes = fit_sizes(n, tuple(sizes))
     rng = np.random.default_rng(seed)
     per_class = []
     for c in np.unique(labels):
@@ -263,35 +390,54 @@ def stratified_split(
     order_idx = np.concatenate([p[0] for p in per_class])
     order_key = np.concatenate([p[1] for p in per_class])
     order = order_idx[np.argsort(order_key, kind="stable")]
-    return np.sort(order[:calib_size]), np.sort(order[calib_size : calib_size + eval_size])
+    ends = np.cumsum(sizes)
+    return tuple(np.sort(order[end - size : end]) for size, end in zip(sizes, ends))
+
+
+@dataclass
+class _Pool:
+    """Images one or more splits are drawn from: uint8 (N, C, H, W) or (N, H, W), int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    source: str  # the splits' SplitInfo.source
+
+
+def _draw(pool: _Pool, sizes: dict[str, int], seed: int) -> dict[str, _Pool]:
+    """Disjoint stratified parts of `pool`, one per split named in `sizes` (in that order)."""
+    parts = stratified_split(pool.labels.numpy(), *sizes.values(), seed=seed)
+    return {
+        name: _Pool(pool.images[torch.from_numpy(idx)], pool.labels[torch.from_numpy(idx)], pool.source)
+        for name, idx in zip(sizes, parts)
+    }
 
 
 def _bundle(
     name: str,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    splits: dict[str, _Pool],
     *,
-    calib_size: int,
-    eval_size: int,
-    seed: int,
     class_names: list[str],
     mean: tuple[float, ...],
     std: tuple[float, ...],
 ) -> DataBundle:
-    calib_idx, eval_idx = stratified_split(y.numpy(), calib_size, eval_size, seed)
-    ci, ei = torch.from_numpy(calib_idx), torch.from_numpy(eval_idx)
+    """The bundle of the three drawn splits, normalized with mean/std."""
+    calib, select, test = (splits[n] for n in SPLIT_NAMES)
+    x = {n: uint8_to_normalized(p.images, mean, std).contiguous() for n, p in splits.items()}
     return DataBundle(
         name=name,
-        calib_x=x[ci].contiguous(),
-        calib_y=y[ci].contiguous(),
-        eval_x=x[ei].contiguous(),
-        eval_y=y[ei].contiguous(),
+        calib_x=x["calibration"],
+        calib_y=calib.labels.contiguous(),
+        eval_x=x["selection"],
+        eval_y=select.labels.contiguous(),
         num_classes=len(class_names),
-        in_chans=int(x.shape[1]),
-        image_size=int(x.shape[-1]),
+        in_chans=int(x["calibration"].shape[1]),
+        image_size=int(x["calibration"].shape[-1]),
         class_names=list(class_names),
         mean=tuple(mean),
         std=tuple(std),
+        test=SealedSplit(x["test"], test.labels.contiguous(), test.source),
+        calib_source=calib.source,
+        select_source=select.source,
     )
 
 
@@ -389,8 +535,24 @@ def _decode_errors() -> tuple[type[BaseException], ...]:
     )
 
 
-def _read_imagefolder(root: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[str], int]:
-    """uint8-range float images in [0, 1] (N, C, S, S), labels, class names, channels."""
+GREY_MODES = frozenset({"L", "1", "I;16", "I"})
+
+
+@dataclass
+class _ImageFolder:
+    """A listed and header-checked image folder, not decoded yet."""
+
+    root: Path
+    classes: list[str]
+    samples: list[tuple[str, int]]
+    modes: set[str]  # PIL modes of its images
+
+    def used_classes(self) -> set[str]:
+        return {self.classes[label] for _, label in self.samples}
+
+
+def _scan_imagefolder(root: Path, min_images: int, needs: str) -> _ImageFolder:
+    """List `root` and check every image's header: at least `min_images` images (`needs` says why)."""
     if not root.exists():
         raise DataError(f"data folder not found: {root}")
     if not root.is_dir():
@@ -407,14 +569,13 @@ def _read_imagefolder(root: Path, image_size: int) -> tuple[torch.Tensor, torch.
         raise DataError(
             f"{root} has class folders ({', '.join(classes[:5])}) but no images ({', '.join(IMG_EXTENSIONS)})"
         )
-    if len(samples) < 2:
-        raise DataError(f"need at least 2 images (one to calibrate, one to evaluate), found {len(samples)} in {root}")
+    if len(samples) < min_images:
+        raise DataError(f"need at least {min_images} images ({needs}), found {len(samples)} in {root}")
     import PIL.Image  # torchvision depends on Pillow
 
     errors = _decode_errors()
+    modes = set()
     with _bounded_decoding():
-        # Grey if every image is grey, else RGB: decide from the files' headers before decoding.
-        modes = set()
         for path, _ in samples:
             if os.path.getsize(path) == 0:
                 raise DataError(f"image {path} is an empty file (0 bytes); remove or replace it")
@@ -425,16 +586,25 @@ def _read_imagefolder(root: Path, image_size: int) -> tuple[torch.Tensor, torch.
                         raise DataError(f"image {path} is {img.size[0]}x{img.size[1]} pixels; remove or replace it")
             except errors as exc:
                 raise _decode_error(path, exc) from None
-        used = sorted({label for _, label in samples})
-        if len(used) < 2:
-            only = classes[used[0]]
-            raise DataError(
-                f"{root} has images of one class only ({only}); accuracy needs at least 2 classes, one folder each"
-            )
-        grey = modes <= {"L", "1", "I;16", "I"}
-        channels = 1 if grey else 3
-        images = []
-        for path, _ in samples:
+    folder = _ImageFolder(root, classes, samples, modes)
+    if len(folder.used_classes()) < 2:
+        raise DataError(
+            f"{root} has images of one class only ({folder.used_classes().pop()}); accuracy needs at least 2 "
+            "classes, one folder each"
+        )
+    return folder
+
+
+def _decode_imagefolder(folder: _ImageFolder, image_size: int, grey: bool, classes: list[str], source: str) -> _Pool:
+    """uint8 (N, C, S, S) images of `folder`, labelled by their class's index in `classes`."""
+    import PIL.Image
+
+    errors = _decode_errors()
+    index = {name: i for i, name in enumerate(classes)}
+    label_of = [index.get(name, -1) for name in folder.classes]  # -1: a class without images here
+    images = []
+    with _bounded_decoding():
+        for path, _ in folder.samples:
             try:
                 with PIL.Image.open(path) as img:
                     img = img.convert("L" if grey else "RGB")  # decodes the whole file: truncation shows here
@@ -444,53 +614,93 @@ def _read_imagefolder(root: Path, image_size: int) -> tuple[torch.Tensor, torch.
             except errors as exc:
                 raise _decode_error(path, exc) from None
             images.append(arr[None] if grey else arr.transpose(2, 0, 1))
-    x = torch.from_numpy(np.stack(images)).float().div_(255.0)
-    y = torch.tensor([label for _, label in samples], dtype=torch.int64)
-    return x, y, classes, channels
+    labels = torch.tensor([label_of[label] for _, label in folder.samples], dtype=torch.int64)
+    return _Pool(torch.from_numpy(np.stack(images)), labels, source)
+
+
+def _imagefolder_splits(
+    root: Path, image_size: int, sizes: dict[str, int], seed: int
+) -> tuple[dict[str, _Pool], list[str], int]:
+    """The three splits of an image folder, its class names and channels.
+
+    With ``train/`` and ``val/`` sub-folders, calibration comes from train/ and selection + test from val/
+    (the split the folder's author made); otherwise the one folder is split three ways.
+    """
+    train_dir, val_dir = root / "train", root / "val"
+    if train_dir.is_dir() and val_dir.is_dir():
+        train = _scan_imagefolder(train_dir, 1, "one to calibrate")
+        val = _scan_imagefolder(val_dir, 2, "one to select, one to test")
+        extra = sorted(val.used_classes() - set(train.classes))
+        if extra:
+            raise DataError(
+                f"{val_dir} has images of class(es) {', '.join(extra[:5])} that {train_dir} has no folder for; "
+                "train/ and val/ need the same class folders"
+            )
+        grey = (train.modes | val.modes) <= GREY_MODES
+        classes = train.classes
+        calib = _decode_imagefolder(train, image_size, grey, classes, "imagefolder train/")
+        held = _decode_imagefolder(val, image_size, grey, classes, "imagefolder val/")
+        splits = {
+            **_draw(calib, {"calibration": sizes["calibration"]}, seed),
+            **_draw(held, {n: sizes[n] for n in ("selection", "test")}, seed),
+        }
+    else:
+        folder = _scan_imagefolder(root, 3, "one each to calibrate, select and test")
+        grey = folder.modes <= GREY_MODES
+        classes = folder.classes
+        splits = _draw(_decode_imagefolder(folder, image_size, grey, classes, "imagefolder"), sizes, seed)
+    return splits, classes, 1 if grey else 3
 
 
 def load_data(
     spec: str = "demo",
     *,
     calib_size: int = 1000,
-    eval_size: int = 2000,
+    eval_size: int = 1000,
+    test_size: int = 2000,
     image_size: int | None = None,
     seed: int = 0,
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
 ) -> DataBundle:
-    """Load `spec` ('demo', 'fashion-mnist', 'imagefolder:PATH') as disjoint calibration/evaluation splits.
+    """Load `spec` ('demo', 'fashion-mnist', 'imagefolder:PATH') as disjoint calibration, selection
+    (`eval_size`) and sealed test splits.
 
+    Sources: `fashion-mnist` calibrates on its 60 k train images and splits its 10 k test images into
+    selection and test; `imagefolder:PATH` with train/ and val/ sub-folders calibrates on train/ and splits
+    val/, otherwise splits the folder three ways; `demo` (4 000 images) splits three ways. Sizes that do not
+    fit a pool shrink in proportion, each keeping at least one image.
     `image_size` resizes (default: 28 for Fashion-MNIST sources, 224 for image folders); `mean`/`std`
     override the normalization (default: Fashion-MNIST's for the grey sources, ImageNet's for folders).
     """
     if not isinstance(spec, str):
         raise DataError(f"data spec must be a string: {DATA_SPECS}")
     check_image_size(image_size)
+    sizes = dict(zip(SPLIT_NAMES, (calib_size, eval_size, test_size)))
+    if min(sizes.values()) < 1:
+        raise DataError(
+            f"calibration, selection and test sizes must be ≥ 1, got {calib_size}, {eval_size} and {test_size}"
+        )
     spec = spec.strip()
     if spec in ("demo", "fashion-mnist", "fmnist"):
         if spec == "demo":
             images, labels = load_demo_arrays()
             name = "demo"
+            splits = _draw(_Pool(torch.from_numpy(images), torch.from_numpy(labels), "demo"), sizes, seed)
         else:
-            images, labels = read_fashion_mnist("test")
             name = "fashion-mnist"
+            test_images, test_labels = read_fashion_mnist("test")
+            train_images, train_labels = read_fashion_mnist("train")
+            train = _Pool(torch.from_numpy(train_images), torch.from_numpy(train_labels), "fashion-mnist train")
+            test = _Pool(torch.from_numpy(test_images), torch.from_numpy(test_labels), "fashion-mnist test")
+            splits = {
+                **_draw(train, {"calibration": calib_size}, seed),
+                **_draw(test, {"selection": eval_size, "test": test_size}, seed),
+            }
         mean = tuple(mean) if mean is not None else FMNIST_MEAN
         std = tuple(std) if std is not None else FMNIST_STD
         _check_stats(mean, std, 1)
-        x = uint8_to_normalized(images, mean, std)
-        y = torch.from_numpy(labels)
-        bundle = _bundle(
-            name,
-            x,
-            y,
-            calib_size=calib_size,
-            eval_size=eval_size,
-            seed=seed,
-            class_names=FMNIST_CLASSES,
-            mean=mean,
-            std=std,
-        )
+        bundle = _bundle(name, splits, class_names=FMNIST_CLASSES, mean=mean, std=std)
         return bundle.resized(image_size) if image_size is not None else bundle
     if spec.startswith("imagefolder:"):
         raw_path = spec[len("imagefolder:") :]
@@ -498,23 +708,13 @@ def load_data(
             raise DataError("imagefolder: needs a path, e.g. --data imagefolder:./val")
         root = Path(raw_path).expanduser().resolve()
         size = image_size if image_size is not None else IMAGEFOLDER_DEFAULT_SIZE
-        x, y, classes, channels = _read_imagefolder(root, size)
+        splits, classes, channels = _imagefolder_splits(root, size, sizes, seed)
         if mean is None or std is None:
             mean = IMAGENET_MEAN if channels == 3 else (sum(w * m for w, m in zip(_LUMA, IMAGENET_MEAN)),)
             std = IMAGENET_STD if channels == 3 else (sum(w * s for w, s in zip(_LUMA, IMAGENET_STD)),)
         mean, std = tuple(mean), tuple(std)
         _check_stats(mean, std, channels)
-        return _bundle(
-            f"imagefolder:{root}",
-            normalize(x, mean, std),
-            y,
-            calib_size=calib_size,
-            eval_size=eval_size,
-            seed=seed,
-            class_names=classes,
-            mean=mean,
-            std=std,
-        )
+        return _bundle(f"imagefolder:{root}", splits, class_names=classes, mean=mean, std=std)
     raise DataError(f"unknown data spec {spec!r}: use {DATA_SPECS}")
 
 

@@ -38,8 +38,8 @@ def test_demo_asset_is_balanced_uint8_subset():
 
 
 def test_demo_splits_sized_disjoint_balanced_normalized():
-    b = load_data("demo", calib_size=1000, eval_size=2000)
-    assert b.calib_x.shape == (1000, 1, 28, 28) and b.eval_x.shape == (2000, 1, 28, 28)
+    b = load_data("demo", calib_size=1000, eval_size=2000, test_size=1000)
+    assert b.calib_x.shape == (1000, 1, 28, 28) and b.eval_x.shape == (2000, 1, 28, 28) and len(b.test) == 1000
     assert b.calib_x.dtype == torch.float32 and b.calib_y.dtype == torch.int64
     assert (b.num_classes, b.in_chans, b.image_size, len(b.class_names)) == (10, 1, 28, 10)
     # Disjoint as images, not only as indices (the demo subset has no duplicate images).
@@ -71,6 +71,13 @@ def test_split_shrinks_in_proportion_when_too_big():
     assert (len(calib), len(ev)) == (1, 1)
     with pytest.raises(DataError, match="at least 2 images"):
         stratified_split(np.array([3]), 1, 1)
+    # Three ways: each keeps at least one image, the rest in proportion, all of them used.
+    parts = stratified_split(labels, 2, 10, 2000, seed=0)
+    assert [len(p) for p in parts] == [1, 1, 98]
+    assert len(set(np.concatenate(parts))) == 100
+    assert [len(p) for p in stratified_split(labels, 30, 20, 50)] == [30, 20, 50]  # fits: as asked
+    with pytest.raises(DataError, match="sizes must be ≥ 1"):
+        stratified_split(labels, 3, 0)
 
 
 def test_custom_normalization_and_resize():
@@ -139,11 +146,13 @@ def test_idx_rejects_corrupt_files(tmp_path: Path):
 def test_fashion_mnist_from_env_dir(monkeypatch: pytest.MonkeyPatch, fmnist_idx_dir: Path):
     monkeypatch.setenv("EDGEPRUNE_FASHION_MNIST", str(fmnist_idx_dir))
     assert fashion_mnist_dir() == fmnist_idx_dir
-    b = load_data("fashion-mnist", calib_size=100, eval_size=150)
-    assert b.name == "fashion-mnist" and len(b.calib_x) == 100 and len(b.eval_x) == 150
+    b = load_data("fashion-mnist", calib_size=100, eval_size=150, test_size=100)
+    assert b.name == "fashion-mnist" and len(b.calib_x) == 100 and len(b.eval_x) == 150 and len(b.test) == 100
     images, _ = load_demo_arrays()
-    expected = (torch.from_numpy(images[300:600]).float() / 255 - FMNIST_MEAN[0]) / FMNIST_STD[0]
-    assert _rows(b.eval_x) <= _rows(expected.unsqueeze(1))  # the t10k files, not the train files
+    x = ((torch.from_numpy(images[:600]).float() / 255 - FMNIST_MEAN[0]) / FMNIST_STD[0]).unsqueeze(1)
+    train, t10k = x[:300], x[300:]  # as the fixture wrote them
+    assert _rows(b.calib_x) <= _rows(train)  # calibration: the train files
+    assert _rows(b.eval_x) <= _rows(t10k)  # selection: the t10k files
 
 
 def test_fashion_mnist_missing_dir_names_the_fix(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
@@ -171,12 +180,13 @@ def _make_imagefolder(root: Path, per_class: int, mode: str = "L") -> np.ndarray
 
 def test_imagefolder_grey_pngs(tmp_path: Path):
     written = _make_imagefolder(tmp_path / "data", per_class=8)
-    b = load_data(f"imagefolder:{tmp_path / 'data'}", calib_size=6, eval_size=100, image_size=28)
+    b = load_data(f"imagefolder:{tmp_path / 'data'}", calib_size=6, eval_size=100, test_size=100, image_size=28)
     assert b.name == f"imagefolder:{(tmp_path / 'data').resolve()}"
     assert b.class_names == ["class_0", "class_1", "class_2"] and b.num_classes == 3 and b.in_chans == 1
-    assert len(b.calib_x) + len(b.eval_x) == 24 and len(b.calib_x) >= 1  # shrunk to fit, proportionally
-    assert b.eval_y.bincount(minlength=3).min() >= 5  # stratified: each class in the eval split
-    raw = (denormalize(torch.cat([b.calib_x, b.eval_x]), b.mean, b.std) * 255).round().to(torch.uint8)
+    test_x, _ = b.test_split("test of the loader")
+    assert (len(b.calib_x), len(b.eval_x), len(test_x)) == (2, 11, 11)  # shrunk to fit, proportionally
+    assert b.eval_y.bincount(minlength=3).min() >= 3  # stratified: each class in the selection split
+    raw = (denormalize(torch.cat([b.calib_x, b.eval_x, test_x]), b.mean, b.std) * 255).round().to(torch.uint8)
     assert _rows(raw) == _rows(torch.from_numpy(written))  # the pixels, unchanged at the native size
 
 
@@ -205,16 +215,18 @@ def test_imagefolder_bad_folders(tmp_path: Path, setup, message: str):
         load_data(f"imagefolder:{folder}")
 
 
-def test_imagefolder_single_image_is_too_few(tmp_path: Path):
+def test_imagefolder_two_images_are_too_few(tmp_path: Path):
     (tmp_path / "d" / "a").mkdir(parents=True)
-    PIL.Image.new("L", (8, 8)).save(tmp_path / "d" / "a" / "x.png")
-    with pytest.raises(DataError, match="at least 2 images"):
+    for name in ("x.png", "y.png"):
+        PIL.Image.new("L", (8, 8)).save(tmp_path / "d" / "a" / name)
+    with pytest.raises(DataError, match="at least 3 images .one each to calibrate, select and test., found 2"):
         load_data(f"imagefolder:{tmp_path / 'd'}")
 
 
 def test_imagefolder_corrupt_image_is_named(tmp_path: Path):
     (tmp_path / "d" / "a").mkdir(parents=True)
-    PIL.Image.new("L", (8, 8)).save(tmp_path / "d" / "a" / "ok.png")
+    for name in ("ok.png", "ok2.png"):
+        PIL.Image.new("L", (8, 8)).save(tmp_path / "d" / "a" / name)
     (tmp_path / "d" / "a" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="broken.png"):
         load_data(f"imagefolder:{tmp_path / 'd'}")
