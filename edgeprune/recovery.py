@@ -8,6 +8,9 @@ Two fine-tuning recipes (`RECIPES`, data like the rules): ``paper`` is the paper
 cross-entropy); ``distill`` also learns from the dense model's logits (knowledge distillation, computed once
 with `teacher_logits`), translates inputs by a few pixels and anneals the rate (one-cycle). Channel pruning
 removes capacity that the paper's short recipe does not win back; distillation does most of it.
+
+Fine-tuning trains on the calibration split and stops early on the selection split (`finetune(val=...)`);
+its result says how many optimizer steps it took and whether it beat the start weights at all.
 """
 
 from __future__ import annotations
@@ -172,12 +175,47 @@ def recovery_loss(logits: torch.Tensor, y: torch.Tensor, teacher: torch.Tensor |
     return (1 - recipe.distill) * ce + recipe.distill * kl * t * t
 
 
+# The paper's fine-tuning rates (Adam): transformers take a smaller step than CNNs.
+PAPER_LR: dict[str, float] = {"cnn": 1e-4, "transformer": 5e-5}
+# Sub-modules that mark self-attention, beside torch's MultiheadAttention: timm's Attention and Swin's
+# WindowAttention (qkv), Hugging Face's (query, key, value), EVA-style and others (q_proj, k_proj, v_proj).
+ATTENTION_PROJECTIONS: tuple[tuple[str, ...], ...] = (
+    ("qkv",),
+    ("query", "key", "value"),
+    ("q_proj", "k_proj", "v_proj"),
+)
+
+
+def is_attention(module: nn.Module) -> bool:
+    if isinstance(module, nn.MultiheadAttention):
+        return True
+    return any(
+        all(isinstance(getattr(module, name, None), nn.Module) for name in names) for names in ATTENTION_PROJECTIONS
+    )
+
+
+def model_kind(model: nn.Module) -> str:
+    """'transformer' when any module is self-attention (hybrids included), else 'cnn': a key of PAPER_LR."""
+    return "transformer" if any(is_attention(m) for m in model.modules()) else "cnn"
+
+
+def default_lr(model: nn.Module) -> float:
+    """The paper's fine-tuning rate for `model`: 1e-4 for CNNs, 5e-5 for transformers."""
+    return PAPER_LR[model_kind(model)]
+
+
 @dataclass
 class FinetuneResult:
     epochs_run: int
-    best_epoch: int
+    best_epoch: int  # -1: no epoch beat the start weights, which are what the model holds now
     best_val_accuracy: float
     history: list[float]  # validation accuracy after each epoch
+    steps: int  # optimizer steps taken
+    start_accuracy: float  # validation accuracy before training
+    improved: bool  # False: recovery did not improve on the start weights (best_epoch == -1)
+    lr: float  # the (peak) learning rate used
+    train_images: int
+    val_images: int  # the images early stopping judged on: `val`, or the held-out part of x
 
 
 def finetune(
@@ -186,8 +224,9 @@ def finetune(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
+    val: tuple[torch.Tensor, torch.Tensor] | None = None,
     epochs: int = 5,
-    lr: float = 1e-4,
+    lr: float | None = None,
     batch_size: int = 128,
     patience: int = 3,
     val_fraction: float = 0.1,
@@ -199,13 +238,18 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune in place with masks enforced (Adam, early stopping). Keeps the best epoch's weights.
 
-    ``x, y`` are the user's calibration data; ``val_fraction`` of it is held out for early stopping.
+    ``x, y`` are the calibration data. ``val``: the selection split's images and labels, on which early
+    stopping judges; all of ``x`` then trains. Without it, ``val_fraction`` of ``x`` is held out instead.
+    ``lr``: None takes `default_lr` (the paper's rate for the model's kind).
     ``teacher``: the dense model's logits on ``x`` (`teacher_logits`), used when the recipe distills.
     ``device``: where to train (default: where the model is); the model comes back where it was.
     On return the masks are folded into the weights (no parametrizations remain).
     """
     if teacher is not None and len(teacher) != len(x):
         raise ValueError(f"teacher logits for {len(teacher)} images, but {len(x)} calibration images")
+    if val is not None and (len(val[0]) != len(val[1]) or len(val[0]) == 0):
+        raise ValueError(f"val needs as many labels as images, at least one: got {len(val[0])} and {len(val[1])}")
+    lr = default_lr(model) if lr is None else float(lr)
     with on_device(model, device) as dev:
         # the data moves once (60 k Fashion-MNIST images: 190 MB), not per batch
         x, y = x.to(dev), y.to(dev)
@@ -213,22 +257,27 @@ def finetune(
         masks = {name: keep.to(dev) for name, keep in masks.items()}
         gen = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(x), generator=gen).to(dev)  # CPU generator: same order on every device
-        n_val = max(1, int(len(x) * val_fraction))
-        val_idx, train_idx = order[:n_val], order[n_val:]
-        xv, yv = x[val_idx], y[val_idx]
+        if val is None:
+            n_val = max(1, int(len(x) * val_fraction))
+            val_idx, train_idx = order[:n_val], order[n_val:]
+            xv, yv = x[val_idx], y[val_idx]
+        else:
+            train_idx = order
+            xv, yv = val[0].to(dev), val[1].to(dev)
         attach_masks(model, masks)
         try:
             fused = dev.type == "cuda"  # one kernel per step instead of a few per tensor
             opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, fused=fused)
-            steps = epochs * -(-len(train_idx) // batch_size)
+            planned = epochs * -(-len(train_idx) // batch_size)
             sched = (
-                torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.1)
+                torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(planned, 1), pct_start=0.1)
                 if recipe.schedule == "onecycle"
                 else None
             )
-            best = (accuracy(model, xv, yv), -1, copy.deepcopy(model.state_dict()))
+            start = accuracy(model, xv, yv)
+            best = (start, -1, copy.deepcopy(model.state_dict()))
             history: list[float] = []
-            stale = 0
+            stale = steps = 0
             for epoch in range(epochs):
                 model.train()
                 perm = train_idx[torch.randperm(len(train_idx), generator=gen).to(dev)]
@@ -240,14 +289,15 @@ def finetune(
                     opt.zero_grad(set_to_none=True)
                     recovery_loss(model(xb), y[idx], None if teacher is None else teacher[idx], recipe).backward()
                     opt.step()
+                    steps += 1
                     if sched is not None:
                         sched.step()
-                val = accuracy(model, xv, yv)
-                history.append(val)
+                score = accuracy(model, xv, yv)
+                history.append(score)
                 if on_epoch:
-                    on_epoch(epoch, val)
-                if val > best[0]:
-                    best, stale = (val, epoch, copy.deepcopy(model.state_dict())), 0
+                    on_epoch(epoch, score)
+                if score > best[0]:
+                    best, stale = (score, epoch, copy.deepcopy(model.state_dict())), 0
                 else:
                     stale += 1
                     if stale >= patience:
@@ -256,4 +306,15 @@ def finetune(
         finally:
             squash_masks(model)
             model.eval()
-        return FinetuneResult(len(history), best[1], best[0], history)
+        return FinetuneResult(
+            epochs_run=len(history),
+            best_epoch=best[1],
+            best_val_accuracy=best[0],
+            history=history,
+            steps=steps,
+            start_accuracy=start,
+            improved=best[1] >= 0,
+            lr=lr,
+            train_images=len(train_idx),
+            val_images=len(yv),
+        )
