@@ -1,0 +1,366 @@
+"""The recover stage, one for both granularities: candidates in, recovered weights and their rungs out.
+
+A candidate to recover is a `Job`: a key (its name in the report) and a *builder*, the picklable recipe that
+materializes it from the dense model (`MaskBuild`: unstructured masks, enforced while training;
+`CompactBuild`: channels physically removed). `recover` trains the jobs on the calibration data as a
+schedule says (`halving.Top` or `halving.Halving`), ranks them by accuracy on the selection split after
+every rung and returns one `RecoveryOutcome` per job with its rungs and, for the last rung's survivors, the
+final weights. Work runs where the executor says (`cluster.InProcess` or `cluster.RayExecutor`); what every
+task reads (`Shared`: dense model, data, teacher logits, settings) is shared once per run.
+
+Same results everywhere: a rung's training depends only on the job, `Shared` and the rungs before it
+(torch's intra-op thread count is part of `Shared`, since it changes float sums; on the CPU), and halving is
+synchronous (see `halving`), so in-process and Ray runs with the same seed give the same accuracies and the
+same pick. `ResultStore` keeps every finished rung on disk under a hash of what decides it, so a re-run
+with the same store trains only what is missing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .cluster import Executor, InProcess
+from .errors import EdgepruneError
+from .halving import Halving, Top, best
+from .masking import Masks, apply_masks_
+from .recovery import Recipe, finetune, has_batchnorm, on_device, recalibrate_bn, resolve_device
+
+# -- builders: how a candidate is materialized -------------------------------------------------------------
+
+
+def _digest(*parts: bytes | str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode() if isinstance(p, str) else p)
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A content hash of named tensors (names, dtypes, shapes and bytes)."""
+    parts: list[bytes | str] = []
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        parts += [name, str(t.dtype), str(tuple(t.shape)), t.view(-1).view(torch.uint8).numpy().tobytes()]
+    return _digest(*parts)
+
+
+@dataclass(frozen=True)
+class MaskBuild:
+    """Unstructured: the dense model with ``masks`` applied; the masks stay enforced while it trains."""
+
+    masks: Masks
+
+    def build(self, dense: nn.Module) -> nn.Module:
+        model = copy.deepcopy(dense)
+        apply_masks_(model, self.masks)
+        return model
+
+    def train_masks(self) -> Masks:
+        return self.masks
+
+    def digest(self) -> str:
+        return _digest("mask", tensor_digest(self.masks))
+
+
+@dataclass(frozen=True)
+class CompactBuild:
+    """Channel: ``structured.compact(dense, example, remove)``, the units physically removed (no masks)."""
+
+    remove: dict[str, list[int]]
+    example: torch.Tensor  # one input, for tracing the dependency graph
+
+    def build(self, dense: nn.Module) -> nn.Module:
+        from .structured import compact
+
+        return compact(dense, self.example, self.remove)
+
+    def train_masks(self) -> Masks:
+        return {}
+
+    def digest(self) -> str:
+        units = json.dumps({k: sorted(v) for k, v in sorted(self.remove.items())})
+        return _digest("compact", units, str(tuple(self.example.shape[1:])))
+
+
+Builder = MaskBuild | CompactBuild
+
+
+@dataclass(frozen=True)
+class Job:
+    """One candidate to recover: its name, how to build it, and its screening accuracy (ranks ``top``)."""
+
+    key: str
+    build: Builder
+    screen_accuracy: float = 0.0
+
+
+# -- what every task shares --------------------------------------------------------------------------------
+
+
+@dataclass
+class Shared:
+    """Read by every recovery task; put in the object store once per run on Ray."""
+
+    dense: nn.Module
+    calib_x: torch.Tensor
+    calib_y: torch.Tensor
+    select_x: torch.Tensor  # the selection split: ranks the candidates after each rung
+    select_y: torch.Tensor
+    recipe: Recipe
+    teacher: torch.Tensor | None = None  # the dense model's logits on calib_x (`recovery.teacher_logits`)
+    lr: float = 1e-4
+    batch_size: int = 128
+    seed: int = 0
+    bn_recal: bool = True
+    threads: int = 1  # torch intra-op threads per task: part of the result (float sums), so fixed, not "all"
+    device: str = "auto"  # where a task trains (`recovery.resolve_device`, resolved on the worker)
+
+    def settings_digest(self) -> str:
+        """Everything here that decides a rung's result, hashed (the resume key's shared part)."""
+        data = {"calib_x": self.calib_x, "calib_y": self.calib_y, "select_x": self.select_x, "select_y": self.select_y}
+        if self.teacher is not None:
+            data["teacher"] = self.teacher
+        settings = json.dumps(
+            [repr(self.recipe), self.lr, self.batch_size, self.seed, self.bn_recal, self.threads, self.device]
+        )
+        return _digest(tensor_digest(self.dense.state_dict()), tensor_digest(data), settings)
+
+
+# -- one rung of one job (the task) ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RungResult:
+    """What one rung of one job measured."""
+
+    rung: int
+    epochs: int  # cumulative epochs after this rung
+    epochs_run: int  # epochs this rung trained (early stopping can end it sooner)
+    steps: int  # optimizer steps this rung took
+    accuracy: float  # on the selection split, after the rung
+    seconds: float
+    node: str = ""  # where it ran ("" in-process; the Ray node id)
+    reused: bool = False  # read from the ResultStore instead of trained
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    model.eval()
+    correct = 0
+    with on_device(model, device) as dev:
+        for i in range(0, len(x), batch_size):
+            correct += int((model(x[i : i + batch_size].to(dev)).argmax(1).cpu() == y[i : i + batch_size]).sum())
+    return correct / max(1, len(x))
+
+
+def _node_id() -> str:
+    ray = sys.modules.get("ray")  # imported in a Ray worker; never imported here (in-process stays Ray-free)
+    if ray is None or not ray.is_initialized():
+        return ""
+    return ray.get_runtime_context().get_node_id()
+
+
+def run_rung(
+    shared: Shared, build: Builder, rung: int, epochs_before: int, epochs: int, start: dict | None
+) -> tuple[RungResult, dict[str, torch.Tensor]]:
+    """Train one job through one rung: build it (BN re-calibrated) or continue from ``start`` (the state
+    after its previous rung), fine-tune ``epochs - epochs_before`` epochs, measure selection accuracy.
+    Returns the result and the weights (CPU state dict)."""
+    t0 = time.perf_counter()
+    s = shared
+    device = resolve_device(s.device)
+    with torch_threads(s.threads):
+        torch.manual_seed(s.seed)
+        model = build.build(s.dense)
+        if start is None:
+            if s.bn_recal and has_batchnorm(model):
+                recalibrate_bn(model, s.calib_x, s.batch_size, device=device)
+        else:
+            model.load_state_dict(start)
+        res = finetune(
+            model,
+            build.train_masks(),
+            s.calib_x,
+            s.calib_y,
+            epochs=epochs - epochs_before,
+            lr=s.lr,
+            batch_size=s.batch_size,
+            seed=s.seed,
+            recipe=s.recipe,
+            teacher=s.teacher,
+            device=device,
+        )
+        acc = _accuracy(model, s.select_x, s.select_y, s.batch_size, device)
+    n_train = len(s.calib_x) - max(1, int(len(s.calib_x) * 0.1))  # finetune's default val_fraction
+    steps = res.epochs_run * -(-n_train // s.batch_size)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    result = RungResult(rung, epochs, res.epochs_run, steps, acc, time.perf_counter() - t0, _node_id())
+    return result, state
+
+
+# -- resume ------------------------------------------------------------------------------------------------
+
+
+class ResultStore:
+    """Finished rungs on disk, one ``<key>.pt`` each (torch.save; read back with ``weights_only=True``).
+
+    The key hashes what decides a rung's result: the builder's content, `Shared.settings_digest` (dense
+    weights, data, recipe, rate, batch, seed, threads, device) and the job's epochs at every rung so far.
+    Files are written to a temporary name and renamed, so a killed run leaves whole rungs or none."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+
+    @staticmethod
+    def key(build_digest: str, settings_digest: str, epochs_path: Sequence[int]) -> str:
+        return _digest(build_digest, settings_digest, json.dumps(list(epochs_path)))[:40]
+
+    def load(self, key: str) -> tuple[RungResult, dict[str, torch.Tensor]] | None:
+        path = self.folder / f"{key}.pt"
+        if not path.is_file():
+            return None
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        return RungResult(**blob["result"], reused=True), blob["state"]
+
+    def save(self, key: str, result: RungResult, state: dict[str, torch.Tensor]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fields = {k: v for k, v in result.__dict__.items() if k != "reused"}
+        fd, tmp = tempfile.mkstemp(dir=self.folder, prefix=".rung-", suffix=".tmp")
+        os.close(fd)
+        try:
+            torch.save({"result": fields, "state": state}, tmp)
+            os.replace(tmp, self.folder / f"{key}.pt")
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+# -- the stage ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RecoveryOutcome:
+    """One job after recovery: its rungs (in order), and the weights when it survived the last rung."""
+
+    key: str
+    rungs: list[RungResult] = field(default_factory=list)
+    state: dict[str, torch.Tensor] | None = None
+
+    @property
+    def accuracy(self) -> float | None:
+        """Selection accuracy after its last rung (None: not recovered)."""
+        return self.rungs[-1].accuracy if self.rungs else None
+
+    @property
+    def survived(self) -> bool:
+        return self.state is not None
+
+
+class ProgressLike(Protocol):
+    def start(self, stage: str, total: int | None = None) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def finish(self) -> None: ...
+    def log(self, message: str) -> None: ...
+
+
+class _Silent:
+    def start(self, stage: str, total: int | None = None) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def finish(self) -> None: ...
+    def log(self, message: str) -> None: ...
+
+
+def recover(
+    jobs: Sequence[Job],
+    shared: Shared,
+    schedule: Top | Halving,
+    executor: Executor | None = None,
+    progress: ProgressLike | None = None,
+    store: ResultStore | None = None,
+) -> list[RecoveryOutcome]:
+    """Recover ``jobs`` as ``schedule`` says; one outcome per job, in the order given.
+
+    Before the first rung the jobs are ranked by screening accuracy (``Top`` takes the best ``k``;
+    ``Halving``'s first rung takes them all); before each later rung by selection accuracy after the rung
+    before (ties: the order given). Survivors continue from their weights. Only the last rung's survivors
+    keep weights in their outcome (a ResNet-50's are 100 MB; the losers' are not needed)."""
+    keys = [j.key for j in jobs]
+    if len(set(keys)) != len(keys):
+        raise EdgepruneError("recover: candidate keys must be unique")
+    executor = executor or InProcess()
+    progress = progress or _Silent()
+    outcomes = [RecoveryOutcome(j.key) for j in jobs]
+    rungs = schedule.rungs(len(jobs))
+    if not rungs:
+        return outcomes
+    settings = shared.settings_digest() if store is not None else ""
+    builds = [j.build.digest() for j in jobs] if store is not None else []
+    handle = executor.share(shared)
+    alive = best([j.screen_accuracy for j in jobs], rungs[0].size)
+    states: dict[int, Any] = {}  # job -> its weights after its last rung (a Ray reference or a state dict)
+    before = 0
+    for r, rung in enumerate(rungs):
+        if r > 0:
+            alive = [alive[i] for i in best([outcomes[j].rungs[-1].accuracy for j in alive], rung.size)]
+            states = {j: states[j] for j in alive}
+        path = [x.epochs for x in rungs[: r + 1]]
+        todo: list[int] = []
+        for j in alive:
+            hit = store.load(ResultStore.key(builds[j], settings, path)) if store is not None else None
+            if hit is None:
+                todo.append(j)
+            else:
+                outcomes[j].rungs.append(hit[0])
+                states[j] = hit[1]
+        progress.start(
+            f"recover rung {r + 1}/{len(rungs)}: {len(alive)} candidate(s) to {rung.epochs} epoch(s)"
+            f"{f', {len(alive) - len(todo)} reused' if len(todo) < len(alive) else ''} ({executor.name})",
+            total=len(alive),
+        )
+        progress.advance(len(alive) - len(todo))
+        calls = [(jobs[j].build, r, before, rung.epochs, states.get(j)) for j in todo]
+        for i, result, payload in executor.run(run_rung, handle, calls, [keys[j] for j in todo], shared.threads):
+            j = todo[i]
+            outcomes[j].rungs.append(result)
+            states[j] = payload
+            if store is not None:
+                store.save(ResultStore.key(builds[j], settings, path), result, executor.fetch(payload))
+            progress.advance()
+        progress.finish()
+        before = rung.epochs
+    for j in alive:
+        outcomes[j].state = executor.fetch(states[j])
+    return outcomes
+
+
+def pick(outcomes: Sequence[RecoveryOutcome]) -> RecoveryOutcome:
+    """The last rung's most accurate survivor (ties: the order given)."""
+    survivors = [o for o in outcomes if o.survived]
+    if not survivors:
+        raise EdgepruneError("recover: no candidate was recovered")
+    return survivors[best([o.accuracy for o in survivors], 1)[0]]

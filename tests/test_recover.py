@@ -1,0 +1,172 @@
+"""The recover stage in this process, on the bundled demo model and data: rungs, masks, channel builds,
+resume, errors naming the candidate."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from edgeprune.cluster import ClusterError, InProcess
+from edgeprune.evaluation import accuracy
+from edgeprune.halving import Halving, Top
+from edgeprune.masking import layer_mask
+from edgeprune.models import load_model
+from edgeprune.recover import CompactBuild, Job, MaskBuild, ResultStore, Shared, pick, recover
+from edgeprune.recovery import RECIPES, teacher_logits
+from edgeprune.structured import GroupGraph
+
+
+def magnitude_jobs(model, levels=(0.5, 0.6, 0.7, 0.8)) -> list[Job]:
+    """One candidate per sparsity: every conv/linear masked by weight magnitude; screening accuracy stands in
+    as 1 - sparsity (so ``top`` takes the least sparse)."""
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    return [
+        Job(f"magnitude/p{round(s * 100)}", MaskBuild({n: layer_mask(m.weight.abs(), s) for n, m in layers}), 1 - s)
+        for s in levels
+    ]
+
+
+@pytest.fixture(scope="module")
+def shared(demo_data) -> Shared:
+    model = load_model("demo")
+    d = demo_data
+    # a rate high enough that one epoch on 180 images moves the accuracy (the default 1e-4 barely does)
+    return Shared(
+        model, d.calib_x, d.calib_y, d.eval_x, d.eval_y, RECIPES["distill"], teacher_logits(model, d.calib_x), lr=1e-3
+    )
+
+
+@pytest.fixture(scope="module")
+def halved(shared):
+    jobs = magnitude_jobs(shared.dense)
+    return jobs, recover(jobs, shared, Halving(first_epochs=1, max_epochs=2, eta=2, keep=1))
+
+
+@pytest.mark.slow
+def test_halving_trains_everyone_once_and_the_better_half_again(halved, shared):
+    jobs, out = halved
+    assert [o.key for o in out] == [j.key for j in jobs]
+    assert all(len(o.rungs) >= 1 and o.rungs[0].epochs == 1 and o.rungs[0].steps > 0 for o in out)
+    second = [o for o in out if len(o.rungs) == 2]
+    assert len(second) == 2 and all(o.survived for o in second) and not any(o.survived for o in out if o not in second)
+    first_acc = sorted((o.rungs[0].accuracy for o in out), reverse=True)
+    assert sorted(o.rungs[0].accuracy for o in second) == sorted(first_acc[:2])  # the better half went on
+    assert pick(out).accuracy == max(o.accuracy for o in second)
+    for o in second:
+        # the reported accuracy is that of the returned weights on the selection split ...
+        model = jobs[0].build.build(shared.dense)
+        model.load_state_dict(o.state)
+        assert accuracy(model, shared.select_x, shared.select_y) == pytest.approx(o.accuracy)
+        # ... and the masks held through training: every masked weight is still zero
+        masks = next(j for j in jobs if j.key == o.key).build.masks
+        assert all(not o.state[f"{name}.weight"][~keep].any() for name, keep in masks.items())
+
+
+def test_top_recovers_the_k_best_by_screening_accuracy(shared):
+    jobs = magnitude_jobs(shared.dense, (0.8, 0.5, 0.7))
+    out = recover(jobs, shared, Top(k=1, epochs=1))
+    assert [len(o.rungs) for o in out] == [0, 1, 0] and out[1].survived  # p50 screened best
+    assert out[0].accuracy is None
+
+
+def test_channel_candidates_are_compacted_and_trained_without_masks(shared):
+    example = shared.calib_x[:1]
+    graph = GroupGraph(load_model("demo"), example)
+    remove = {g.name: list(range(g.units // 4)) for g in graph.groups}
+    out = recover([Job("channel/quarter", CompactBuild(remove, example))], shared, Top(1, 1))
+    model = CompactBuild(remove, example).build(shared.dense)
+    assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in shared.dense.parameters())
+    model.load_state_dict(out[0].state)  # the weights fit the compacted architecture
+    assert accuracy(model, shared.select_x, shared.select_y) == pytest.approx(out[0].accuracy)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_trains_nothing_and_gives_the_same_outcome(shared, tmp_path):
+    jobs = magnitude_jobs(shared.dense, (0.6, 0.8, 0.7))
+    schedule = Halving(1, 2, 2, keep=1)
+    first = InProcess()
+    a = recover(jobs, shared, schedule, first, store=ResultStore(tmp_path))
+    assert first.tasks_run == 5 and len(list(tmp_path.glob("*.pt"))) == 5  # rungs: 3, then 2
+    again = InProcess()
+    b = recover(jobs, shared, schedule, again, store=ResultStore(tmp_path))
+    assert again.tasks_run == 0
+    assert all(r.reused for o in b for r in o.rungs)
+    assert [[r.accuracy for r in o.rungs] for o in a] == [[r.accuracy for r in o.rungs] for o in b]
+    assert pick(a).key == pick(b).key
+    assert all(torch.equal(a[i].state[k], b[i].state[k]) for i in range(3) if a[i].survived for k in a[i].state)
+    # another rate is another result: nothing is reused
+    other = InProcess()
+    shared_lr = Shared(**{**shared.__dict__, "lr": 5e-4})
+    recover(jobs[:1], shared_lr, Top(1, 1), other, store=ResultStore(tmp_path))
+    assert other.tasks_run == 1
+
+
+def test_a_failing_candidate_is_named_in_one_line(shared):
+    bad = Job("magnitude/broken", MaskBuild({"no.such.layer": torch.ones(3, dtype=torch.bool)}))
+    with pytest.raises(ClusterError, match=r"recovery of candidate magnitude/broken failed: AttributeError") as e:
+        recover([bad], shared, Top(1, 1))
+    assert "\n" not in str(e.value)
+
+
+def test_keys_must_be_unique(shared):
+    jobs = magnitude_jobs(shared.dense, (0.5, 0.5))
+    with pytest.raises(Exception, match="keys must be unique"):
+        recover([jobs[0], jobs[0]], shared, Top(1, 1))
+
+
+@pytest.mark.slow
+def test_in_process_recovery_never_imports_ray():
+    """The default path must not pay Ray's import (about a second) nor need it installed."""
+    code = textwrap.dedent(
+        """
+        import sys, torch
+        from edgeprune.data import load_data
+        from edgeprune.halving import Top
+        from edgeprune.masking import layer_mask
+        from edgeprune.models import load_model
+        from edgeprune.recover import Job, MaskBuild, Shared, recover
+        from edgeprune.recovery import RECIPES
+        m, d = load_model("demo"), load_data("demo", calib_size=40, eval_size=40)
+        masks = {"fc": layer_mask(m.fc.weight.abs(), 0.5)}
+        out = recover([Job("a", MaskBuild(masks))], Shared(m, d.calib_x, d.calib_y, d.eval_x, d.eval_y,
+                      RECIPES["paper"]), Top(1, 1))
+        assert out[0].survived
+        print("ray" in sys.modules)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_out_of_memory_names_the_candidate():
+    """A real allocation failure: the process's address space is capped, then one candidate trains on images
+    far too large for it."""
+    code = textwrap.dedent(
+        """
+        import resource, torch
+        from edgeprune.cluster import ClusterError
+        from edgeprune.halving import Top
+        from edgeprune.models import load_model
+        from edgeprune.recover import Job, MaskBuild, Shared, recover
+        from edgeprune.recovery import RECIPES
+        m = load_model("demo")
+        x, y = torch.zeros(8, 1, 1024, 1024), torch.zeros(8, dtype=torch.long)
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        vm = int(open("/proc/self/statm").read().split()[0]) * resource.getpagesize()
+        resource.setrlimit(resource.RLIMIT_AS, (vm + 600 * 2**20, hard))  # ~600 MB more than now
+        try:
+            recover([Job("big/p50", MaskBuild({}))], Shared(m, x, y, x, y, RECIPES["paper"], batch_size=8), Top(1, 1))
+        except ClusterError as exc:
+            print(exc)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("recovery of candidate big/p50 ran out of memory"), res.stdout
+    assert res.stdout.count("\n") == 1
