@@ -1,0 +1,164 @@
+"""Where recovery runs: --cluster specs, one-line errors, and a real two-node Ray cluster on loopback (started
+and stopped here) giving the same recovery as this process, also when one node's raylet is killed mid-run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from edgeprune.cluster import ClusterError, InProcess, LocalRayCluster, RayExecutor, check_cluster_spec
+from edgeprune.halving import Halving
+from edgeprune.masking import layer_mask
+from edgeprune.models import load_model
+from edgeprune.recover import Job, MaskBuild, Shared, pick, recover
+from edgeprune.recovery import RECIPES, teacher_logits
+
+
+def test_cluster_specs_parse_without_connecting(monkeypatch):
+    assert check_cluster_spec("ray://head.example:10001").kind == "client"
+    spec = check_cluster_spec(" 10.1.2.3:6379 ")
+    assert (spec.kind, spec.address) == ("address", "10.1.2.3:6379")
+    assert check_cluster_spec("local:4").cpus == 4
+    monkeypatch.setenv("RAY_ADDRESS", "ray://10.1.2.3:10001")
+    assert check_cluster_spec("auto").address == "10.1.2.3:10001"
+    monkeypatch.delenv("RAY_ADDRESS")
+    with pytest.raises(ClusterError, match="RAY_ADDRESS, which is not set"):
+        check_cluster_spec("auto")
+
+
+@pytest.mark.parametrize("bad", ["local:0", "local:x", "head", "head:99999", "ray://", "http://h:1", "h:1/x"])
+def test_bad_cluster_specs_are_one_line_errors(bad):
+    with pytest.raises(ClusterError, match=r"^bad --cluster") as e:
+        check_cluster_spec(bad)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_ray_is_one_line_naming_the_extra():
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["ray"] = None  # as if Ray were not installed
+        from edgeprune.cluster import ClusterError, RayExecutor
+        try:
+            RayExecutor("127.0.0.1:6379")
+        except ClusterError as exc:
+            print(exc)
+        """
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == "--cluster needs Ray, which is not installed: pip install 'edgeprune[ray]'\n"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_head_is_one_line_naming_the_address():
+    pytest.importorskip("ray")
+    address = f"127.0.0.2:{_free_port()}"  # nothing listens there
+    t0 = time.perf_counter()
+    with pytest.raises(ClusterError, match=rf"^cannot reach the Ray head at {address} \(Connection refused\)") as e:
+        RayExecutor(address)
+    assert time.perf_counter() - t0 < 10
+    assert "\n" not in str(e.value)
+
+
+# -- against a real cluster ----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def problem(demo_data):
+    """Six unstructured candidates of the demo model, and the shared inputs (one thread per task)."""
+    model = load_model("demo")
+    d = demo_data
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    jobs = [
+        Job(f"magnitude/p{round(s * 100)}", MaskBuild({n: layer_mask(m.weight.abs(), s) for n, m in layers}), 1 - s)
+        for s in (0.5, 0.6, 0.65, 0.7, 0.75, 0.8)
+    ]
+    sx, sy = d.eval_x[:200], d.eval_y[:200]
+    shared = Shared(model, d.calib_x, d.calib_y, sx, sy, RECIPES["distill"], teacher_logits(model, d.calib_x), lr=1e-3)
+    return jobs, shared, Halving(first_epochs=1, max_epochs=2, eta=2, keep=1)
+
+
+@pytest.fixture(scope="module")
+def reference(problem):
+    jobs, shared, schedule = problem
+    return recover(jobs, shared, schedule, InProcess())
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    pytest.importorskip("ray")
+    with LocalRayCluster(_free_port(), nodes=2, cpus=1) as c:
+        yield c
+
+
+def _same(a, b) -> None:
+    assert [o.key for o in a] == [o.key for o in b]
+    assert [[(r.epochs, r.steps, r.accuracy) for r in o.rungs] for o in a] == [
+        [(r.epochs, r.steps, r.accuracy) for r in o.rungs] for o in b
+    ]
+    assert pick(a).key == pick(b).key
+    for x, y in zip(a, b):
+        assert x.survived == y.survived
+        if x.survived:
+            assert all(torch.equal(x.state[k], y.state[k]) for k in x.state)  # bit for bit
+
+
+@pytest.mark.slow
+def test_recovery_on_the_cluster_equals_in_process(problem, reference, cluster):
+    jobs, shared, schedule = problem
+    ex = RayExecutor(cluster.address)
+    try:
+        assert "2 node(s), 2 CPU(s)" in ex.describe()
+        out = recover(jobs, shared, schedule, ex)
+    finally:
+        ex.close()
+    _same(reference, out)
+    assert ex.tasks_run == 9  # 6 candidates, then the better 3
+    assert all(r.node for o in out for r in o.rungs)  # every rung ran on a cluster node
+
+
+class _KillOnFirstResult:
+    """Progress hooks that kill a raylet (SIGKILL) when the first task of the run has finished."""
+
+    def __init__(self, pid: int):
+        self.pid, self.killed = pid, False
+
+    def start(self, stage, total=None): ...
+    def finish(self): ...
+    def log(self, message): ...
+
+    def advance(self, n=1):
+        if n and not self.killed:
+            os.kill(self.pid, signal.SIGKILL)
+            self.killed = True
+
+
+@pytest.mark.slow
+def test_a_node_killed_mid_recovery_still_completes_with_the_same_pick(problem, reference, cluster):
+    jobs, shared, schedule = problem
+    ex = RayExecutor(cluster.address)
+    hook = _KillOnFirstResult(cluster.raylet_pids[1])  # the second node's raylet: its workers die with it
+    try:
+        out = recover(jobs, shared, schedule, ex, progress=hook)
+        deadline = time.monotonic() + 60  # the head notices a dead raylet by missed health checks
+        while sum(n["Alive"] for n in ex.ray.nodes()) > 1 and time.monotonic() < deadline:
+            time.sleep(1)
+        alive = sum(n["Alive"] for n in ex.ray.nodes())
+    finally:
+        ex.close()
+    assert hook.killed and alive == 1  # the node really went, and the run finished without it
+    _same(reference, out)
