@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from edgeprune.benchmarks.lab.structured_speed import LATENCY_ORDER
+from edgeprune.benchmarks.lab.common import LATENCY_ORDER
 from edgeprune.benchmarks.machine import command_line, machine_info, write_results
 from edgeprune.benchmarks.runner import median_p50
 from edgeprune.export import export_onnx

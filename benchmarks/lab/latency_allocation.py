@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from edgeprune.benchmarks.lab.structured_speed import (
+from edgeprune.benchmarks.lab.common import (
     LATENCY_ORDER,
     Log,
     add_input_arguments,
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(a: argparse.Namespace, argv: list[str] | None, work: Path) -> dict:
-    t_start, log, target = time.time(), Log(), get_target(a.target)
+    t_start, log, target = time.time(), Log("latency_allocation"), get_target(a.target)
     data, _, _, model = load_inputs(a)
     example, sample = data.eval_x[:1], data.eval_x[:1].numpy().astype(np.float32)
     n = a.gradient_samples

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from edgeprune.benchmarks.lab.structured_speed import (
+from edgeprune.benchmarks.lab.common import (
     LATENCY_ORDER,
     Log,
     add_input_arguments,
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(a: argparse.Namespace, argv: list[str] | None, seeds: list[int], work: Path) -> int:
     t_start = time.time()
-    log = Log()
+    log = Log("recovery_noise")
     target = get_target(a.target)
     data, held_x, held_y, model = load_inputs(a)
     example, sample = data.eval_x[:1], data.eval_x[:1].numpy().astype(np.float32)

@@ -38,7 +38,6 @@ times them here (median of ``--repeats`` interleaved runs) and scores them on th
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import hashlib
 import json
@@ -46,7 +45,6 @@ import math
 import multiprocessing
 import os
 import pickle
-import platform
 import shutil
 import tempfile
 import time
@@ -55,190 +53,41 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch_pruning as tp
-from edgeprune.benchmarks.machine import command_line, cpu_model, write_results
+from edgeprune.benchmarks.lab.common import (
+    LATENCY_ORDER,
+    Log,
+    Recovery,
+    add_input_arguments,
+    add_recovery_arguments,
+    latency_order_note,
+    load_inputs,
+    make_recovery,
+    paired_se_points,
+    search_config,
+    speedup_at_sizes,
+    this_machine,
+    uniform_prune,
+)
+from edgeprune.benchmarks.machine import command_line, write_results
 from edgeprune.benchmarks.runner import median_p50
 from edgeprune.export import export_onnx
 from edgeprune.export.quantize import onnx_hits
 from torch import nn
 
-from edgeprune.data import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, DataBundle, read_fashion_mnist, uint8_to_normalized
 from edgeprune.evaluation import accuracy, params_and_macs
-from edgeprune.models import load_model
-from edgeprune.pipeline import CompressConfig, Progress, Timings
-from edgeprune.recovery import (
-    DEVICES,
-    RECIPES,
-    Recipe,
-    finetune,
-    recalibrate_bn,
-    resolve_device,
-    teacher_logits_if_distilling,
-)
+from edgeprune.pipeline import Progress, Timings
 from edgeprune.report import versions
 from edgeprune.selection import Point, pareto_mask
-from edgeprune.structured import accumulate_gradients, compact
+from edgeprune.structured import compact
 from edgeprune.structured.flow import ChannelCandidate, ChannelSearch
-from edgeprune.structured.signals import channel_magnitude, channel_taylor, combine
 from edgeprune.targets import get_target
-
-
-class SignalImportance:
-    """Our group signal as a torch-pruning importance (``edgeprune.structured.signals``: the same channel
-    magnitude, per-batch squared Taylor and their combination), so MetaPruner ranks channels like our
-    candidates do; MetaPruner hands it its own groups."""
-
-    def __init__(self, signal: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 32):
-        self.signal = signal
-        self.params = list(model.parameters())
-        self.grads: list[list[torch.Tensor | None]] = []  # one gradient snapshot per mini-batch
-        if signal != "magnitude":
-            for i in range(0, len(x), batch):
-                accumulate_gradients(model, x[i : i + batch], y[i : i + batch], batch)
-                self.grads.append([None if p.grad is None else p.grad.clone() for p in self.params])
-            model.zero_grad(set_to_none=True)
-
-    @torch.no_grad()
-    def __call__(self, group) -> torch.Tensor:
-        m = channel_magnitude(group)
-        if self.signal == "magnitude":
-            return m
-        g = torch.zeros_like(m)
-        for grads in self.grads:
-            for p, grad in zip(self.params, grads, strict=True):
-                p.grad = grad
-            g += channel_taylor(group) ** 2
-        for p in self.params:
-            p.grad = None
-        return combine(self.signal, m, g)
-
-
-def uniform_prune(model: nn.Module, example: torch.Tensor, ratio: float, signal: str, round_to: int, x, y) -> nn.Module:
-    """torch-pruning's MetaPruner, one ratio for every layer (local ranking), classifier outputs kept."""
-    pruned = copy.deepcopy(model).eval()
-    pruner = tp.pruner.MetaPruner(
-        pruned,
-        example,
-        importance=SignalImportance(signal, pruned, x, y),
-        pruning_ratio=ratio,
-        global_pruning=False,
-        ignored_layers=[pruned.get_classifier()],
-        round_to=round_to,
-    )
-    pruner.step()
-    return pruned.eval()
-
-
-def fmnist_split(calib_images: int, screen_images: int, seed: int = 0) -> tuple[DataBundle, np.ndarray, np.ndarray]:
-    """Calibration from the training split; the test split cut into a screening part and a held-out part."""
-    train_x, train_y = read_fashion_mnist("train")
-    test_x, test_y = read_fashion_mnist("test")
-    rng = np.random.default_rng(seed)
-    ci = rng.permutation(len(train_y))[:calib_images]
-    ti = rng.permutation(len(test_y))
-    screen, held = ti[:screen_images], ti[screen_images:]
-    bundle = DataBundle(
-        name=f"fashion-mnist (calibration: {calib_images} train images; screening: {screen_images} test images)",
-        calib_x=uint8_to_normalized(train_x[ci]),
-        calib_y=torch.from_numpy(train_y[ci].astype(np.int64)),
-        eval_x=uint8_to_normalized(test_x[screen]),
-        eval_y=torch.from_numpy(test_y[screen].astype(np.int64)),
-        num_classes=10,
-        in_chans=1,
-        image_size=28,
-        class_names=list(FMNIST_CLASSES),
-        mean=FMNIST_MEAN,
-        std=FMNIST_STD,
-    )
-    held_x = uint8_to_normalized(test_x[held]).numpy().astype(np.float32)
-    return bundle, held_x, test_y[held].astype(np.int64)
-
-
-class Log(Progress):
-    def start(self, stage: str, total: int | None = None) -> None:
-        self.t0 = time.time()
-        print(f"[structured_speed] {stage} ...", flush=True)
-
-    def finish(self) -> None:
-        print(f"[structured_speed]   {time.time() - self.t0:.1f} s", flush=True)
-
-    def log(self, message: str) -> None:
-        print(f"[structured_speed]   {message}", flush=True)
-
-
-def this_machine() -> dict:
-    return {"cpu_count": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_model()}
 
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-@dataclasses.dataclass
-class Recovery:
-    """The recovery budget, the same for every model compared: BN re-calibration, then fine-tuning with one
-    recipe (and, when it distills, the dense model's logits computed once)."""
-
-    data: DataBundle
-    epochs: int
-    lr: float
-    batch_size: int
-    seed: int
-    recipe: Recipe
-    teacher: torch.Tensor | None
-    device: torch.device | None = None  # where to train (the model comes back to the CPU)
-
-    def __call__(self, model: nn.Module) -> None:
-        d = self.data
-        recalibrate_bn(model, d.calib_x, self.batch_size, device=self.device)
-        finetune(
-            model,
-            {},
-            d.calib_x,
-            d.calib_y,
-            epochs=self.epochs,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            recipe=self.recipe,
-            teacher=self.teacher,
-            device=self.device,
-        )
-
-
 _WORKER_RECOVERY: Recovery | None = None  # built once in each worker process
-
-
-def add_input_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments ``load_inputs`` reads: the model and the data split."""
-    p.add_argument("--model", default="fmnist_resnet18")
-    p.add_argument("--checkpoint", default=None)
-    p.add_argument("--pretrained", action="store_true", help="zoo models: load the bundled weights")
-    p.add_argument("--calib-images", type=int, default=60000, help="training-split images for calibration")
-    p.add_argument("--screen-images", type=int, default=2000, help="test images for screening and selection")
-
-
-def add_recovery_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments ``make_recovery`` reads: the recovery budget and where it trains."""
-    p.add_argument("--finetune-epochs", type=int, default=6)
-    p.add_argument("--finetune-lr", type=float, default=3e-3)
-    p.add_argument("--recovery", default="distill", choices=sorted(RECIPES), help="fine-tuning recipe")
-    p.add_argument("--device", default="auto", choices=DEVICES, help="where recovery trains (auto: a CUDA GPU if seen)")
-
-
-def load_inputs(a: argparse.Namespace) -> tuple[DataBundle, np.ndarray, np.ndarray, nn.Module]:
-    """The split data and the dense model the arguments name."""
-    data, held_x, held_y = fmnist_split(a.calib_images, a.screen_images)
-    model = load_model(a.model, checkpoint=a.checkpoint, pretrained=a.pretrained, num_classes=10, in_chans=1)
-    return data, held_x, held_y, model
-
-
-def make_recovery(a: argparse.Namespace, data: DataBundle, model: nn.Module) -> Recovery:
-    """The benchmark's recovery budget from its arguments: the calibration data, the recipe, the dense
-    model's logits when it distills, on ``a.device``."""
-    device, recipe, batch = resolve_device(a.device), RECIPES[a.recovery], CompressConfig.batch_size
-    teacher = teacher_logits_if_distilling(recipe, model, data.calib_x, batch, device)
-    return Recovery(data, a.finetune_epochs, a.finetune_lr, batch, CompressConfig.seed, recipe, teacher, device)
 
 
 def _init_worker(a: argparse.Namespace, threads: int) -> None:
@@ -290,31 +139,6 @@ class Recoverer:
         out = [pickle.loads(b) for b in self.pool.map(_recover_in_worker, [pickle.dumps(m) for m in models])]
         self.log.finish()
         return out
-
-
-def speedup_at_sizes(
-    dense: nn.Module, variants: dict[str, nn.Module], sizes: list[int], runs: int, work: Path, repeats: int = 1
-) -> list[dict]:
-    """Speedup over ``dense`` and speedup / MAC ratio of each variant at each input size, 1 and 2 threads,
-    all interleaved per size. Latency does not depend on weight values, so any weights will do."""
-    rows = []
-    for size in sizes:
-        x = torch.randn(1, next(dense.parameters()).shape[1], size, size)
-        models = [dense, *variants.values()]
-        paths = [work / f"scale_{size}_{k}.onnx" for k in range(len(models))]
-        for m, path in zip(models, paths, strict=True):
-            export_onnx(m, x, path, check_inputs=x)
-        macs = [params_and_macs(m, x)[1] for m in models]
-        ms = {th: median_p50(paths, x.numpy(), th, runs, repeats) for th in (1, 2)}
-        for k, name in enumerate(variants, start=1):
-            row = {"input": size, "variant": name, "dense_mmacs": macs[0] / 1e6, "mmacs": macs[k] / 1e6}
-            row["mac_ratio"] = macs[0] / macs[k]
-            for th in (1, 2):
-                row[f"dense_ms_{th}t"], row[f"ms_{th}t"] = ms[th][0], ms[th][k]
-                row[f"speedup_{th}t"] = ms[th][0] / ms[th][k]
-                row[f"speedup_over_mac_ratio_{th}t"] = row[f"speedup_{th}t"] / row["mac_ratio"]
-            rows.append(row)
-    return rows
 
 
 def spread(items: list, keys: list[float], k: int, marks: tuple[float, ...] = ()) -> list:
@@ -441,35 +265,6 @@ def save_bundle(state: dict, work: Path, bundle: Path) -> None:
     tmp.rename(bundle)
 
 
-def search_config(a: argparse.Namespace, speedup: float, work: Path, **overrides) -> CompressConfig:
-    """The pipeline's settings for a benchmark's structured search: the model the arguments name, a
-    ``--speedup`` goal, latency on 1 thread (the selection's), files in ``work``."""
-    return CompressConfig(
-        model=a.model,
-        checkpoint=a.checkpoint,
-        pretrained=a.pretrained,
-        target=a.target,
-        granularity="channel",
-        speedup=speedup,
-        gradient_samples=a.gradient_samples,
-        threads=1,
-        bench_runs=100,
-        out=str(work),
-        **overrides,
-    )
-
-
-def screened_search(cfg: CompressConfig, target, model: nn.Module, data: DataBundle, work: Path, log) -> ChannelSearch:
-    """The pipeline's structured search, in ``work / "search"``, up to and including screening: candidates
-    compacted, BN re-calibrated, scored and exported (with ``cfg.latency_costs``, the latency model too)."""
-    (work / "search").mkdir()
-    search = ChannelSearch(cfg, target, model, data, work / "search", work, log, Timings())
-    for stage in (search.discover, search.dense, search.probe, search.costs, search.signals, search.plan):
-        stage()
-    search.screen()
-    return search
-
-
 def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dict:
     """Search, recover and export (the half a GPU speeds up): a JSON-able state naming ONNX files in ``work``."""
     t_start = time.time()
@@ -490,7 +285,7 @@ def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dic
         recovery=args.recovery,
         device=str(device),
     )
-    log = Log()
+    log = Log("structured_speed")
 
     # 1. structured Mix-and-Match, the pipeline's own stages up to the measured latency of every candidate,
     #    once per goal (a broader front: each goal centres the search's ranges on itself)
@@ -833,11 +628,6 @@ def accuracy_noise(acc: float, n: int) -> str:
     return f"One standard error of an accuracy near {acc * 100:.1f} % on {n} images: {se:.2f} points."
 
 
-def paired_se_points(diff: np.ndarray) -> float:
-    """Standard error of the mean of per-image accuracy differences, in points."""
-    return float(diff.std(ddof=1) / math.sqrt(len(diff)) * 100) if len(diff) > 1 else float("nan")
-
-
 def equal_latency_pairs(
     mm: list[dict], uniform: list[dict], mm_hits: list[np.ndarray], uniform_hits: list[np.ndarray]
 ) -> tuple[list[dict], list[np.ndarray]]:
@@ -869,9 +659,6 @@ def equal_latency_pairs(
     return [p for p, _ in found], [d for _, d in found]
 
 
-LATENCY_ORDER = "each round in a fresh shuffled order"  # files timed before runner.run_orders lack it
-
-
 def _h2h(s: dict) -> str:
     if "speedup_1t_head_to_head" not in s:
         return ""
@@ -879,10 +666,6 @@ def _h2h(s: dict) -> str:
         f" (head to head: {s['speedup_1t_head_to_head']:.2f}x / {s['speedup_2t_head_to_head']:.2f}x, speedup / MAC "
         f"{s['speedup_over_mac_ratio_1t_head_to_head']:.2f} / {s['speedup_over_mac_ratio_2t_head_to_head']:.2f})"
     )
-
-
-def latency_order_note(r: dict) -> str:
-    return f" ({r['latency_order']})" if r.get("latency_order") else ""
 
 
 def _repeats(r: dict) -> str:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from edgeprune.benchmarks.lab.structured_speed import speedup_at_sizes
+from edgeprune.benchmarks.lab.common import speedup_at_sizes
 from edgeprune.benchmarks.machine import command_line, machine_info, write_results
 
 from edgeprune.models import load_model
