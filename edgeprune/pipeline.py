@@ -15,12 +15,12 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from .baselines import BASELINES, RANGE_BASELINES, Plan, Scores
 from .data import check_image_size, load_data
+from .deliver import BenchDevice, deliver, dense_copy
 from .errors import DataError, EdgepruneError
 from .evaluation import accuracy, params_and_macs, weight_sparsity
 from .inventory import build_inventory
@@ -105,11 +105,12 @@ class CompressConfig:
           widths; with ``--granularity unstructured`` they would be ignored, so they are refused.
         - ``--max-drop`` with ``--speedup`` / ``--latency-budget``: the latency goal would decide and the
           accuracy bound be dropped silently, so the pair is refused: one selection goal per run.
-        - ``--granularity channel`` ships a compacted FP32 ``model.onnx`` timed on this machine: ``--pack
-          sparse`` (no zeros left to store: channels are removed), ``--quantize int8``, ``--ort-format``
-          and a ``--latency-from`` other than local are not part of that flow and are refused rather than
-          ignored. In unstructured mode ``--pack sparse`` and ``--ort-format`` are allowed at any sparsity
-          (the packed file is verified against the dense-stored one like every artifact).
+        - Both granularities ship through one deliver step (`edgeprune.deliver`): ``--quantize``,
+          ``--ort-format`` and ``--latency-from`` (which in channel mode also times the search's candidates)
+          mean the same in both. ``--pack sparse`` is refused for ``--granularity channel``: a compacted
+          model has its channels removed, not zeroed, so there are no zeros to pack. In unstructured mode
+          ``--pack sparse`` and ``--ort-format`` are allowed at any sparsity (the packed file is verified
+          against the dense-stored one like every artifact).
         """
         from .benchmarks.device import check_device_options
         from .export.ship import PACK_CHOICES, QUANTIZE_CHOICES
@@ -188,20 +189,11 @@ class CompressConfig:
                 f"--granularity channel supports --method mix-and-match only, got '{self.method}'; "
                 "use --granularity unstructured for the baselines"
             )
-        unsupported = [
-            (self.pack == "sparse", "--pack sparse", "channel pruning removes channels, so no zeros are left to pack"),
-            (self.quantize == "int8", "--quantize int8", "the channel flow ships FP32 only"),
-            (self.ort_format, "--ort-format", "the channel flow ships model.onnx only"),
-            (
-                self.latency_from != "local",
-                f"--latency-from {self.latency_from}",
-                "the channel search times its candidates on this machine; time model.onnx on the device "
-                "afterwards with `edgeprune bench model.onnx --device ...`",
-            ),
-        ]
-        for given, flag, why in unsupported:
-            if given:
-                raise EdgepruneError(f"{flag} does not apply to --granularity channel ({why}); drop it")
+        if self.pack == "sparse":
+            raise EdgepruneError(
+                "--pack sparse does not apply to --granularity channel (a compacted model has no zeros to pack: "
+                "its channels are removed); drop it"
+            )
 
 
 class Progress:
@@ -534,25 +526,49 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
     )
     dense = DenseSummary(accuracy=dense_acc, params=params, macs=macs)
 
-    bench = None
+    delivery = None
     if cfg.export:
-        bench = _export_and_bench(
-            cfg, target, model, ws.original, data, staging, dense, selected, chosen, per_layer, threads, t, progress
+        metadata = {
+            "source_model": cfg.model,
+            "strategy": chosen.strategy,
+            "signal": chosen.signal,
+            "global_sparsity": f"{chosen.sparsity:.6f}",
+            "target": target.name,
+            "calibration_size": str(len(data.calib_x)),
+            "layer_sparsity": json.dumps({k: round(v, 6) for k, v in per_layer.items()}),
+        }
+        delivery = deliver(
+            cfg,
+            target,
+            data,
+            staging,
+            model,
+            metadata,
+            device=BenchDevice.from_config(cfg, threads),
+            dense=dense_copy(model, ws.original),
+            t=t,
+            progress=progress,
         )
+        delivery.fill(dense, selected)
 
-    layer_reports = [
-        LayerReport(
-            name=layer.name,
-            role=layer.role,
-            shape=list(layer.shape),
-            params=layer.numel,
-            range=[ranges[layer.name].lo, ranges[layer.name].hi],
-            sparsity=per_layer.get(layer.name, 0.0),
-            baseline_range=list(ranges[layer.name].baseline) if ranges[layer.name].baseline else None,
-            rules=ranges[layer.name].rules + [f"conflict: {c}" for c in [ranges[layer.name].conflict] if c],
+    layer_reports = []
+    for layer in ws.layers:
+        r, removed = ranges[layer.name], per_layer.get(layer.name, 0.0)
+        layer_reports.append(
+            LayerReport(
+                name=layer.name,
+                role=layer.role,
+                unit="weight",
+                units=layer.numel,
+                kept=layer.numel - round(removed * layer.numel),
+                removed=removed,
+                params=layer.numel,
+                range=[r.lo, r.hi],
+                shape=list(layer.shape),
+                baseline_range=list(r.baseline) if r.baseline else None,
+                rules=r.rules + [f"conflict: {c}" for c in [r.conflict] if c],
+            )
         )
-        for layer in ws.layers
-    ]
     report = Report(
         model=cfg.model,
         data=data.name,
@@ -566,9 +582,11 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
         layers=layer_reports,
         timings={k: round(v, 3) for k, v in t.seconds.items()},
         versions=versions(),
-        config=config_dict(cfg),
-        bench=bench,
+        config=config_dict(cfg, threads=threads),
+        bench=delivery.bench if delivery else None,
         screening=asdict(screening),
+        shipped=delivery.artifacts if delivery else [],
+        notes=delivery.notes if delivery else [],
     )
     report.timings["total"] = round(sum(t.seconds.values()), 3)
     (staging / "report.md").write_text(render_markdown(report))
@@ -576,89 +594,18 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
     return report
 
 
-def config_dict(cfg: CompressConfig) -> dict:
+def config_dict(cfg: CompressConfig, *, round_to: int | None = None, threads: int | None = None) -> dict:
+    """The run's options as report.json records them, for both granularities: what ran, not the defaults'
+    names (``device`` resolved; ``round_to`` and ``threads`` as the run used them when given)."""
     d = asdict(cfg)
-    d["signals"], d["ssh_options"] = list(cfg.signals), list(cfg.ssh_options)
-    d["device"] = str(resolve_device(cfg.device))  # what ran, not "auto"
+    d["signals"], d["range_baselines"], d["ssh_options"] = (
+        list(cfg.signals),
+        list(cfg.range_baselines),
+        list(cfg.ssh_options),
+    )
+    d["device"] = str(resolve_device(cfg.device))
+    if round_to is not None:
+        d["round_to"] = round_to
+    if threads is not None:
+        d["threads"] = threads
     return d
-
-
-def _export_and_bench(
-    cfg, target, model, original, data, staging, dense, selected, chosen, per_layer, threads, t, progress
-) -> list[dict]:
-    """Export dense and selected models (verified), write INT8/packed/ORT companions, benchmark them all."""
-    from .benchmarks.device import bench_artifacts
-    from .export import export_onnx
-    from .export.ship import ship_artifacts
-
-    example = data.eval_x[:1]
-    check = data.eval_x[:64]
-    with t("export"):
-        progress.start("export + verify ONNX", total=2)
-        metadata = {
-            "source_model": cfg.model,
-            "strategy": chosen.strategy,
-            "signal": chosen.signal,
-            "global_sparsity": f"{chosen.sparsity:.6f}",
-            "target": target.name,
-            "calibration_size": str(len(data.calib_x)),
-            "layer_sparsity": json.dumps({k: round(v, 6) for k, v in per_layer.items()}),
-        }
-        res = export_onnx(
-            model, example, staging / "model.onnx", check_inputs=check, opset=target.opset, metadata=metadata
-        )
-        progress.advance()
-        dense_model = copy.deepcopy(model)
-        dense_model.load_state_dict(original)
-        dense_meta = {"source_model": cfg.model, "strategy": "dense", "target": target.name}
-        dres = export_onnx(
-            dense_model, example, staging / "dense.onnx", check_inputs=check, opset=target.opset, metadata=dense_meta
-        )
-        progress.advance()
-        progress.finish()
-    selected.onnx = "model.onnx"
-    selected.onnx_zeros = res.zeros_onnx
-    selected.onnx_sparsity = res.sparsity_onnx
-    selected.parity_max_abs_diff = res.parity_max_abs_diff
-
-    with t("ship"):
-        progress.start("INT8 / packing / ORT format")
-        calib = data.calib_x[:256]
-        ship_kw = dict(target=target, quantize=cfg.quantize, ort_format=cfg.ort_format, calibration=calib)
-        dship = ship_artifacts(staging / "dense.onnx", pack="dense", check_inputs=check, **ship_kw)
-        ship = ship_artifacts(
-            staging / "model.onnx", pack=cfg.pack, check_inputs=check, baseline=staging / "dense.onnx", **ship_kw
-        )
-        progress.finish()
-    selected.onnx_bytes = ship.sizes["model.onnx"].bytes
-    selected.shipping = ship.to_dict()
-    dense.onnx_bytes = dres.onnx_bytes
-
-    names = ["dense.onnx", "model.onnx"] + [p.name for p in (dship.int8, ship.int8) if p is not None]
-    with t("benchmark"):
-        progress.start(f"benchmark {len(names)} artifacts on {cfg.latency_from} (onnxruntime, {threads} thread(s))")
-        x = data.eval_x.numpy().astype(np.float32)
-        bench = bench_artifacts(
-            [staging / n for n in names],
-            cfg.latency_from,
-            sample=x[:1],
-            threads=threads,
-            runs=cfg.bench_runs,
-            x=x,
-            y=data.eval_y.numpy(),
-            identity=cfg.identity,
-            ssh_options=list(cfg.ssh_options),
-            remote_python=cfg.remote_python,
-        )
-        progress.finish()
-    by_name = {n: r for n, r in zip(names, bench.results)}
-    dense.latency_ms, dense.onnx_accuracy = by_name["dense.onnx"]["latency_ms"], by_name["dense.onnx"]["accuracy"]
-    selected.latency_ms = by_name["model.onnx"]["latency_ms"]
-    selected.onnx_accuracy = by_name["model.onnx"]["accuracy"]
-    if dship.int8 is not None:
-        dense.int8_accuracy = by_name[dship.int8.name]["accuracy"]
-        dense.int8_latency_ms = by_name[dship.int8.name]["latency_ms"]
-    if ship.int8 is not None:
-        selected.int8_accuracy = by_name[ship.int8.name]["accuracy"]
-        selected.int8_latency_ms = by_name[ship.int8.name]["latency_ms"]
-    return bench.to_dict()

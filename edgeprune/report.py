@@ -5,7 +5,10 @@ Every command that produces results fills these dataclasses; ``Report.to_dict`` 
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -72,14 +75,71 @@ class SelectedSummary:
 
 @dataclass
 class LayerReport:
+    """One prunable unit lattice: a weight tensor (unstructured) or a channel / head group (channel mode).
+
+    ``unit`` says what is counted: ``weight`` (one element), ``channel`` or ``head``; ``units`` of them, ``kept``
+    after pruning, ``removed`` = 1 - kept / units, ``range`` the Phase-1 range of ``removed``. ``shape`` is the
+    weight tensor's shape, None for a group (it spans several tensors); ``unit_size`` is a head's width."""
+
     name: str
     role: str
-    shape: list[int]
+    unit: str  # "weight" | "channel" | "head"
+    units: int
+    kept: int
+    removed: float
     params: int
     range: list[float]
-    sparsity: float
+    shape: list[int] | None = None
+    unit_size: int = 1
     baseline_range: list[float] | None = None
     rules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ShippedArtifact:
+    """One file `deliver` wrote: ``role`` dense (the reference) or selected; timed on the bench device."""
+
+    file: str
+    role: str  # "dense" | "selected"
+    format: str  # "fp32" | "int8" | "fp32-ort" | "int8-ort"
+    packing: str  # "dense" | "sparse" (ONNX sparse initializers)
+    bytes: int
+    gzip_bytes: int
+    accuracy: float | None  # onnxruntime on the evaluation images, on the bench device
+    latency_ms: dict | None  # {"p50", "p90", "p99", "mean"}; None when not timed (emulated, .ort over ssh)
+
+
+@dataclass
+class GroupReport:
+    """A channel group as the selected model has it."""
+
+    name: str
+    kind: str  # "channels" | "heads"
+    units: int
+    kept: int
+    range: list[float]  # Phase-1 range of the removed fraction
+
+
+@dataclass
+class LatencyLineReport:
+    """Latency vs MACs through dense and the narrowest model the rules allow (see structured.flow.LatencyLine)."""
+
+    dense_ms: float
+    dense_macs: int
+    floor_ms: float
+    floor_macs: int
+
+
+@dataclass
+class StructuredReport:
+    """What only channel mode has: widths, the measured latency line, the latency model's scale."""
+
+    round_to: int
+    groups: list[GroupReport]
+    latency_line: LatencyLineReport
+    screening_dense_ms: float  # dense's p50 in the run that timed every candidate
+    timed_on: str  # the device that timed probe and candidates: --latency-from, or local under emulation
+    latency_model_scale: float | None = None  # --latency-costs: the per-layer model's calibration factor
 
 
 @dataclass
@@ -100,6 +160,9 @@ class Report:
     artifacts: dict[str, str] = field(default_factory=dict)
     bench: dict | None = None  # the benchmark device and every artifact's raw results
     screening: dict | None = None  # candidates evaluated, shared (identical masks) and skipped (signal at chance)
+    shipped: list[ShippedArtifact] = field(default_factory=list)  # every file written, dense reference first
+    structured: StructuredReport | None = None  # channel mode only
+    notes: list[str] = field(default_factory=list)  # what the run could not do as asked, and why
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
@@ -107,6 +170,58 @@ class Report:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Report:
+        """The report back from its JSON: every key must be a declared field, every value of its declared type
+        (a `SchemaError` names the first one that is not)."""
+        return _build(cls, data, "report")
+
+
+class SchemaError(ValueError):
+    """report.json does not match the `Report` dataclass tree."""
+
+
+def _check(hint, value, where: str):
+    """``value`` as type ``hint`` (a dataclass, ``list[X]``, ``dict[K, V]``, ``X | None`` or a JSON scalar)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check(inner[0], value, where)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise SchemaError(f"{where}: expected a list, got {type(value).__name__}")
+        return [_check(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)] if args else value
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise SchemaError(f"{where}: expected an object, got {type(value).__name__}")
+        return {k: _check(args[1], v, f"{where}.{k}") for k, v in value.items()} if args else value
+    want = (int, float) if hint is float else hint  # JSON writes 1.0 as 1.0, but a float field may hold an int
+    if not isinstance(value, want) or (hint in (int, float) and isinstance(value, bool)):
+        raise SchemaError(f"{where}: expected {getattr(hint, '__name__', hint)}, got {type(value).__name__}")
+    return value
+
+
+def _build(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise SchemaError(f"{where}: expected an object for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    extra = sorted(set(data) - fields)
+    if extra:
+        raise SchemaError(f"{where}: undeclared key(s) {extra} in {cls.__name__}")
+    missing = sorted(f.name for f in dataclasses.fields(cls) if f.name not in data and _required(f))
+    if missing:
+        raise SchemaError(f"{where}: missing key(s) {missing} of {cls.__name__}")
+    return cls(**{k: _check(hints[k], v, f"{where}.{k}") for k, v in data.items()})
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 
 
 def versions() -> dict[str, str]:
@@ -140,6 +255,56 @@ def _ms(lat: dict | None) -> str:
     return "—" if not lat else f"{lat['p50']:.3f} / {lat['p90']:.3f}"
 
 
+SHIPPED_COLUMNS = ("file", "KB", "gzip KB", "size × dense", "gzip × dense", "acc %", "p50 ms", "p90 ms", "speedup")
+
+
+def shipped_rows(report: Report) -> list[tuple[str, ...]]:
+    """The artifact table both the terminal summary and report.md lead with (`SHIPPED_COLUMNS`): every shipped
+    file, then dense.onnx and its companions as the reference; sizes raw and gzip against dense.onnx's,
+    accuracy, latency p50 / p90 and speedup against dense.onnx on the bench device."""
+    ref = next((a for a in report.shipped if a.file == "dense.onnx"), None)
+    ref_lat = ref.latency_ms if ref else None
+    rows = []
+    for a in sorted(report.shipped, key=lambda a: a.role != "selected"):  # stable: the order deliver wrote them
+        lat = a.latency_ms
+        rows.append(
+            (
+                a.file if a.role == "selected" else f"{a.file} (ref)",
+                f"{a.bytes / 1024:,.0f}",
+                f"{a.gzip_bytes / 1024:,.0f}",
+                f"{a.bytes / ref.bytes:.3f}" if ref else "—",
+                f"{a.gzip_bytes / ref.gzip_bytes:.3f}" if ref else "—",
+                _pct(a.accuracy),
+                f"{lat['p50']:.3f}" if lat else "—",
+                f"{lat['p90']:.3f}" if lat else "—",
+                f"{ref_lat['p50'] / lat['p50']:.2f}×" if lat and ref_lat and lat["p50"] > 0 else "—",
+            )
+        )
+    return rows
+
+
+def render_shipped(report: Report) -> list[str]:
+    if not report.shipped:
+        return []
+    lines = [
+        "## Shipped",
+        "",
+        "| " + " | ".join(SHIPPED_COLUMNS) + " |",
+        "|---|" + "---:|" * (len(SHIPPED_COLUMNS) - 1),
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in shipped_rows(report)]
+    device = (report.bench or {}).get("device") or {}
+    where = device.get("spec", "local")
+    threads = (report.bench or {}).get("threads")
+    lines.append(
+        f"\nLatency: onnxruntime, batch 1, {threads} thread(s), on `{where}`"
+        + (f" ({device.get('cpu_model') or device.get('machine')})" if device else "")
+        + "; speedup against dense.onnx; sizes against dense.onnx."
+    )
+    lines += [f"- note: {n}" for n in report.notes]
+    return lines + [""]
+
+
 def render_markdown(report: Report) -> str:
     d, s = report.dense, report.selected
     lines = [
@@ -148,6 +313,9 @@ def render_markdown(report: Report) -> str:
         f"- data: `{report.data}`, target: `{report.target}`, granularity: `{report.granularity}`, "
         f"method: `{report.method}`",
         f"- selected: **{s.name}** ({s.why})",
+        "",
+        *render_shipped(report),
+        "## Dense vs selected",
         "",
         "| | accuracy % | sparsity % | ONNX bytes | latency p50 / p90 ms | ONNX acc % | INT8 acc % "
         "| INT8 p50 / p90 ms |",
@@ -165,13 +333,6 @@ def render_markdown(report: Report) -> str:
             f"ONNX check: max |ONNX − PyTorch| = {s.parity_max_abs_diff:.2e}; zeros in the ONNX weights: "
             f"{s.onnx_zeros} ({_pct(s.onnx_sparsity)} %)."
         )
-    if s.shipping and s.shipping.get("sizes"):
-        lines += ["", "## Shipped files", "", "| file | bytes | gzip bytes | × dense.onnx |", "|---|---:|---:|---:|"]
-        for name, size in s.shipping["sizes"].items():
-            lines.append(f"| {name} | {size['bytes']} | {size['gzip_bytes']} | {size['ratio']:.3f} |")
-    if report.bench and report.bench.get("device"):
-        dev = report.bench["device"]
-        lines.append(f"\nBenchmarked on {dev.get('cpu_model') or dev.get('machine')} ({dev.get('uname', '')}).")
     lines += [
         "",
         "## Candidates",
@@ -196,11 +357,17 @@ def render_markdown(report: Report) -> str:
             )
             + "."
         )
-    lines += ["", "## Layers", "", "| layer | role | params | range % | sparsity % |", "|---|---|---:|---|---:|"]
+    lines += [
+        "",
+        "## Layers",
+        "",
+        "| layer | role | params | unit | kept / units | range % | removed % |",
+        "|---|---|---:|---|---:|---|---:|",
+    ]
     for layer in report.layers:
         lines.append(
-            f"| {layer.name} | {layer.role} | {layer.params} | {layer.range[0] * 100:.0f}–{layer.range[1] * 100:.0f} "
-            f"| {_pct(layer.sparsity)} |"
+            f"| {layer.name} | {layer.role} | {layer.params} | {layer.unit} | {layer.kept} / {layer.units} "
+            f"| {layer.range[0] * 100:.0f}–{layer.range[1] * 100:.0f} | {_pct(layer.removed)} |"
         )
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---:|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in report.timings.items()]
@@ -208,52 +375,64 @@ def render_markdown(report: Report) -> str:
     return "\n".join(lines)
 
 
-def plot_pareto(report: Report, path: Path) -> None:
-    """Accuracy vs sparsity of every candidate, the Pareto front drawn, the selection circled."""
+PARETO_AXES: dict[str, tuple[str, object]] = {  # x axis -> (label, candidate -> x)
+    "sparsity": ("global sparsity (%)", lambda c: c.sparsity * 100),
+    "latency": ("latency p50 (ms, onnxruntime)", lambda c: c.latency_ms),
+    "macs": ("MMACs", lambda c: (c.macs or 0) / 1e6),
+}
+
+
+def plot_pareto(report: Report, path: Path, axes: tuple[str, ...] = ("sparsity",), dense_x: dict | None = None) -> None:
+    """Accuracy vs each x axis in ``axes`` (``PARETO_AXES``: sparsity, measured latency, MACs), one panel each:
+    every candidate by signal, the Pareto front drawn (the report's own front on the first panel, recomputed
+    for the others), the selection circled, dense marked (``dense_x``: dense's x per axis; else a line)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    by_signal: dict[str, list[Candidate]] = {}
-    for c in report.strategies:
-        by_signal.setdefault(c.signal, []).append(c)
-    for signal, cands in sorted(by_signal.items()):
-        marker = "o" if cands[0].method == "mix-and-match" else "s"
-        ax.scatter(
-            [c.sparsity * 100 for c in cands],
-            [c.final_accuracy * 100 for c in cands],
-            label=signal,
-            marker=marker,
-            alpha=0.75,
+    from .selection import Point, pareto_mask
+
+    fig, panels = plt.subplots(1, len(axes), figsize=(6.5 * len(axes), 4.5), dpi=110, sharey=True, squeeze=False)
+    cands = report.strategies
+    for n, (ax, axis) in enumerate(zip(panels[0], axes, strict=True)):
+        label, key = PARETO_AXES[axis]
+        for signal in sorted({c.signal for c in cands}):
+            sub = [c for c in cands if c.signal == signal]
+            marker = "o" if sub[0].method == "mix-and-match" else "s"
+            ax.scatter(
+                [key(c) for c in sub], [c.final_accuracy * 100 for c in sub], label=signal, marker=marker, alpha=0.75
+            )
+        # sparsity: more is better; latency and MACs: less is better
+        sign = 1.0 if axis == "sparsity" else -1.0
+        on_front = (
+            [c.pareto for c in cands]
+            if n == 0
+            else pareto_mask([Point(c.final_accuracy, sign * key(c)) for c in cands])
         )
-    front = sorted((c for c in report.strategies if c.pareto), key=lambda c: c.sparsity)
-    if front:
-        ax.plot(
-            [c.sparsity * 100 for c in front],
-            [c.final_accuracy * 100 for c in front],
-            "k--",
-            lw=1,
-            label="Pareto front",
-        )
-    sel = [c for c in report.strategies if c.selected]
-    if sel:
-        ax.scatter(
-            [sel[0].sparsity * 100],
-            [sel[0].final_accuracy * 100],
-            s=200,
-            facecolors="none",
-            edgecolors="red",
-            linewidths=2,
-            label=f"selected: {sel[0].name}",
-        )
-    ax.axhline(report.dense.accuracy * 100, color="grey", lw=1, label="dense")
-    ax.set_xlabel("global sparsity (%)")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(f"{report.model}: {report.method}, {report.granularity}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
+        front = sorted((c for c, f in zip(cands, on_front, strict=True) if f), key=key)
+        if front:
+            ax.plot([key(c) for c in front], [c.final_accuracy * 100 for c in front], "k--", lw=1, label="Pareto front")
+        sel = [c for c in cands if c.selected]
+        if sel:
+            ax.scatter(
+                [key(sel[0])],
+                [sel[0].final_accuracy * 100],
+                s=200,
+                facecolors="none",
+                edgecolors="red",
+                linewidths=2,
+                label=f"selected: {sel[0].name}",
+            )
+        if dense_x and axis in dense_x:
+            ax.scatter([dense_x[axis]], [report.dense.accuracy * 100], marker="*", s=150, color="grey", label="dense")
+        else:
+            ax.axhline(report.dense.accuracy * 100, color="grey", lw=1, label="dense")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    panels[0][0].set_ylabel("accuracy (%)")
+    panels[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"{report.model}: {report.method}, {report.granularity} on {report.target}")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

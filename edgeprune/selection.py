@@ -1,11 +1,19 @@
-"""Pareto front and selection of the candidate to ship. Pure functions over (accuracy, cost) points."""
+"""Pareto fronts and selection of the candidate to ship, for both granularities. Pure functions.
+
+Unstructured mode ranks (accuracy, sparsity) `Point`s (`select_index`); channel mode ranks `Candidate`s on
+measured latency (`select_structured`, `eligible`, `meets`) and re-checks a latency pick head to head with dense
+(`confirm_head_to_head`, which takes the timing as a function). ``cfg`` is any object with the selection
+fields of `pipeline.CompressConfig` (``sparsity``, ``max_drop``, ``speedup``, ``latency_budget_ms``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .errors import EdgepruneError
+from .report import Candidate
 
 
 @dataclass(frozen=True)
@@ -59,3 +67,101 @@ def select_index(
         return i, f"most accurate candidate with sparsity >= {target:.0%}"
     i = max(range(len(points)), key=lambda j: (points[j].sparsity, points[j].accuracy))
     return i, f"no candidate reached {target:.0%} sparsity; picked the sparsest"
+
+
+NEAR_FASTEST = 1.05  # latencies within 5 % of the fastest: one measurement apart on a busy CPU
+
+
+def meets(c: Candidate, cfg, dense_ms: float) -> bool:
+    """Whether a candidate satisfies the user's constraint (before accuracy is looked at)."""
+    if cfg.latency_budget_ms is not None:
+        return c.latency_ms is not None and c.latency_ms <= cfg.latency_budget_ms
+    if cfg.speedup is not None:
+        return c.latency_ms is not None and dense_ms / c.latency_ms >= cfg.speedup - 1e-9
+    if cfg.max_drop is not None:
+        return True
+    return c.sparsity >= cfg.sparsity - 1e-6
+
+
+def eligible(cands: list[Candidate], cfg, dense_ms: float) -> tuple[list[int], bool]:
+    """Candidates that satisfy the constraint, and True; if none does, those closest to it, and False:
+    for a latency goal the fastest (within 5 %), for a sparsity the sparsest."""
+    ok = [i for i, c in enumerate(cands) if meets(c, cfg, dense_ms)]
+    if ok or not cands:
+        return ok, True
+    if cfg.latency_budget_ms is not None or cfg.speedup is not None:
+        fastest = min(c.latency_ms for c in cands)
+        return [i for i, c in enumerate(cands) if c.latency_ms <= fastest * NEAR_FASTEST], False
+    top = max(c.sparsity for c in cands)
+    return [i for i, c in enumerate(cands) if c.sparsity >= top - 1e-6], False
+
+
+def select_structured(cands: list[Candidate], cfg, dense_accuracy: float, dense_ms: float) -> tuple[int, str]:
+    """Pick the candidate to ship; returns (index, why).
+
+    ``--latency-budget MS``: the most accurate candidate measured at <= MS; ``--speedup X``: the most
+    accurate one at least X times faster than dense (if none is, the most accurate of the fastest);
+    else ``--max-drop`` (the fastest within D points) or ``--sparsity`` (the most accurate with at least
+    that fraction of weights removed).
+    """
+    if not cands:
+        raise EdgepruneError("no candidates to select from")
+    if cfg.latency_budget_ms is not None or cfg.speedup is not None:
+        what = (
+            f"latency <= {cfg.latency_budget_ms:g} ms"
+            if cfg.latency_budget_ms is not None
+            else f"speedup >= {cfg.speedup:g}x"
+        )
+        pool, met = eligible(cands, cfg, dense_ms)
+        i = max(pool, key=lambda j: (cands[j].final_accuracy, -cands[j].latency_ms))
+        if met:
+            return i, f"most accurate candidate with {what} (measured)"
+        return i, f"no candidate reached {what}; picked the most accurate of the fastest"
+    if cfg.max_drop is not None:
+        ok = [i for i, c in enumerate(cands) if (dense_accuracy - c.final_accuracy) * 100 <= cfg.max_drop + 1e-9]
+        if ok:
+            i = min(ok, key=lambda j: (cands[j].latency_ms, -cands[j].final_accuracy))
+            return i, f"fastest candidate within {cfg.max_drop:g} points of dense"
+        i = max(range(len(cands)), key=lambda j: cands[j].final_accuracy)
+        return i, f"no candidate within {cfg.max_drop:g} points of dense; picked the most accurate"
+    points = [Point(c.final_accuracy, c.sparsity) for c in cands]
+    return select_index(points, sparsity=cfg.sparsity)
+
+
+HEAD_TO_HEAD = 3  # distinct architectures re-timed alone against dense before a latency pick is final
+PAIR_REPEATS = 3  # runs of each such pair; the median counts
+
+
+def confirm_head_to_head(
+    cands: list[Candidate],
+    keys: list[tuple],
+    pick: int,
+    cfg,
+    dense_ms: float,
+    time_pair: Callable[[int], tuple[float, float]],
+    limit: int = HEAD_TO_HEAD,
+) -> tuple[int, str | None]:
+    """Re-check a latency pick with candidates timed alone next to dense (``time_pair(i)`` -> (dense ms,
+    candidate ms)): in the all-candidates run (dense ``dense_ms``) every model runs with cold caches and
+    dense, the biggest, loses most, so speedups read a few % high. Walks the candidates that met the goal
+    there, most accurate first, up to ``limit`` distinct architectures (``keys``); returns the first that
+    still meets it head to head (or the original pick if none does) and a note for the report (None when
+    the pick stands as it was)."""
+    if cfg.latency_budget_ms is None and cfg.speedup is None:
+        return pick, None
+    pool = [j for j, c in enumerate(cands) if meets(c, cfg, dense_ms)]
+    timed: dict[tuple, tuple[float, float]] = {}
+    for j in sorted(pool, key=lambda j: (-cands[j].final_accuracy, cands[j].latency_ms)):
+        if keys[j] not in timed:
+            if len(timed) == limit:
+                break
+            timed[keys[j]] = time_pair(j)
+        dense, ms = timed[keys[j]]
+        if meets(dataclasses.replace(cands[j], latency_ms=ms), cfg, dense):
+            return j, None if j == pick else f"{cands[pick].name} missed the goal timed alone against dense"
+    return pick, "it missed the goal timed alone against dense" if pool else None
+
+
+def mac_pareto(cands: list[Candidate]) -> list[bool]:
+    """The Pareto front of accuracy vs MACs (the report's main front is accuracy vs measured latency)."""
+    return pareto_mask([Point(c.final_accuracy, -(c.macs or 0)) for c in cands])

@@ -44,8 +44,10 @@ def _check_artifacts(out: Path) -> dict:
     assert {layer["role"] for layer in report["layers"]} >= {"norm", "conv", "classifier", "stem"}
     for layer in report["layers"]:
         lo, hi = layer["range"]
+        assert layer["unit"] == "weight" and layer["units"] == layer["params"]
+        assert layer["kept"] == layer["units"] - round(layer["removed"] * layer["units"])
         if layer["role"] == "norm":
-            assert layer["sparsity"] == 0.0
+            assert layer["removed"] == 0.0
     return report
 
 
@@ -83,6 +85,12 @@ def test_compress_mix_and_match_end_to_end(tmp_path, capsys):
     assert report["dense"]["accuracy"] > 0.9  # the bundled demo model is trained
     assert set(report["timings"]) >= {"load", "sensitivity", "screening", "export", "benchmark", "total"}
     assert "selected" in stdout
+    # the summary leads with what ships: every file, dense.onnx as the reference, before the pick's reasons
+    assert stdout.index("shipped files") < stdout.index("model.onnx") < stdout.index("dense.onnx (ref)")
+    assert stdout.index("dense.onnx (ref)") < stdout.index("selected ")
+    shipped = {a["file"]: a for a in report["shipped"]}
+    assert set(shipped) == {"model.onnx", "dense.onnx"}  # FAST: --quantize none
+    assert shipped["model.onnx"]["accuracy"] == sel["onnx_accuracy"] and shipped["model.onnx"]["latency_ms"]
 
 
 @pytest.mark.slow

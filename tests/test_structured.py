@@ -438,8 +438,13 @@ def test_compress_channel_end_to_end(tmp_path):
     saved = json.loads((out / "report.json").read_text())
     assert saved["granularity"] == "channel" and saved["config"]["round_to"] == 8
     for layer in saved["layers"]:  # every group's kept width is a multiple of 8 or untouched
-        kept = round(layer["shape"][0] * (1 - layer["sparsity"]))
-        assert kept == layer["shape"][0] or kept % 8 == 0
+        assert layer["unit"] in ("channel", "head") and layer["shape"] is None
+        assert layer["kept"] == layer["units"] or layer["kept"] % 8 == 0
+        assert layer["removed"] == pytest.approx(1 - layer["kept"] / layer["units"])
+    st = saved["structured"]
+    assert st["round_to"] == 8 and [g["kept"] for g in st["groups"]] == [la["kept"] for la in saved["layers"]]
+    assert st["latency_line"]["floor_ms"] < st["latency_line"]["dense_ms"] and st["latency_model_scale"] > 0
+    assert saved["bench"]["results"] and {a["file"] for a in saved["shipped"]} >= {"model.onnx", "dense.onnx"}
     md = (out / "report.md").read_text()
     assert "Structured candidates" in md and "Pareto (MACs)" in md
 

@@ -11,7 +11,7 @@ from rich.table import Table
 from ..baselines import RANGE_BASELINES
 from ..pipeline import METHODS, CompressConfig, compress
 from ..recovery import RECIPES
-from ..report import Report
+from ..report import SHIPPED_COLUMNS, Report, shipped_rows
 from ..sensitivity import SIGNALS
 from ._app import CheckpointOpt, InChansOpt, ModelOpt, NumClassesOpt, PretrainedOpt, TargetOpt, app
 from .progress import RichProgress
@@ -66,13 +66,11 @@ def compress_cmd(
     pack: str = typer.Option(
         "dense", help="dense, or sparse: store zeroed weights as ONNX sparse initializers (unstructured only)"
     ),
-    ort_format: bool = typer.Option(
-        False, help="also write .ort files for onnxruntime mobile/minimal builds (unstructured only)"
-    ),
+    ort_format: bool = typer.Option(False, help="also write .ort files for onnxruntime mobile/minimal builds"),
     latency_from: str = typer.Option(
         "local",
-        help="benchmark on: local, ssh://user@host[:port] (login checked before the run) or qemu-arm64; "
-        "unstructured only (channel mode times on this machine)",
+        help="benchmark on: local, ssh://user@host[:port] (login checked before the run) or qemu-arm64; channel "
+        "mode also times its candidates there (on this machine under qemu's emulation)",
     ),
     identity: Path | None = typer.Option(None, help="ssh private key for --latency-from ssh://…"),
     ssh_option: list[str] = typer.Option([], help="extra `ssh -o` option, repeatable"),
@@ -133,30 +131,36 @@ def compress_cmd(
     print_summary(report, Console())
 
 
+TERMINAL_DROPS = ("p90 ms", "size × dense")  # report.md has every column; the terminal keeps to 80 characters
+
+
 def _pct(v: float | None) -> str:
     return "—" if v is None else f"{v * 100:.2f}"
 
 
 def print_summary(report: Report, console: Console) -> None:
+    """What ships first (every file against dense.onnx: size, accuracy, latency, speedup), then the pick."""
     d, s = report.dense, report.selected
-    table = Table(title=f"edgeprune: {report.model} → {report.target} ({report.method}, {report.granularity})")
-    for col in ("", "accuracy %", "sparsity %", "ONNX acc %", "ONNX KB", "p50 ms", "p90 ms"):
-        table.add_column(col, justify="right" if col else "left")
-    for label, acc, sp, oacc, size, lat in (
-        ("dense", d.accuracy, 0.0, d.onnx_accuracy, d.onnx_bytes, d.latency_ms),
-        (f"selected: {s.name}", s.accuracy, s.sparsity, s.onnx_accuracy, s.onnx_bytes, s.latency_ms),
-    ):
-        table.add_row(
-            label,
-            _pct(acc),
-            _pct(sp),
-            _pct(oacc),
-            f"{size / 1024:.0f}" if size else "—",
-            f"{lat['p50']:.3f}" if lat else "—",
-            f"{lat['p90']:.3f}" if lat else "—",
-        )
-    console.print(table)
-    console.print(f"selected {s.name}: {s.why}; accuracy drop {s.accuracy_drop:.2f} points")
+    title = f"edgeprune: {report.model} → {report.target} ({report.method}, {report.granularity})"
+    if report.shipped:
+        console.print(title)
+        table = Table(title="shipped files", padding=(0, 1))
+        keep = [i for i, col in enumerate(SHIPPED_COLUMNS) if col not in TERMINAL_DROPS]
+        for i in keep:
+            table.add_column(SHIPPED_COLUMNS[i], justify="left" if i == 0 else "right", no_wrap=i == 0)
+        for row in shipped_rows(report):
+            table.add_row(*(row[i] for i in keep))
+        console.print(table)
+        where = ((report.bench or {}).get("device") or {}).get("spec", "local")
+        console.print(f"latency: onnxruntime, batch 1, {(report.bench or {}).get('threads')} thread(s), on {where}")
+    else:  # --no-export: nothing shipped, the accuracies are PyTorch's
+        console.print(f"{title}: dense {_pct(d.accuracy)} %, selected {_pct(s.accuracy)} % (no export)")
+    for note in report.notes:
+        console.print(f"note: {note}")
+    console.print(
+        f"selected {s.name} ({_pct(s.sparsity)} % of the weights removed): {s.why}; "
+        f"accuracy drop {s.accuracy_drop:.2f} points"
+    )
     if s.parity_max_abs_diff is not None:
         console.print(f"ONNX verified: max |ONNX − PyTorch| = {s.parity_max_abs_diff:.2e}, zeros kept: {s.onnx_zeros}")
     console.print(f"total {report.timings.get('total', 0):.1f} s; artifacts in {Path(report.config['out']).resolve()}")

@@ -22,8 +22,7 @@ import json
 import math
 import platform
 import tempfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -31,13 +30,37 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..deliver import BenchDevice, deliver
 from ..errors import EdgepruneError
 from ..evaluation import accuracy, params_and_macs
 from ..inventory import Layer
 from ..ranges import LayerRange, Rule, apply_rules, baseline_ranges, parse_rules, range_targets, read_rules_file
 from ..recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, resolve_device, teacher_logits_if_distilling
-from ..report import Candidate, DenseSummary, LayerReport, Report, SelectedSummary, render_markdown, versions
-from ..selection import Point, pareto_mask, select_index
+from ..report import (
+    Candidate,
+    DenseSummary,
+    GroupReport,
+    LatencyLineReport,
+    LayerReport,
+    Report,
+    SelectedSummary,
+    StructuredReport,
+    plot_pareto,
+    render_markdown,
+    versions,
+)
+from ..selection import (  # noqa: F401 - meets, eligible, select_structured, ...: re-exported for callers of flow
+    HEAD_TO_HEAD,
+    NEAR_FASTEST,
+    PAIR_REPEATS,
+    Point,
+    confirm_head_to_head,
+    eligible,
+    mac_pareto,
+    meets,
+    pareto_mask,
+    select_structured,
+)
 from ..strategies import STRATEGY_NAMES, LayerStats, make_all_plans
 from ..targets import bench_threads, host_cpu_flags, round_to_hint
 from .costs import LatencyModel, calibrated, fit_latency_model, latency_allocation, layer_macs
@@ -50,6 +73,8 @@ CHECK_IMAGES = 64  # evaluation images every exported candidate is compared on (
 TAYLOR_BATCH = 32  # images per mini-batch of the Taylor (gradient) signal
 # Latency-aware candidates: the goal's saving, scaled (the lattice of widths rounds it either way)
 LATENCY_LEVELS: dict[str, float] = {"latency-": 0.85, "latency": 1.0, "latency+": 1.15}
+GOAL_ROUNDS = 3  # --max-drop: at most this many Phase-1 plans, each lighter than the last
+LIGHTER = 0.6  # each further round's channel fraction, relative to the previous round's
 COST_FLOOR = 0.05  # a group's ms per MAC never counts below this share of dense ms per MAC
 
 
@@ -63,6 +88,7 @@ class ChannelCandidate:
     onnx: Path | None = None
     parity: float | None = None
     params: int = 0
+    round: int = 0  # the goal round that planned it (0: the first; later ones are lighter, see ChannelSearch.lighter)
 
     @property
     def shape_key(self) -> tuple[tuple[str, int], ...]:
@@ -180,99 +206,6 @@ def channel_target(cfg) -> float:
     return min(0.85, max(0.05, r))
 
 
-NEAR_FASTEST = 1.05  # latencies within 5 % of the fastest: one measurement apart on a busy CPU
-
-
-def meets(c: Candidate, cfg, dense_ms: float) -> bool:
-    """Whether a candidate satisfies the user's constraint (before accuracy is looked at)."""
-    if cfg.latency_budget_ms is not None:
-        return c.latency_ms is not None and c.latency_ms <= cfg.latency_budget_ms
-    if cfg.speedup is not None:
-        return c.latency_ms is not None and dense_ms / c.latency_ms >= cfg.speedup - 1e-9
-    if cfg.max_drop is not None:
-        return True
-    return c.sparsity >= cfg.sparsity - 1e-6
-
-
-def eligible(cands: list[Candidate], cfg, dense_ms: float) -> tuple[list[int], bool]:
-    """Candidates that satisfy the constraint, and True; if none does, those closest to it, and False:
-    for a latency goal the fastest (within 5 %), for a sparsity the sparsest."""
-    ok = [i for i, c in enumerate(cands) if meets(c, cfg, dense_ms)]
-    if ok or not cands:
-        return ok, True
-    if cfg.latency_budget_ms is not None or cfg.speedup is not None:
-        fastest = min(c.latency_ms for c in cands)
-        return [i for i, c in enumerate(cands) if c.latency_ms <= fastest * NEAR_FASTEST], False
-    top = max(c.sparsity for c in cands)
-    return [i for i, c in enumerate(cands) if c.sparsity >= top - 1e-6], False
-
-
-def select_structured(cands: list[Candidate], cfg, dense_accuracy: float, dense_ms: float) -> tuple[int, str]:
-    """Pick the candidate to ship; returns (index, why).
-
-    ``--latency-budget MS``: the most accurate candidate measured at <= MS; ``--speedup X``: the most
-    accurate one at least X times faster than dense (if none is, the most accurate of the fastest);
-    else ``--max-drop`` (the fastest within D points) or ``--sparsity`` (the most accurate with at least
-    that fraction of weights removed).
-    """
-    if not cands:
-        raise EdgepruneError("no candidates to select from")
-    if cfg.latency_budget_ms is not None or cfg.speedup is not None:
-        what = (
-            f"latency <= {cfg.latency_budget_ms:g} ms"
-            if cfg.latency_budget_ms is not None
-            else f"speedup >= {cfg.speedup:g}x"
-        )
-        pool, met = eligible(cands, cfg, dense_ms)
-        i = max(pool, key=lambda j: (cands[j].final_accuracy, -cands[j].latency_ms))
-        if met:
-            return i, f"most accurate candidate with {what} (measured)"
-        return i, f"no candidate reached {what}; picked the most accurate of the fastest"
-    if cfg.max_drop is not None:
-        ok = [i for i, c in enumerate(cands) if (dense_accuracy - c.final_accuracy) * 100 <= cfg.max_drop + 1e-9]
-        if ok:
-            i = min(ok, key=lambda j: (cands[j].latency_ms, -cands[j].final_accuracy))
-            return i, f"fastest candidate within {cfg.max_drop:g} points of dense"
-        i = max(range(len(cands)), key=lambda j: cands[j].final_accuracy)
-        return i, f"no candidate within {cfg.max_drop:g} points of dense; picked the most accurate"
-    points = [Point(c.final_accuracy, c.sparsity) for c in cands]
-    return select_index(points, sparsity=cfg.sparsity)
-
-
-HEAD_TO_HEAD = 3  # distinct architectures re-timed alone against dense before a latency pick is final
-PAIR_REPEATS = 3  # runs of each such pair; the median counts
-
-
-def confirm_head_to_head(
-    cands: list[Candidate],
-    keys: list[tuple],
-    pick: int,
-    cfg,
-    dense_ms: float,
-    time_pair: Callable[[int], tuple[float, float]],
-    limit: int = HEAD_TO_HEAD,
-) -> tuple[int, str | None]:
-    """Re-check a latency pick with candidates timed alone next to dense (``time_pair(i)`` -> (dense ms,
-    candidate ms)): in the all-candidates run (dense ``dense_ms``) every model runs with cold caches and
-    dense, the biggest, loses most, so speedups read a few % high. Walks the candidates that met the goal
-    there, most accurate first, up to ``limit`` distinct architectures (``keys``); returns the first that
-    still meets it head to head (or the original pick if none does) and a note for the report (None when
-    the pick stands as it was)."""
-    if cfg.latency_budget_ms is None and cfg.speedup is None:
-        return pick, None
-    pool = [j for j, c in enumerate(cands) if meets(c, cfg, dense_ms)]
-    timed: dict[tuple, tuple[float, float]] = {}
-    for j in sorted(pool, key=lambda j: (-cands[j].final_accuracy, cands[j].latency_ms)):
-        if keys[j] not in timed:
-            if len(timed) == limit:
-                break
-            timed[keys[j]] = time_pair(j)
-        dense, ms = timed[keys[j]]
-        if meets(dataclasses.replace(cands[j], latency_ms=ms), cfg, dense):
-            return j, None if j == pick else f"{cands[pick].name} missed the goal timed alone against dense"
-    return pick, "it missed the goal timed alone against dense" if pool else None
-
-
 # -- model surgery ----------------------------------------------------------------------------------------
 
 
@@ -309,10 +242,16 @@ class ChannelSearch:
         self.model = model.eval()
         self.round_to = cfg.round_to or target.round_to
         self.threads = bench_threads(cfg.threads, target)
+        self.device = BenchDevice.from_config(cfg, self.threads)  # where the shipped artifacts are benchmarked
+        self.timer = self.device.search_timer()  # where probe, latency model and candidates are timed
         self.example, self.check = data.eval_x[:1], data.eval_x[:CHECK_IMAGES]
         self.sample = data.eval_x[:1].numpy().astype(np.float32)
         self.use_bn = cfg.bn_recal and has_batchnorm(model)
         self.latency_model: LatencyModel | None = None  # fitted by costs() with --latency-costs
+        self.notes: list[str] = []  # for the report: what ran differently from what was asked, and why
+        self.ratios: list[float] = []  # the Phase-1 channel fraction of each goal round
+        self.ranges_by_round: list[dict[str, LayerRange]] = []
+        self.finetuned: dict[int, nn.Module] = {}
 
     def run(self) -> Report:
         self.discover()
@@ -324,6 +263,7 @@ class ChannelSearch:
         self.screen()
         self.measure()
         self.finetune()
+        self.lighter()
         self.select()
         self.export_selected()
         return self.report()
@@ -335,10 +275,8 @@ class ChannelSearch:
             model, self.example, path, check_inputs=self.check, opset=self.target.opset, metadata=metadata
         )
 
-    def _bench(self, paths: list[Path], **kw) -> list[dict]:
-        from ..benchmarks.runner import bench
-
-        return bench([str(p) for p in paths], self.sample, threads=self.threads, **kw)
+    def _bench(self, paths: list[Path], warmup: int, runs: int) -> list[dict]:
+        return self.timer.time(paths, self.sample, runs=runs, warmup=warmup)
 
     # -- stages -------------------------------------------------------------------------------------------------
 
@@ -355,9 +293,18 @@ class ChannelSearch:
             )
         heads = sum(g.kind == "heads" for g in self.groups)
         self.progress.log(f"{len(self.groups)} prunable groups ({heads} attention), round_to={self.round_to}")
-        hint = round_to_hint(self.target, self.round_to, platform.machine(), host_cpu_flags())
-        if hint:  # latency is measured on this host: candidates it cannot tell apart waste accuracy
-            self.progress.log(hint)
+        if self.timer.spec == "local":  # latency measured on this host: candidates it cannot tell apart waste accuracy
+            hint = round_to_hint(self.target, self.round_to, platform.machine(), host_cpu_flags())
+            if hint:
+                self.progress.log(hint)
+        if self.timer is not self.device:
+            self.notes.append(
+                f"{self.device.spec} is emulated (its timings mean nothing): the search timed candidates on this "
+                "machine; the shipped artifacts ran on the emulator for their accuracy"
+            )
+            self.progress.log(f"note: {self.notes[-1]}")
+        elif self.timer.spec != "local":
+            self.progress.log(f"timing the probe and every candidate on {self.timer.spec}")
 
     def dense(self) -> None:
         d = self.data
@@ -446,10 +393,13 @@ class ChannelSearch:
             self.scores = group_scores(self.graph, d.calib_x[:n], d.calib_y[:n], TAYLOR_BATCH)
             self.progress.finish()
 
-    def plan(self) -> None:
+    def plan(self, ratio: float | None = None, round_: int = 0) -> None:
+        """Phase 1 ranges around ``ratio`` (default: the goal's, `target_ratio`) and Phase 2's candidates in
+        ``self.cands``; ``round_`` > 0 (a lighter goal round) suffixes the names: ``signal/strategy/light1``."""
         groups, round_to = self.groups, self.round_to
         with self.t("ranges"):
-            r = self.goal_ratio = self.target_ratio()
+            r = self.goal_ratio = self.target_ratio() if ratio is None else ratio
+            self.ratios.append(r)
             targets = range_targets(r)
             self.progress.start("Phase 1: group baseline ranges", total=len(RANGE_SIGNALS) * len(targets))
             runs = []
@@ -458,6 +408,7 @@ class ChannelSearch:
                     runs.append(global_threshold_ratios(groups, self.scores[signal], tgt, round_to))
                     self.progress.advance()
             self.ranges = group_ranges(groups, baseline_ranges(runs), self.rules, round_to)
+            self.ranges_by_round.append(self.ranges)
             self.progress.finish()
         with self.t("strategies"):
             stats = {
@@ -465,13 +416,17 @@ class ChannelSearch:
             }
             plans = make_all_plans(stats)
             self.cands: list[ChannelCandidate] = []
+            suffix = f"/light{round_}" if round_ else ""
             for signal in self.cfg.signals:
                 for strategy in STRATEGY_NAMES:
                     widths = widths_for(groups, plans[strategy], round_to)
-                    cand = Candidate.mix_and_match(signal, strategy)
+                    cand = Candidate.mix_and_match(signal, strategy + suffix)
                     remove = units_to_remove(groups, widths, self.scores[signal])
-                    self.cands.append(ChannelCandidate(cand, widths, remove))
-            self.cands += self.latency_candidates()
+                    self.cands.append(ChannelCandidate(cand, widths, remove, round=round_))
+            for cc in self.latency_candidates():
+                cc.candidate = Candidate.mix_and_match(cc.candidate.signal, cc.candidate.strategy + suffix)
+                cc.round = round_
+                self.cands.append(cc)
 
     def latency_candidates(self) -> list[ChannelCandidate]:
         """With a latency model: per signal, inside the Phase 1 ranges, the units with the least score per
@@ -534,16 +489,18 @@ class ChannelSearch:
             self._macs_cache[key] = params_and_macs(compact(self.model, self.example, remove), self.example)[1]
         return self._macs_cache[key]
 
-    def screen(self) -> None:
+    def screen(self, start: int = 0) -> None:
+        """Screen ``self.cands[start:]`` (earlier ones are screened already; an identical model is not redone)."""
         d, cfg = self.data, self.cfg
         with self.t("screening"):
+            todo = len(self.cands) - start
             self.progress.start(
-                f"screen {len(self.cands)} candidates "
+                f"screen {todo} candidates "
                 f"(compact{' + BN re-calibration' if self.use_bn else ''} + ONNX export and check)",
-                total=len(self.cands),
+                total=todo,
             )
-            seen: dict[tuple, ChannelCandidate] = {}
-            for i, cc in enumerate(self.cands):
+            seen: dict[tuple, ChannelCandidate] = {(cc.candidate.signal, cc.shape_key): cc for cc in self.cands[:start]}
+            for i, cc in enumerate(self.cands[start:], start):
                 key = (cc.candidate.signal, cc.shape_key)
                 if key in seen:  # e.g. balanced and p50 are the same plan
                     _copy_screening(seen[key], cc)
@@ -561,7 +518,7 @@ class ChannelSearch:
                     c.zero_shot_accuracy = c.accuracy
                 cc.params, c.macs = params_and_macs(pruned, self.example)
                 c.sparsity = 1.0 - prunable_weights(pruned) / self.dense_weights
-                res = self._export(pruned, self.work / f"c{i}.onnx")
+                res = self._export(pruned, self.work / f"c{i}.onnx")  # i counts over every round: unique
                 cc.onnx, cc.parity = res.path, res.parity_max_abs_diff
                 self.progress.advance()
             self.progress.finish()
@@ -584,16 +541,19 @@ class ChannelSearch:
         for cc in self.cands:
             cc.candidate.latency_ms = latency[cc.shape_key]
 
-    def finetune(self) -> None:
+    def finetune(self, start: int = 0) -> None:
+        """Fine-tune the best ``finetune_top`` of ``self.cands[start:]`` (a goal round recovers its own)."""
         d, cfg = self.data, self.cfg
-        self.finetuned: dict[int, nn.Module] = {}
+        if start == 0:
+            self.finetuned = {}
         with self.t("finetune"):
             if cfg.finetune_epochs <= 0 or cfg.finetune_top <= 0:
                 return
             cands = self.cands
             # the candidates that meet the goal, or those closest to it: fine-tuning the most accurate
             # (most conservative) ones instead would leave nothing recovered near the goal to select
-            pool, _ = eligible([cc.candidate for cc in cands], cfg, self.dense_ms)
+            pool, _ = eligible([cc.candidate for cc in cands[start:]], cfg, self.dense_ms)
+            pool = [start + i for i in pool]
             top = sorted(pool, key=lambda i: -cands[i].candidate.accuracy)[: cfg.finetune_top]
             recipe = RECIPES[cfg.recovery]
             device = resolve_device(cfg.device)
@@ -622,6 +582,42 @@ class ChannelSearch:
                 self.finetuned[i] = pruned
             self.progress.finish()
 
+    def within_drop(self) -> bool:
+        """Whether some candidate (after recovery) is within ``--max-drop`` points of dense."""
+        drop = self.cfg.max_drop
+        return any((self.dense_acc - cc.candidate.final_accuracy) * 100 <= drop + 1e-9 for cc in self.cands)
+
+    def lighter(self) -> None:
+        """``--max-drop``: while no candidate is within the drop after recovery, plan another round lighter
+        (``LIGHTER`` times the previous round's channel fraction), up to ``GOAL_ROUNDS`` in all; every round's
+        candidates compete in one selection, timed together in one run."""
+        if self.cfg.max_drop is None:
+            return
+        while not self.within_drop() and len(self.ratios) < GOAL_ROUNDS:
+            ratio, start = self.ratios[-1] * LIGHTER, len(self.cands)
+            best = max(cc.candidate.final_accuracy for cc in self.cands)
+            self.progress.log(
+                f"no candidate within {self.cfg.max_drop:g} points of dense (best {(self.dense_acc - best) * 100:.2f} "
+                f"points below); searching lighter: {ratio:.0%} of the channels (round {len(self.ratios) + 1} of "
+                f"{GOAL_ROUNDS})"
+            )
+            earlier = self.cands
+            self.plan(ratio, round_=len(self.ratios))
+            self.cands = earlier + self.cands
+            self.screen(start)
+            self.measure()  # every round's architectures again, in one run: their latencies compare
+            self.finetune(start)
+        rounds = ", ".join(f"{r:.0%}" for r in self.ratios)
+        if len(self.ratios) > 1:
+            self.notes.append(
+                f"--max-drop {self.cfg.max_drop:g}: {len(self.ratios)} goal rounds ({rounds} of the channels)"
+            )
+        if not self.within_drop():
+            self.notes.append(
+                f"no candidate is within {self.cfg.max_drop:g} points of dense after {len(self.ratios)} round(s) "
+                f"({rounds} of the channels); the most accurate one ships"
+            )
+
     def select(self) -> None:
         plain = [cc.candidate for cc in self.cands]
         front = pareto_mask([Point(c.final_accuracy, -c.latency_ms) for c in plain])
@@ -638,6 +634,7 @@ class ChannelSearch:
         self.final = self.finetuned.get(idx) or self._rebuild(self.chosen)
 
     def export_selected(self) -> None:
+        """The shared deliver step: model.onnx (dense.onnx is already there), INT8, packing, ORT, benchmark."""
         c, cfg, d = self.chosen.candidate, self.cfg, self.data
         self.selected = SelectedSummary(
             name=c.name,
@@ -648,66 +645,66 @@ class ChannelSearch:
             why=self.why,
             accuracy_drop=(self.dense_acc - c.final_accuracy) * 100,
         )
-        self.dense_summary = DenseSummary(
-            accuracy=self.dense_acc, params=self.params, macs=self.macs, onnx_bytes=self.dense_export.onnx_bytes
+        self.dense_summary = DenseSummary(accuracy=self.dense_acc, params=self.params, macs=self.macs)
+        meta = {
+            "source_model": cfg.model,
+            "strategy": c.strategy,
+            "signal": c.signal,
+            "target": self.target.name,
+            "granularity": "channel",
+            "round_to": str(self.round_to),
+            "calibration_size": str(len(d.calib_x)),
+            "group_widths": json.dumps(self.chosen.widths),
+        }
+        self.delivery = deliver(
+            cfg,
+            self.target,
+            d,
+            self.staging,
+            self.final,
+            meta,
+            device=self.device,
+            t=self.t,
+            progress=self.progress,
+            check_images=CHECK_IMAGES,
         )
-        with self.t("export"):
-            self.progress.start("export + verify the selected compacted ONNX")
-            meta = {
-                "source_model": cfg.model,
-                "strategy": c.strategy,
-                "signal": c.signal,
-                "target": self.target.name,
-                "granularity": "channel",
-                "round_to": str(self.round_to),
-                "calibration_size": str(len(d.calib_x)),
-                "group_widths": json.dumps(self.chosen.widths),
-            }
-            res = self._export(self.final, self.staging / "model.onnx", meta)
-            self.progress.finish()
-        s = self.selected
-        s.onnx = "model.onnx"
-        s.onnx_zeros, s.onnx_sparsity = res.zeros_onnx, res.sparsity_onnx
-        s.parity_max_abs_diff, s.onnx_bytes = res.parity_max_abs_diff, res.onnx_bytes
-        with self.t("benchmark"):
-            self.progress.start(f"benchmark dense vs selected (onnxruntime, {self.threads} thread(s))")
-            from ..benchmarks.runner import bench
+        self.delivery.fill(self.dense_summary, self.selected)
 
-            results = bench(
-                [str(self.staging / "dense.onnx"), str(self.staging / "model.onnx")],
-                self.sample,
-                threads=self.threads,
-                warmup=10,
-                runs=cfg.bench_runs,
-                x=d.eval_x.numpy().astype(np.float32),
-                y=d.eval_y.numpy(),
-            )
-            self.progress.finish()
-        self.dense_summary.latency_ms, self.dense_summary.onnx_accuracy = (
-            results[0]["latency_ms"],
-            results[0]["accuracy"],
+    def structured_report(self) -> StructuredReport:
+        ranges, widths = self.ranges_by_round[self.chosen.round], self.chosen.widths
+        return StructuredReport(
+            round_to=self.round_to,
+            groups=[
+                GroupReport(g.name, g.kind, g.units, widths[g.name], [ranges[g.name].lo, ranges[g.name].hi])
+                for g in self.groups
+            ],
+            latency_line=LatencyLineReport(**dataclasses.asdict(self.line)),
+            screening_dense_ms=self.dense_ms,
+            timed_on=self.timer.spec,
+            latency_model_scale=self.latency_model.scale if self.latency_model is not None else None,
         )
-        s.latency_ms, s.onnx_accuracy = results[1]["latency_ms"], results[1]["accuracy"]
 
     def report(self) -> Report:
-        cfg, groups, ranges, chosen = self.cfg, self.groups, self.ranges, self.chosen
+        from ..pipeline import config_dict
+
+        cfg, groups, chosen = self.cfg, self.groups, self.chosen
+        ranges = self.ranges_by_round[chosen.round]
         layer_reports = [
             LayerReport(
                 name=g.name,
                 role=g.role,
-                shape=[g.units, g.unit_size] if g.kind == "heads" else [g.channels],
+                unit="head" if g.kind == "heads" else "channel",
+                units=g.units,
+                kept=chosen.widths[g.name],
+                removed=1.0 - chosen.widths[g.name] / g.units,
                 params=g.params,
                 range=[ranges[g.name].lo, ranges[g.name].hi],
-                sparsity=1.0 - chosen.widths[g.name] / g.units,
+                unit_size=g.unit_size,
                 baseline_range=list(ranges[g.name].baseline) if ranges[g.name].baseline else None,
                 rules=ranges[g.name].rules,
             )
             for g in groups
         ]
-        cfg_dict = asdict(cfg)
-        cfg_dict["signals"] = list(cfg.signals)
-        cfg_dict["round_to"] = self.round_to
-        cfg_dict["threads"] = self.threads
         report = Report(
             model=cfg.model,
             data=self.data.name,
@@ -721,12 +718,17 @@ class ChannelSearch:
             layers=layer_reports,
             timings={k: round(v, 3) for k, v in self.t.seconds.items()},
             versions=versions(),
-            config=cfg_dict,
+            config=config_dict(cfg, round_to=self.round_to, threads=self.threads),
+            bench=self.delivery.bench,
+            shipped=self.delivery.artifacts,
+            structured=self.structured_report(),
+            notes=self.notes + self.delivery.notes,
         )
         report.timings["total"] = round(sum(self.t.seconds.values()), 3)
         md = render_markdown(report) + render_structured(report, self.dense_ms, self.line, groups, chosen)
         (self.staging / "report.md").write_text(md)
-        plot_latency_pareto(report, self.dense_ms, self.staging / "pareto.png")
+        dense_x = {"latency": self.dense_ms, "macs": self.macs / 1e6}
+        plot_pareto(report, self.staging / "pareto.png", axes=("latency", "macs"), dense_x=dense_x)
         return report
 
     def _time_pair(self, i: int) -> tuple[float, float]:
@@ -735,9 +737,7 @@ class ChannelSearch:
     def _pair_ms(self, a: Path, b: Path) -> tuple[float, float]:
         """Two models alone, interleaved: their p50 latencies, each the median of ``PAIR_REPEATS`` runs (two
         models time quickly; one run of a 0.1 ms model moves by several %)."""
-        from ..benchmarks.runner import median_p50
-
-        first, second = median_p50([a, b], self.sample, self.threads, self.cfg.bench_runs, PAIR_REPEATS, warmup=5)
+        first, second = self.timer.p50s([a, b], self.sample, runs=self.cfg.bench_runs, repeats=PAIR_REPEATS, warmup=5)
         return first, second
 
     def _by_name(self) -> list[tuple[str, ChannelGroup]]:
@@ -757,11 +757,6 @@ def _copy_screening(src: ChannelCandidate, dst: ChannelCandidate) -> None:
 
 
 # -- report additions ------------------------------------------------------------------------------------------
-
-
-def mac_pareto(cands: list[Candidate]) -> list[bool]:
-    """The Pareto front of accuracy vs MACs (the report's main front is accuracy vs measured latency)."""
-    return pareto_mask([Point(c.final_accuracy, -(c.macs or 0)) for c in cands])
 
 
 def render_structured(
@@ -796,45 +791,3 @@ def render_structured(
     for g in groups:
         lines.append(f"| {g.name} | {g.role} | {g.kind} | {chosen.widths[g.name]} / {g.units} |")
     return "\n".join(lines) + "\n"
-
-
-def plot_latency_pareto(report: Report, dense_ms: float, path: Path) -> None:
-    """Accuracy vs measured latency (left) and vs MACs (right); Pareto front and selection marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), dpi=110, sharey=True)
-    cands = report.strategies
-    for ax, key, label, dense_x in (
-        (axes[0], lambda c: c.latency_ms, "latency p50 (ms, onnxruntime)", dense_ms),
-        (axes[1], lambda c: (c.macs or 0) / 1e6, "MMACs", report.dense.macs / 1e6),
-    ):
-        for signal in sorted({c.signal for c in cands}):
-            sub = [c for c in cands if c.signal == signal]
-            ax.scatter([key(c) for c in sub], [c.final_accuracy * 100 for c in sub], label=signal, alpha=0.75)
-        on_front = [c.pareto for c in cands] if ax is axes[0] else mac_pareto(cands)
-        front = sorted((c for c, f in zip(cands, on_front, strict=True) if f), key=key)
-        if front:
-            ax.plot([key(c) for c in front], [c.final_accuracy * 100 for c in front], "k--", lw=1, label="Pareto front")
-        sel = [c for c in cands if c.selected]
-        if sel:
-            ax.scatter(
-                [key(sel[0])],
-                [sel[0].final_accuracy * 100],
-                s=200,
-                facecolors="none",
-                edgecolors="red",
-                linewidths=2,
-                label=f"selected: {sel[0].name}",
-            )
-        ax.scatter([dense_x], [report.dense.accuracy * 100], marker="*", s=150, color="grey", label="dense")
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy (%)")
-    axes[0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{report.model}: structured Mix-and-Match on {report.target}")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)

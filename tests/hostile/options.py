@@ -169,14 +169,15 @@ CASES = [
     ),
     _case(
         "pack-sparse-channel",
-        "`compress --granularity channel --pack sparse` (no zeros left to pack)",
+        "`compress --granularity channel --pack sparse` (a compacted model has no zeros to pack)",
         "--pack sparse does not apply to --granularity channel",
         lambda s: ["--granularity", "channel", "--pack", "sparse"],
     ),
     _case(
-        "latency-from-channel",
-        "`compress --granularity channel --latency-from ssh://…` (was: timed locally anyway)",
-        "does not apply to --granularity channel",
-        lambda s: ["--granularity", "channel", "--latency-from", "ssh://pi@board"],
+        "identity-channel-local",
+        "`compress --granularity channel --identity KEY` with the default local device (channel mode now benchmarks "
+        "on --latency-from, so its device options are checked like unstructured's)",
+        "--identity only applies to an ssh:// device",
+        lambda s: ["--granularity", "channel", "--identity", str(s / "key")],
     ),
 ]

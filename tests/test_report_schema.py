@@ -1,0 +1,52 @@
+"""report.json is one dataclass tree for both granularities: every key declared, every value of its declared
+type, the ``structured`` block present exactly in channel mode, layer fields meaning the same in both."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from edgeprune.report import LayerReport, Report, SchemaError, StructuredReport
+
+from . import small_runs
+
+RUNS = {"unstructured": small_runs.unstructured_int8, "channel": small_runs.channel_int8}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", sorted(RUNS))
+def test_report_json_round_trips_to_the_dataclass_tree(mode):
+    report, out = RUNS[mode]()
+    saved = json.loads((out / "report.json").read_text())
+    back = Report.from_dict(saved)  # raises SchemaError on an undeclared key or a wrongly typed value
+    assert back.to_dict() == saved
+    assert back.granularity == mode
+    assert (back.structured is not None) == (mode == "channel")
+    if back.structured is not None:
+        assert isinstance(back.structured, StructuredReport) and back.structured.groups
+    units = {"unstructured": {"weight"}, "channel": {"channel", "head"}}[mode]
+    for layer in back.layers:
+        assert isinstance(layer, LayerReport) and layer.unit in units
+        assert 0 <= layer.kept <= layer.units and layer.removed == pytest.approx(1 - layer.kept / layer.units, abs=1e-6)
+    assert back.bench is not None and back.bench["results"]  # filled in both modes
+    assert {"model.onnx", "model.int8.onnx", "dense.onnx"} <= {a.file for a in back.shipped}
+    # one config builder: the same keys in both modes
+    other = "channel" if mode == "unstructured" else "unstructured"
+    if RUNS[other].cache_info().currsize:
+        assert set(back.config) == set(RUNS[other]()[0].config)
+
+
+def test_schema_errors_name_the_field():
+    layer = LayerReport("conv", "conv", "weight", 10, 5, 0.5, 10, [0.0, 0.9])
+    good = dataclasses.asdict(layer)
+    from edgeprune.report import _build
+
+    assert _build(LayerReport, good, "layer") == layer
+    with pytest.raises(SchemaError, match=r"layer: undeclared key\(s\) \['sparsity'\]"):
+        _build(LayerReport, {**good, "sparsity": 0.5}, "layer")
+    with pytest.raises(SchemaError, match=r"layer.units: expected int, got str"):
+        _build(LayerReport, {**good, "units": "10"}, "layer")
+    with pytest.raises(SchemaError, match=r"layer: missing key\(s\) \['kept'\]"):
+        _build(LayerReport, {k: v for k, v in good.items() if k != "kept"}, "layer")
