@@ -81,6 +81,7 @@ def test_quick_run_writes_the_schema(tmp_path) -> None:
 
     md = (tmp_path / "paper_quick.md").read_text()
     assert "python -m edgeprune.benchmarks.lab.paper --quick" in md and "Degradation reduction" in md
+    assert f"of its {len(level['candidates'])} candidates" in md  # the count screened, not a fixed one
     assert (tmp_path / "paper_quick_fmnist_resnet.png").stat().st_size > 10_000
 
 
@@ -95,6 +96,13 @@ def _fake_model(name: str, mm_drop: float, mag_drop: float, lv: float = 0.9) -> 
               "fp32": 0.85, "selected": True}]  # fmt: skip
     level = paper.LevelResult(lv, lv, True, "test", cands, rows, {"mag": {"zero_shot": None, "finetuned": None}})
     return paper.ModelResult(name, "weights.pt", dense, dense, 1000, 0, [level], {"screen_mm": 2.0}, 1.0)
+
+
+def test_candidate_counts_say_the_span_screened() -> None:
+    one, two = _fake_model("a", 1.0, 2.0), _fake_model("b", 1.0, 2.0)
+    assert paper.candidate_counts([one]) == "1"
+    two.levels[0].candidates = two.levels[0].candidates * 57
+    assert paper.candidate_counts([one, two]) == "1–57"
 
 
 def test_outputs_merge_models_of_compatible_runs(tmp_path) -> None:

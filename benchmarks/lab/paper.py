@@ -7,8 +7,11 @@ For every reference model (``edgeprune/zoo.py``; trained weights bundled in ``ed
 trained by ``scripts/train_reference.py``, which this benchmark runs when a file is missing) and every
 sparsity level:
 
-1. **Mix-and-Match**: Phase 1 ranges, the 30 candidates (3 signals x 10 strategies), each masked and screened
-   (zero-shot accuracy, then after BatchNorm re-calibration), all through `edgeprune.pipeline.Workspace`.
+1. **Mix-and-Match**: Phase 1 ranges, then the candidates of `edgeprune.pipeline.Workspace.plans` (per
+   signal the strategies scaled to the level and the unscaled ones sparser than it, plus every range
+   baseline's plan ranked by each signal and by its own scores; how many depends on the model and level,
+   ``paper.json`` lists them), each masked and screened (zero-shot accuracy, then after BatchNorm
+   re-calibration), all through `edgeprune.pipeline.Workspace`.
    One candidate is selected by compress's rule restricted to the matching window: the most accurate
    (after re-calibration) with sparsity in [level, level + 0.5 %]. When none lands in the window, the most
    accurate with sparsity >= level is taken (the sparsest when none reaches the level) and every baseline
@@ -119,7 +122,7 @@ class LevelResult:
     target_sparsity: float
     matched: bool  # the selected candidate lies in [level, level + WINDOW]
     selection: str  # how the Mix-and-Match candidate was chosen
-    candidates: list[dict[str, Any]] = field(default_factory=list)  # all 30 screened candidates
+    candidates: list[dict[str, Any]] = field(default_factory=list)  # every screened candidate (Workspace.plans)
     rows: list[Row] = field(default_factory=list)
     reduction: dict[str, dict[str, float | None]] = field(default_factory=dict)  # baseline -> {zero_shot, finetuned}
 
@@ -469,6 +472,15 @@ def _r(v: float | None) -> str:
     return "n/a" if v is None else f"{v:+.0%}"
 
 
+def candidate_counts(results: list[ModelResult]) -> str:
+    """How many candidates a level screened, as the tables' text says it: ``"57"``, or ``"41–57"`` when the
+    models and levels differ."""
+    counts = sorted({len(lv.candidates) for m in results for lv in m.levels})
+    if not counts:
+        return "0"
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}–{counts[-1]}"
+
+
 def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any]) -> str:
     L = ["# Mix-and-Match vs single-criterion pruning on Fashion-MNIST (edgeprune reference benchmark)", ""]
     L += [
@@ -488,8 +500,8 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
         "",
         "Sparsity = zeros / prunable weights (biases and norms excluded). Drop = dense FP32 − accuracy, in points. "
         "Zero-shot = masked, BatchNorm re-calibrated on the calibration split, no training. "
-        f"Mix-and-Match's candidate: the most accurate (after re-calibration) of its {len(s.signals) * 10} "
-        "candidates with sparsity in "
+        f"Mix-and-Match's candidate: the most accurate (after re-calibration) of its {candidate_counts(results)} "
+        "candidates (`Workspace.plans`, each listed in the JSON) with sparsity in "
         f"[level, level + {WINDOW:.1%}]; if none lands there, the most accurate above the level, and the baselines "
         "run at its sparsity (marked ✱). **Bold** = lowest drop in the column at that level.",
         "",
@@ -571,7 +583,7 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
 
 
 def plot_model(m: ModelResult, path: Path) -> None:
-    """Accuracy vs sparsity: the 30 candidates per level (re-calibrated), each method zero-shot and fine-tuned."""
+    """Accuracy vs sparsity: every candidate of each level (re-calibrated), each method zero-shot and fine-tuned."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -728,7 +740,7 @@ def merge_runs(paths: list[Path], out: Path) -> Path:
 
 def parse_settings(argv: list[str] | None) -> Settings:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="smoke test: demo model and data, one level, 10 candidates")
+    p.add_argument("--quick", action="store_true", help="smoke test: demo model and data, one level, one signal")
     p.add_argument("--models", default=None, help=f"comma-separated zoo names (default: {','.join(MODELS)})")
     p.add_argument("--levels", default=None, help="comma-separated sparsity levels (default: 0.8,0.9,0.95)")
     p.add_argument("--baselines", default=None, help=f"comma-separated (default: {','.join(BASELINE_METHODS)})")
