@@ -37,7 +37,7 @@ from .cluster import Executor, InProcess
 from .errors import EdgepruneError
 from .halving import Halving, Top, best
 from .masking import Masks, apply_masks_
-from .recovery import Recipe, finetune, has_batchnorm, on_device, recalibrate_bn, resolve_device
+from .recovery import Recipe, finetune, has_batchnorm, recalibrate_bn, resolve_device
 
 # -- builders: how a candidate is materialized -------------------------------------------------------------
 
@@ -123,7 +123,7 @@ class Shared:
     select_y: torch.Tensor
     recipe: Recipe
     teacher: torch.Tensor | None = None  # the dense model's logits on calib_x (`recovery.teacher_logits`)
-    lr: float = 1e-4
+    lr: float | None = None  # None: `recovery.default_lr` for the model
     batch_size: int = 128
     seed: int = 0
     bn_recal: bool = True
@@ -152,7 +152,8 @@ class RungResult:
     epochs: int  # cumulative epochs after this rung
     epochs_run: int  # epochs this rung trained (early stopping can end it sooner)
     steps: int  # optimizer steps this rung took
-    accuracy: float  # on the selection split, after the rung
+    accuracy: float  # on the selection split, after the rung (early stopping keeps the best epoch's weights)
+    start_accuracy: float  # on the selection split, before the rung
     seconds: float
     node: str = ""  # where it ran ("" in-process; the Ray node id)
     reused: bool = False  # read from the ResultStore instead of trained
@@ -168,16 +169,6 @@ def torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    model.eval()
-    correct = 0
-    with on_device(model, device) as dev:
-        for i in range(0, len(x), batch_size):
-            correct += int((model(x[i : i + batch_size].to(dev)).argmax(1).cpu() == y[i : i + batch_size]).sum())
-    return correct / max(1, len(x))
-
-
 def _node_id() -> str:
     ray = sys.modules.get("ray")  # imported in a Ray worker; never imported here (in-process stays Ray-free)
     if ray is None or not ray.is_initialized():
@@ -189,8 +180,9 @@ def run_rung(
     shared: Shared, build: Builder, rung: int, epochs_before: int, epochs: int, start: dict | None
 ) -> tuple[RungResult, dict[str, torch.Tensor]]:
     """Train one job through one rung: build it (BN re-calibrated) or continue from ``start`` (the state
-    after its previous rung), fine-tune ``epochs - epochs_before`` epochs, measure selection accuracy.
-    Returns the result and the weights (CPU state dict)."""
+    after its previous rung), fine-tune ``epochs - epochs_before`` epochs on all of the calibration split,
+    stopping early on the selection split. Returns the result and the weights (CPU state dict): those of the
+    best epoch, or the start weights when no epoch beat them (``accuracy == start_accuracy``)."""
     t0 = time.perf_counter()
     s = shared
     device = resolve_device(s.device)
@@ -207,6 +199,7 @@ def run_rung(
             build.train_masks(),
             s.calib_x,
             s.calib_y,
+            val=(s.select_x, s.select_y),  # early stopping and the ranking judge on the same split
             epochs=epochs - epochs_before,
             lr=s.lr,
             batch_size=s.batch_size,
@@ -215,11 +208,11 @@ def run_rung(
             teacher=s.teacher,
             device=device,
         )
-        acc = _accuracy(model, s.select_x, s.select_y, s.batch_size, device)
-    n_train = len(s.calib_x) - max(1, int(len(s.calib_x) * 0.1))  # finetune's default val_fraction
-    steps = res.epochs_run * -(-n_train // s.batch_size)
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    result = RungResult(rung, epochs, res.epochs_run, steps, acc, time.perf_counter() - t0, _node_id())
+    seconds = time.perf_counter() - t0
+    result = RungResult(
+        rung, epochs, res.epochs_run, res.steps, res.best_val_accuracy, res.start_accuracy, seconds, _node_id()
+    )
     return result, state
 
 
