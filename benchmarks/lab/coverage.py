@@ -3,13 +3,21 @@
 For each architecture (<= ~10 M parameters, CNN / mobile / re-parameterisable / ViT / hierarchical /
 hybrid) and each granularity, one `edgeprune.pipeline.compress` at the model's natural input size, on
 the bundled demo images resized to it (1 channel: timm builds the stem for ``in_chans=1``; coverage is
-about the graph, not accuracy), magnitude signal only, no fine-tuning. A row passes when the pipeline
+about the graph, not accuracy), magnitude signal only with the magnitude range baseline only (GraSP's
+Hessian product and the other baselines' plans add screening time, not graph coverage), 16 calibration
+and 16 evaluation images, no fine-tuning. A row passes when the pipeline
 returns a report: the export itself checks parity and follows every pruned weight's zeros into the graph
 (`edgeprune.export.sparsity.account_zeros`). A row that fails records the one-line `EdgepruneError`
 (it names the layer or op); any other exception is a finding and records its type, message and last frame.
 
     python -m edgeprune.benchmarks.lab.coverage                      # every model, both granularities
     python -m edgeprune.benchmarks.lab.coverage --models levit_128s,repvgg_a0 --granularity unstructured
+    python -m edgeprune.benchmarks.lab.coverage --merge part1.json part2.json   # later parts win per row
+
+A shared machine runs the list in batches (``--models ... --stem part1 --out DIR``); ``--merge`` joins the
+parts into ``coverage.{json,md}`` in the built-in order, a later part's row replacing an earlier one (a
+re-run after a fix), and keeps every part's machine record and command. Each row records the 1-minute load
+average when it finished: wall times on a loaded machine are upper bounds.
 
 Results: ``benchmarks/results/coverage.{json,md}`` with machine, versions and the command.
 """
@@ -17,6 +25,8 @@ Results: ``benchmarks/results/coverage.{json,md}`` with machine, versions and th
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import shutil
 import sys
 import tempfile
@@ -92,6 +102,7 @@ class Row:
     sparsity_onnx: float | None = None  # zeros recounted in the ONNX weights (0 for channel: the zeros are gone)
     parity_max_abs_diff: float | None = None
     wall_s: float = 0.0
+    load_1m: float | None = None  # 1-minute load average when the row finished (`uptime`)
 
 
 def natural_size(name: str) -> tuple[int, float]:
@@ -134,6 +145,7 @@ def run_row(family: str, name: str, granularity: str, eval_size: int, calib_size
             granularity=granularity,
             method="mix-and-match",
             signals=("magnitude",),
+            range_baselines=("mag",),
             sparsity=sparsity,
             finetune_epochs=0,
             quantize="none",
@@ -155,44 +167,102 @@ def run_row(family: str, name: str, granularity: str, eval_size: int, calib_size
         row.stopped_by = f"{type(exc).__name__}: {message}{_last_frame(exc)}"
     finally:
         row.wall_s = round(time.perf_counter() - start, 1)
+        row.load_1m = round(os.getloadavg()[0], 2)
         shutil.rmtree(out, ignore_errors=True)
     return row
 
 
-def markdown(rows: list[Row], info: dict) -> str:
-    lines = [
-        "# Architecture coverage: compress -> export -> parity -> zeros",
+def markdown(rows: list[Row], runs: list[dict]) -> str:
+    """The README table: one row per (model, granularity), pass counts per granularity, every run's machine."""
+    lines = ["# Architecture coverage: compress -> export -> parity -> zeros", ""]
+    for info in runs:
+        lines.append(
+            f"- `{info['command']}` on {info['cpu']} ({info['cores']} cores), {info['utc']}, "
+            f"load {info.get('load_average_1m', 0) or 0:.2f} at the start"
+        )
+    lines += [
         "",
-        f"`{info['command']}` on {info['cpu']} ({info['cores']} cores), {info['utc']}",
-        "",
-        "| family | model | params (M) | px | granularity | result | pruned | ONNX zeros | parity | s | stopped by |",
-        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---|",
+        "| family | model | params (M) | px | granularity | result | pruned | ONNX zeros | parity | s | load "
+        "| stopped by |",
+        "|---|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         sp = "" if r.sparsity_onnx is None else f"{r.sparsity_onnx:.3f}"
         pruned = "" if r.pruned is None else f"{r.pruned:.3f}"
         par = "" if r.parity_max_abs_diff is None else f"{r.parity_max_abs_diff:.2g}"
         params = "" if r.params_m is None else f"{r.params_m:.1f}"
+        load = "" if r.load_1m is None else f"{r.load_1m:.1f}"
         why = r.stopped_by.replace("|", "\\|")
         lines.append(
             f"| {r.family} | {r.model} | {params} | {r.image_size or ''} | {r.granularity} | {r.status} "
-            f"| {pruned} | {sp} | {par} | {r.wall_s} | {why} |"
+            f"| {pruned} | {sp} | {par} | {r.wall_s} | {load} | {why} |"
         )
-    passed = sum(r.status == "pass" for r in rows)
-    lines += ["", f"{passed} of {len(rows)} rows pass; crashes are findings (exception type and last frame)."]
+    lines.append("")
+    for g, (passed, failed, crashed) in pass_counts(rows).items():
+        lines.append(f"- {g}: {passed} pass, {failed} stop with a named one-line reason, {crashed} crash")
+    lines += [
+        "",
+        "Wall time (s) is the whole `compress` on a shared machine (load = 1-minute load average when the row "
+        "finished); crashes are findings (exception type and last frame).",
+    ]
     return "\n".join(lines) + "\n"
+
+
+def pass_counts(rows: list[Row]) -> dict[str, tuple[int, int, int]]:
+    """granularity -> (pass, fail, crash)."""
+    out: dict[str, tuple[int, int, int]] = {}
+    for g in dict.fromkeys(r.granularity for r in rows):
+        mine = [r for r in rows if r.granularity == g]
+        out[g] = tuple(sum(r.status == s for r in mine) for s in ("pass", "fail", "crash"))
+    return out
+
+
+def merge(parts: list[dict]) -> tuple[list[Row], list[dict]]:
+    """Rows of several result files in the built-in order (MODELS x GRANULARITIES, then any others); a later
+    part's row for the same (model, granularity) replaces an earlier one. Returns (rows, each part's machine)."""
+    by_key: dict[tuple[str, str], Row] = {}
+    runs = []
+    for part in parts:
+        runs.append(part["machine"])
+        for d in part["rows"]:
+            row = Row(**d)
+            by_key[(row.model, row.granularity)] = row
+    order = {(name, g): k for k, (name, g) in enumerate((n, g) for _, n in MODELS for g in GRANULARITIES)}
+    rows = sorted(by_key.values(), key=lambda r: order.get((r.model, r.granularity), len(order)))
+    return rows, runs
+
+
+def _settings(a: argparse.Namespace) -> dict:
+    return {
+        "eval_size": a.eval_size,
+        "calib_size": a.calib_size,
+        "sparsity": a.sparsity,
+        "signals": ["magnitude"],
+        "range_baselines": ["mag"],
+        "finetune_epochs": 0,
+        "data": "demo images resized to the model's natural size (1 channel)",
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="", help="comma-separated timm names (default: the built-in list)")
     p.add_argument("--granularity", default="both", choices=(*GRANULARITIES, "both"))
-    p.add_argument("--eval-size", type=int, default=64)
-    p.add_argument("--calib-size", type=int, default=64)
+    p.add_argument("--eval-size", type=int, default=16)
+    p.add_argument("--calib-size", type=int, default=16)
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--stem", default="coverage", help="results file name (without extension)")
+    p.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="join result files instead of running")
     a = p.parse_args(argv)
+
+    if a.merge:
+        parts = [json.loads(f.read_text()) for f in a.merge]
+        rows, runs = merge(parts)
+        result = {"runs": runs, "settings": parts[-1]["settings"], "rows": [asdict(r) for r in rows]}
+        result["pass_counts"] = {g: dict(zip(("pass", "fail", "crash"), c)) for g, c in pass_counts(rows).items()}
+        write_results(a.out, a.stem, result, markdown(rows, runs))
+        return 0
 
     families = dict((name, fam) for fam, name in MODELS)
     names = [n.strip() for n in a.models.split(",") if n.strip()] or [name for _, name in MODELS]
@@ -206,19 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(row)
             print(f"{name:32s} {granularity:12s} {row.status:5s} {row.wall_s:7.1f}s {row.stopped_by}", flush=True)
             # Written after every row: a long run stopped half-way still leaves its results.
-            result = {
-                "machine": info,
-                "settings": {
-                    "eval_size": a.eval_size,
-                    "calib_size": a.calib_size,
-                    "sparsity": a.sparsity,
-                    "signals": ["magnitude"],
-                    "finetune_epochs": 0,
-                    "data": "demo images resized to the model's natural size (1 channel)",
-                },
-                "rows": [asdict(r) for r in rows],
-            }
-            write_results(a.out, a.stem, result, markdown(rows, info))
+            result = {"machine": info, "settings": _settings(a), "rows": [asdict(r) for r in rows]}
+            write_results(a.out, a.stem, result, markdown(rows, [info]))
     return 0 if all(r.status == "pass" for r in rows) else 1
 
 
