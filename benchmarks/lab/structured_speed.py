@@ -407,10 +407,7 @@ def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dic
             "parity_max_abs_diff": sel.parity_max_abs_diff,
             "onnx_bytes": sel.onnx_bytes,
             "remove": {g: [int(u) for u in units] for g, units in search.chosen.remove.items()},
-            "group_widths": {
-                layer.name: f"{round(layer.shape[0] * (1 - layer.sparsity))}/{layer.shape[0]}"
-                for layer in report.layers
-            },
+            "group_widths": {layer.name: f"{layer.kept}/{layer.units}" for layer in report.layers},
         },
         "latency_floor": line,
         "screening_dense_ms_1t": screen_dense_ms,
