@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..deliver import BenchDevice, deliver
+from ..deliver import BenchDevice, Delivery, deliver
 from ..errors import EdgepruneError
 from ..evaluation import accuracy, params_and_macs
 from ..inventory import Layer
@@ -251,7 +251,32 @@ class ChannelSearch:
         self.notes: list[str] = []  # for the report: what ran differently from what was asked, and why
         self.ratios: list[float] = []  # the Phase-1 channel fraction of each goal round
         self.ranges_by_round: list[dict[str, LayerRange]] = []
-        self.finetuned: dict[int, nn.Module] = {}
+        self.finetuned: dict[int, nn.Module] = {}  # finetune: candidate index -> recovered model
+        # Stage state, each field set by the stage named (None / empty until it ran): benchmarks drive the
+        # stages one by one and read these.
+        self.graph: GroupGraph | None = None  # discover
+        self.groups: list[ChannelGroup] = []  # discover: the groups that can shrink at round_to
+        self.dense_acc: float = 0.0  # dense
+        self.params: int = 0  # dense
+        self.macs: int = 0  # dense
+        self.dense_weights: int = 0  # dense: prunable weights
+        self.dense_export = None  # dense: ExportResult of dense.onnx
+        self.rules: list[Rule] = []  # probe
+        self.caps: dict[str, LayerRange] = {}  # probe: the rules' ranges alone
+        self._macs_cache: dict[tuple, int] = {}  # probe
+        self.probe_widths: Widths = {}  # probe: every group at its narrowest allowed width
+        self.line: LatencyLine | None = None  # probe
+        self.scores: dict[str, dict] = {}  # signals: signal -> group -> unit scores
+        self.goal_ratio: float = 0.0  # plan: the last round's channel fraction
+        self.ranges: dict[str, LayerRange] = {}  # plan: the last round's Phase-1 ranges
+        self.cands: list[ChannelCandidate] = []  # plan (+ lighter rounds); screen / measure / finetune fill them
+        self.dense_ms: float = 0.0  # measure: dense's p50 in the run that timed every candidate
+        self.why: str = ""  # select
+        self.chosen: ChannelCandidate | None = None  # select
+        self.final: nn.Module | None = None  # select: the model to ship (fine-tuned when it was)
+        self.selected: SelectedSummary | None = None  # export_selected
+        self.dense_summary: DenseSummary | None = None  # export_selected
+        self.delivery: Delivery | None = None  # export_selected
 
     def run(self) -> Report:
         self.discover()
@@ -329,7 +354,7 @@ class ChannelSearch:
             self.progress.start("probe: narrowest model vs dense (latency)")
             self.rules = load_structured_rules(self.cfg.rules)
             self.caps = group_ranges(self.groups, {}, self.rules, self.round_to)  # the rules alone
-            self._macs_cache: dict[tuple, int] = {}
+            self._macs_cache = {}
             narrowest = self.probe_widths = widths_for(
                 self.groups, {n: r.hi for n, r in self.caps.items()}, self.round_to
             )
@@ -415,7 +440,7 @@ class ChannelSearch:
                 g.name: LayerStats(self.ranges[g.name].lo, self.ranges[g.name].hi, g.params, g.depth) for g in groups
             }
             plans = make_all_plans(stats)
-            self.cands: list[ChannelCandidate] = []
+            self.cands = []
             suffix = f"/light{round_}" if round_ else ""
             for signal in self.cfg.signals:
                 for strategy in STRATEGY_NAMES:
