@@ -96,7 +96,8 @@ class Row:
     granularity: str
     image_size: int | None = None
     params_m: float | None = None
-    status: str = "fail"  # "pass" | "fail" (EdgepruneError: a named, user-facing stop) | "crash" (a finding)
+    # "pass" | "fail" (EdgepruneError: a named, user-facing stop) | "crash" (a finding) | "not run" (merge only)
+    status: str = "fail"
     stopped_by: str = ""  # the one-line message, or "Type: message @ file:line in func" for a crash
     pruned: float | None = None  # the selected candidate's sparsity: zeroed weights, or removed parameters (channel)
     sparsity_onnx: float | None = None  # zeros recounted in the ONNX weights (0 for channel: the zeros are gone)
@@ -193,13 +194,16 @@ def markdown(rows: list[Row], runs: list[dict]) -> str:
         params = "" if r.params_m is None else f"{r.params_m:.1f}"
         load = "" if r.load_1m is None else f"{r.load_1m:.1f}"
         why = r.stopped_by.replace("|", "\\|")
+        wall = "" if r.status == "not run" else r.wall_s
         lines.append(
             f"| {r.family} | {r.model} | {params} | {r.image_size or ''} | {r.granularity} | {r.status} "
-            f"| {pruned} | {sp} | {par} | {r.wall_s} | {load} | {why} |"
+            f"| {pruned} | {sp} | {par} | {wall} | {load} | {why} |"
         )
     lines.append("")
-    for g, (passed, failed, crashed) in pass_counts(rows).items():
-        lines.append(f"- {g}: {passed} pass, {failed} stop with a named one-line reason, {crashed} crash")
+    for g, (passed, failed, crashed, missing) in pass_counts(rows).items():
+        lines.append(
+            f"- {g}: {passed} pass, {failed} stop with a named one-line reason, {crashed} crash, {missing} not run"
+        )
     lines += [
         "",
         "Wall time (s) is the whole `compress` on a shared machine (load = 1-minute load average when the row "
@@ -208,18 +212,22 @@ def markdown(rows: list[Row], runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def pass_counts(rows: list[Row]) -> dict[str, tuple[int, int, int]]:
-    """granularity -> (pass, fail, crash)."""
-    out: dict[str, tuple[int, int, int]] = {}
+STATUSES = ("pass", "fail", "crash", "not run")
+
+
+def pass_counts(rows: list[Row]) -> dict[str, tuple[int, ...]]:
+    """granularity -> counts in `STATUSES` order (pass, fail, crash, not run)."""
+    out: dict[str, tuple[int, ...]] = {}
     for g in dict.fromkeys(r.granularity for r in rows):
         mine = [r for r in rows if r.granularity == g]
-        out[g] = tuple(sum(r.status == s for r in mine) for s in ("pass", "fail", "crash"))
+        out[g] = tuple(sum(r.status == s for r in mine) for s in STATUSES)
     return out
 
 
 def merge(parts: list[dict]) -> tuple[list[Row], list[dict]]:
     """Rows of several result files in the built-in order (MODELS x GRANULARITIES, then any others); a later
-    part's row for the same (model, granularity) replaces an earlier one. Returns (rows, each part's machine)."""
+    part's row for the same (model, granularity) replaces an earlier one; a built-in pair no part ran is a
+    "not run" row, so the table always shows the whole list. Returns (rows, each part's machine)."""
     by_key: dict[tuple[str, str], Row] = {}
     runs = []
     for part in parts:
@@ -228,6 +236,9 @@ def merge(parts: list[dict]) -> tuple[list[Row], list[dict]]:
             row = Row(**d)
             by_key[(row.model, row.granularity)] = row
     order = {(name, g): k for k, (name, g) in enumerate((n, g) for _, n in MODELS for g in GRANULARITIES)}
+    for family, name in MODELS:
+        for g in GRANULARITIES:
+            by_key.setdefault((name, g), Row(model=name, family=family, granularity=g, status="not run"))
     rows = sorted(by_key.values(), key=lambda r: order.get((r.model, r.granularity), len(order)))
     return rows, runs
 
@@ -260,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = [json.loads(f.read_text()) for f in a.merge]
         rows, runs = merge(parts)
         result = {"runs": runs, "settings": parts[-1]["settings"], "rows": [asdict(r) for r in rows]}
-        result["pass_counts"] = {g: dict(zip(("pass", "fail", "crash"), c)) for g, c in pass_counts(rows).items()}
+        result["pass_counts"] = {g: dict(zip(STATUSES, c)) for g, c in pass_counts(rows).items()}
         write_results(a.out, a.stem, result, markdown(rows, runs))
         return 0
 
