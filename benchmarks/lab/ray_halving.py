@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import pickle
 import socket
 import subprocess
@@ -193,11 +194,10 @@ def run(a: argparse.Namespace, argv: list[str] | None) -> dict:
     )
     result["shared_bytes"] = len(pickle.dumps(shared))
 
-    log.start(f"recover {len(jobs)} candidates in this process (rungs {[(r.size, r.epochs) for r in rungs]})")
+    log.log(f"recover {len(jobs)} candidates in this process (rungs {[(r.size, r.epochs) for r in rungs]})")
     t0 = time.perf_counter()
     local = recover(jobs, shared, schedule, InProcess(), progress=log)
     in_process_s = time.perf_counter() - t0
-    log.finish()
 
     overhead: dict = {}
     t0 = time.perf_counter()
@@ -214,11 +214,10 @@ def run(a: argparse.Namespace, argv: list[str] | None) -> dict:
             ref = ex.ray.put(shared)
             overhead["put_shared_s"] = round(time.perf_counter() - t1, 3)
             del ref
-            log.start(f"recover {len(jobs)} candidates on {ex.describe()}")
+            log.log(f"recover {len(jobs)} candidates on {ex.describe()}")
             t1 = time.perf_counter()
             remote = recover(jobs, shared, schedule, ex, progress=log)
             ray_s = time.perf_counter() - t1
-            log.finish()
             t1 = time.perf_counter()
             for _ in range(50):
                 ex.ray.get(noop.remote(0))
@@ -251,6 +250,15 @@ def run(a: argparse.Namespace, argv: list[str] | None) -> dict:
         ray_nodes=sorted({r["node"] for c in rungs_table(remote) for r in c["rungs"]}),
     )
     return result
+
+
+def _flat(r: dict) -> int:
+    return sum(len({x["accuracy"] for x in c["rungs"]}) == 1 for c in r["candidates"] if len(c["rungs"]) > 1)
+
+
+def _seen(stages: list, i: int) -> set[str]:
+    """Stage names before ``i`` (the committed run's log repeated each executor's last rung once)."""
+    return {name for name, _ in stages[:i]}
 
 
 def markdown(r: dict) -> str:
@@ -292,7 +300,7 @@ def markdown(r: dict) -> str:
         "",
         "Stages (wall seconds; a rung waits for its slowest task):",
         "",
-        *[f"- {stage}: {sec} s" for stage, sec in r["stages"]],
+        *[f"- {stage}: {sec} s" for i, (stage, sec) in enumerate(r["stages"]) if stage not in _seen(r["stages"], i)],
         "",
         "## Ray overhead",
         "",
@@ -304,6 +312,12 @@ def markdown(r: dict) -> str:
         f"{o['noop_warm_ms']} ms round trip when warm",
         "",
         "## Candidates and their rungs (selection accuracy after each rung)",
+        "",
+        f"{_flat(r)} of the {sum(len(c['rungs']) > 1 for c in r['candidates'])} candidates that ran more than "
+        "one rung kept the same selection accuracy at every rung: at this size (a few hundred calibration "
+        "images, 2 optimizer steps an epoch) recovery rarely beats the BN-re-calibrated start, which early "
+        "stopping then keeps. The run measures the engine (identical results, wall ratio, overhead), not what "
+        "halving buys over top-k: that needs the paper-sized recovery.",
         "",
         "| candidate | screened order | rung accuracies (epochs: %) | survived |",
         "|---|---:|---|:-:|",
@@ -328,7 +342,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--render", type=Path, help="only rewrite ray_halving.md from this ray_halving.json")
     a = p.parse_args(argv)
+    if a.render:
+        r = json.loads(a.render.read_text())
+        (a.render.parent / "ray_halving.md").write_text(markdown(r))
+        return 0
     import ray
 
     r = run(a, argv)
