@@ -15,6 +15,9 @@ task reads (dense model, data, teacher logits) where the tasks find them, once p
 
 Cluster specs (`check_cluster_spec` validates one without connecting): ``ray://HOST:PORT`` (Ray Client),
 ``HOST:PORT`` (a head's GCS), ``auto`` (``RAY_ADDRESS``), ``local:N`` (start a one-node Ray here with N CPUs).
+
+Not handled yet: a head lost in the middle of a run (``ray.wait`` then blocks until Ray's own reconnect
+timeout gives up); only a head unreachable at the start is a one-line error.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -37,6 +41,7 @@ GPU_FRACTION = 0.25  # four recoveries share one GPU
 # Ray replaces 127.0.0.1 by the machine's own address; another loopback address it keeps, so a local cluster
 # (local:N, LocalRayCluster) listens on loopback only and nothing outside this machine can join it.
 LOCAL_NODE_IP = "127.0.0.2"
+RAY_CLI = (sys.executable, "-m", "ray.scripts.scripts")  # the `ray` command of this interpreter, PATH or not
 
 
 class ClusterError(EdgepruneError):
@@ -287,7 +292,7 @@ class LocalRayCluster:
         common += ["--object-store-memory", str(self.object_store_mb * 1024 * 1024)]
         before = set(_raylets())
         t0 = time.perf_counter()
-        subprocess.run(["ray", "start", *args, *common], check=True, capture_output=True, timeout=180)
+        subprocess.run([*RAY_CLI, "start", *args, *common], check=True, capture_output=True, timeout=180)
         self.start_s.append(time.perf_counter() - t0)
         new = sorted(set(_raylets()) - before)
         if len(new) != 1:
@@ -310,7 +315,7 @@ class LocalRayCluster:
         self.stop()
 
     def stop(self) -> None:
-        subprocess.run(["ray", "stop", "--force"], capture_output=True, timeout=120)
+        subprocess.run([*RAY_CLI, "stop", "--force"], capture_output=True, timeout=120)
         if self._auth_before is None:
             os.environ.pop("RAY_AUTH_MODE", None)
         else:
