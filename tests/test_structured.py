@@ -472,3 +472,37 @@ def test_prunable_params_of_groups_cover_the_model():
     assert [g.depth for g in graph.groups] == sorted(g.depth for g in graph.groups)
     roles = {g.role for g in graph.groups}
     assert {"stem", "downsample", "mlp_fc1"} <= roles
+
+
+@pytest.mark.slow
+def test_max_drop_searches_lighter_rounds_until_a_candidate_meets_it(tmp_path):
+    """``--max-drop``: a round lighter than the last runs only while no candidate is within the drop, at most
+    three; the pick is the fastest within the drop, or (none within it) the most accurate, said in the notes."""
+    from edgeprune.pipeline import CompressConfig, compress
+    from edgeprune.structured.flow import GOAL_ROUNDS
+
+    from .small_runs import CHANNEL
+
+    report = compress(CompressConfig(**CHANNEL, max_drop=0.5, quantize="none", out=str(tmp_path / "out")))
+    dense = report.dense.accuracy
+
+    def round_of(c):
+        last = c.strategy.rsplit("/", 1)[-1]
+        return int(last.removeprefix("light")) if last.startswith("light") else 0
+
+    def within(c):
+        return (dense - c.final_accuracy) * 100 <= 0.5 + 1e-9
+
+    rounds = sorted({round_of(c) for c in report.strategies})
+    assert rounds == list(range(len(rounds))) and 1 <= len(rounds) <= GOAL_ROUNDS
+    for k in rounds[1:]:  # a lighter round ran only because no earlier candidate met the drop
+        assert not any(within(c) for c in report.strategies if round_of(c) < k)
+    assert report.structured.groups and len(report.strategies) >= 10 * len(rounds)
+    met = [c for c in report.strategies if within(c)]
+    sel = next(c for c in report.strategies if c.selected)
+    if met:
+        assert within(sel)
+        assert sel.latency_ms == min(c.latency_ms for c in met)
+    else:
+        assert len(rounds) == GOAL_ROUNDS and any("no candidate is within" in n for n in report.notes)
+        assert sel.final_accuracy == max(c.final_accuracy for c in report.strategies)
