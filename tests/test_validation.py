@@ -209,7 +209,7 @@ def test_hidden_folders_and_files_are_skipped(tmp_path: Path) -> None:
     classes, samples = list_imagefolder(root)
     assert classes == ["a", "b"] and len(samples) == 6
     b = _load(root)
-    assert b.class_names == ["a", "b"] and b.num_classes == 2 and len(b.calib_x) + len(b.eval_x) == 6
+    assert b.class_names == ["a", "b"] and b.num_classes == 2 and len(b.calib_x) + len(b.eval_x) + len(b.test) == 6
 
 
 @pytest.mark.parametrize("classes", [("cats",), ("cats", ".ipynb_checkpoints"), ("cats", "empty")])
