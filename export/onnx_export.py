@@ -368,11 +368,13 @@ def export_onnx(
                 final = candidate
             else:
                 log.warning(
-                    "%s changed the weight zeros (%d -> %d of %d); keeping the unsimplified graph",
+                    "%s changed the weight zeros (%d of %d -> %d of %d%s); keeping the unsimplified graph",
                     used,
                     zeros,
+                    total,
                     zeros_s,
                     total_s,
+                    "" if account_s.ok else f": {account_s.problem}",
                 )
                 used = ""
     zeros, total = onnx_weight_sparsity(final)
