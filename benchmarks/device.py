@@ -278,7 +278,7 @@ def _bench_ssh(paths, folder, inputs, args_kw, timeout, *, target, identity, ssh
     # Short safe names on the device; the report maps them back to the user's paths.
     staged = []
     for i, p in enumerate(paths):
-        link = folder / f"m{i}.onnx"
+        link = folder / f"m{i}{Path(p).suffix}"  # .ort stays .ort: onnxruntime picks the format by it
         link.symlink_to(Path(p).absolute())
         staged.append(link)
     remote = session.make_temp_dir(timeout)

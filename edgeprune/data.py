@@ -569,6 +569,11 @@ def _scan_imagefolder(root: Path, min_images: int, needs: str) -> _ImageFolder:
         raise DataError(
             f"{root} has class folders ({', '.join(classes[:5])}) but no images ({', '.join(IMG_EXTENSIONS)})"
         )
+    used = sorted({classes[label] for _, label in samples})
+    if len(used) < 2:  # before the size check: "one class" is the problem to name, not the image count
+        raise DataError(
+            f"{root} has images of one class only ({used[0]}); accuracy needs at least 2 classes, one folder each"
+        )
     if len(samples) < min_images:
         raise DataError(f"need at least {min_images} images ({needs}), found {len(samples)} in {root}")
     import PIL.Image  # torchvision depends on Pillow
