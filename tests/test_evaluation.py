@@ -23,9 +23,10 @@ def test_accuracy_matches_a_plain_loop_in_both_layouts(demo_data) -> None:
     for layout in (None, True, False):
         for batch in (7, 64, 512):  # a last partial batch, and one batch larger than the data
             assert accuracy(model, x, y, batch_size=batch, channels_last=layout) == want
-    # it leaves the model as it came: training mode and the contiguous layout
+    # it leaves the model as it came: training mode, the contiguous layout, weights a gradient pass can use
     assert model.training
-    assert all(p.is_contiguous() for p in model.parameters())
+    assert all(p.is_contiguous() and not p.is_inference() for p in model.parameters())
+    model(x[:4]).sum().backward()
 
 
 class _ViewsConvOutput(nn.Module):
@@ -52,4 +53,5 @@ def test_a_model_that_cannot_run_channels_last_falls_back() -> None:
     except RuntimeError:
         pass
     assert accuracy(model, x, y, batch_size=8) == _plain_accuracy(model, x, y)
-    assert model.conv.weight.is_contiguous()
+    assert model.conv.weight.is_contiguous() and not model.conv.weight.is_inference()
+    model(x).sum().backward()  # the fallback left ordinary parameters (repvgg_a0 crashed in sensitivity)
