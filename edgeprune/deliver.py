@@ -140,12 +140,17 @@ def deliver(
     metadata: dict[str, str],
     *,
     device: BenchDevice,
+    test: tuple[torch.Tensor, torch.Tensor],
     dense: nn.Module | None = None,
     t=None,
     progress=None,
     check_images: int = 64,
 ) -> Delivery:
     """Export, ship and benchmark the selected ``model`` (and the ``dense`` reference) into ``staging``.
+
+    ``test``: the test split's images and labels (``data.test_split(...)``, opened once the pick is made):
+    every shipped file's accuracy is measured on them. Parity checks and INT8 calibration use the selection
+    and calibration images (they decide nothing about the pick).
 
     ``dense``: the dense model to export as ``dense.onnx``; None when the caller already wrote it (channel
     mode times candidates against it). ``cfg`` gives ``quantize``, ``pack``, ``ort_format``, ``bench_runs``
@@ -187,9 +192,9 @@ def deliver(
     with t("benchmark"):
         what = f"benchmark {len(timed)} artifacts on {device.spec} (onnxruntime, {device.threads} thread(s))"
         progress.start(what)
-        x = data.eval_x.numpy().astype(np.float32)
+        x = test[0].numpy().astype(np.float32)
         report = device.bench(
-            [p for _, p, _ in timed], x[:1], runs=cfg.bench_runs, x=x, y=data.eval_y.numpy().astype(np.int64)
+            [p for _, p, _ in timed], x[:1], runs=cfg.bench_runs, x=x, y=test[1].numpy().astype(np.int64)
         )
         progress.finish()
     if report.emulated:

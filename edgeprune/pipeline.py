@@ -19,27 +19,31 @@ import torch
 from torch import nn
 
 from .baselines import BASELINES, RANGE_BASELINES, Plan, Scores
+from .cluster import Executor, InProcess, check_cluster_spec, executor_for
 from .data import check_image_size, load_data
 from .deliver import BenchDevice, deliver, dense_copy
 from .errors import DataError, EdgepruneError
 from .evaluation import accuracy, params_and_macs, weight_sparsity
+from .halving import SCHEDULES, Halving, Top
 from .inventory import build_inventory
 from .masking import Masks, apply_masks_, build_masks
 from .models import load_model, model_family
 from .outdir import claim_output_dir
 from .ranges import LayerRange, apply_rules, baseline_ranges, load_rules, range_targets
+from .recover import Job, MaskBuild, RecoveryOutcome, ResultStore, Shared, recover
 from .recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, resolve_device, teacher_logits
 from .report import (
     Candidate,
     DenseSummary,
     LayerReport,
+    RecoveryRung,
     Report,
     SelectedSummary,
     plot_pareto,
     render_markdown,
     versions,
 )
-from .screening import screen_candidates
+from .screening import screen_candidates, screening_estimate, screening_warning
 from .selection import Point, pareto_mask, select_index
 from .sensitivity import SIGNALS, compute_sensitivity, signal_scores
 from .strategies import LayerStats, reachable, search_plans
@@ -47,6 +51,9 @@ from .targets import Target, bench_threads, get_target
 
 METHODS: tuple[str, ...] = ("mix-and-match", *BASELINES)
 GRANULARITIES: tuple[str, ...] = ("unstructured", "channel")
+RECOVER_STORE = ".edgeprune-recover"  # --resume: finished recovery rungs, under --out
+FINAL_EVALUATION = "final evaluation"  # the one reason the test split is opened for
+BN_RECAL_BATCHES = 8  # recovery.recalibrate_bn's default max_batches
 SCREEN_PROBE = 3  # a signal whose first 3 candidates collapse after BN re-calibration is not screened further
 
 
@@ -60,7 +67,8 @@ class CompressConfig:
     image_size: int | None = None
     data: str = "demo"
     calib_size: int = 1000
-    eval_size: int = 2000
+    eval_size: int = 1000  # the selection split: screening, early stopping, the pick, --max-drop
+    test_size: int = 2000  # the sealed test split: opened once, after the pick, for the reported accuracy
     target: str = "arm64"
     granularity: str = "unstructured"
     method: str = "mix-and-match"
@@ -72,7 +80,11 @@ class CompressConfig:
     bn_recal: bool = True
     finetune_epochs: int = 3
     finetune_top: int = 2
-    finetune_lr: float = 1e-4
+    finetune_lr: float | None = None  # None: `recovery.default_lr` for the model (1e-4 CNN, 5e-5 attention)
+    recover: str = "top"  # recovery schedule, a name in halving.SCHEDULES: top (the best few) | halving
+    cluster: str | None = None  # where recovery runs: None in-process, else a Ray --cluster spec
+    resume: bool = False  # keep finished recovery rungs under --out/.edgeprune-recover and reuse them
+    recover_threads: int = 1  # torch threads per recovery task: part of the result, the same in-process and on Ray
     recovery: str = "distill"  # fine-tuning recipe, a name in recovery.RECIPES
     device: str = "auto"  # where recovery trains: auto (a CUDA GPU when torch sees one) | cpu | cuda
     gradient_samples: int = 512  # calibration images used for the gradient / GraSP signals
@@ -127,7 +139,7 @@ class CompressConfig:
         bad = [s for s in self.signals if s not in SIGNALS]
         if bad or not self.signals:
             raise EdgepruneError(f"unknown signal(s) {bad}; choose from {', '.join(SIGNALS)}")
-        for name in ("calib_size", "eval_size", "batch_size", "bench_runs", "gradient_samples"):
+        for name in ("calib_size", "eval_size", "test_size", "batch_size", "bench_runs", "gradient_samples"):
             if getattr(self, name) < 1:
                 raise EdgepruneError(f"--{name.replace('_', '-')} must be >= 1")
         if self.finetune_epochs < 0 or self.finetune_top < 0:
@@ -145,8 +157,15 @@ class CompressConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise EdgepruneError(f"--{name.replace('_', '-')} must be >= 1 (omit it for the default), got {value}")
-        if not (math.isfinite(self.finetune_lr) and self.finetune_lr > 0):
-            raise EdgepruneError(f"--finetune-lr must be a positive number, got {self.finetune_lr}")
+        lr = self.finetune_lr
+        if lr is not None and not (math.isfinite(lr) and lr > 0):
+            raise EdgepruneError(f"--finetune-lr must be a positive number (omit it for the default), got {lr}")
+        if self.recover not in SCHEDULES:
+            raise EdgepruneError(f"unknown --recover '{self.recover}'; choose from {', '.join(SCHEDULES)}")
+        if self.recover_threads < 1:
+            raise EdgepruneError(f"--recover-threads must be >= 1, got {self.recover_threads}")
+        if self.cluster is not None:
+            check_cluster_spec(self.cluster)  # syntax only: connecting is compress's, right after validate()
         if self.quantize is not None and self.quantize not in QUANTIZE_CHOICES:
             raise EdgepruneError(f"--quantize must be {' or '.join(QUANTIZE_CHOICES)}, got '{self.quantize}'")
         if self.pack not in PACK_CHOICES:
@@ -359,6 +378,28 @@ class Workspace:
             c.accuracy = c.zero_shot_accuracy
         return c
 
+    def shared(self) -> Shared:
+        """What every recovery task reads: a copy of the dense model (``self.model`` is masked in place),
+        the calibration split to train on and the selection split to rank and stop on."""
+        d, cfg = self.data, self.cfg
+        dense = copy.deepcopy(self.model)
+        dense.load_state_dict(self.original)
+        return Shared(
+            dense.eval(),
+            d.calib_x,
+            d.calib_y,
+            d.select_x,
+            d.select_y,
+            self.recipe,
+            self.teacher(),
+            cfg.finetune_lr,
+            cfg.batch_size,
+            cfg.seed,
+            self.use_bn,
+            cfg.recover_threads,
+            cfg.device,
+        )
+
     def finetune(self, cp: CandidatePlan, epochs: int, on_epoch=None) -> dict:
         """Fine-tune one candidate with its masks enforced; returns the weights, fills finetuned_accuracy."""
         teacher = self.teacher()
@@ -400,7 +441,14 @@ def load_workspace_inputs(cfg: CompressConfig):
     if image_size is None and cfg.data.startswith("imagefolder:"):
         probe = load_model(cfg.model, pretrained=False, num_classes=cfg.num_classes, in_chans=cfg.in_chans)
         image_size = model_input_size(probe)
-    data = load_data(cfg.data, calib_size=cfg.calib_size, eval_size=cfg.eval_size, image_size=image_size, seed=cfg.seed)
+    data = load_data(
+        cfg.data,
+        calib_size=cfg.calib_size,
+        eval_size=cfg.eval_size,
+        test_size=cfg.test_size,
+        image_size=image_size,
+        seed=cfg.seed,
+    )
     model = load_model(
         cfg.model,
         checkpoint=cfg.checkpoint,
@@ -422,16 +470,55 @@ def compress(cfg: CompressConfig, progress: Progress | None = None) -> Report:
         check_device(cfg.latency_from, cfg.identity, cfg.ssh_options)
     target = get_target(cfg.target)
     out = Path(cfg.out)
-    with claim_output_dir(out, log=progress.log) as od:  # locked; the old set stays until the publish
-        report = _compress(cfg, target, od.staging, progress)
-        names = sorted(f.name for f in od.staging.iterdir()) + ["report.json"]
-        report.artifacts = {name: str(out / name) for name in names}  # exactly the published set
-        (od.staging / "report.json").write_text(report.to_json())
-        od.publish()
-        return report
+    # Connect before --out is claimed: an unreachable head leaves it untouched.
+    executor = executor_for(cfg.cluster)
+    try:
+        if cfg.cluster:
+            progress.log(f"recovery runs on {getattr(executor, 'describe', lambda: cfg.cluster)()}")
+        # Outside the staging folder, under a name the output folder does not manage: it survives the publish.
+        store = ResultStore(out / RECOVER_STORE) if cfg.resume else None
+        with claim_output_dir(out, log=progress.log) as od:  # locked; the old set stays until the publish
+            report = _compress(cfg, target, od.staging, progress, executor, store)
+            names = sorted(f.name for f in od.staging.iterdir()) + ["report.json"]
+            report.artifacts = {name: str(out / name) for name in names}  # exactly the published set
+            (od.staging / "report.json").write_text(report.to_json())
+            od.publish()
+            return report
+    finally:
+        executor.close()
 
 
-def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Progress) -> Report:
+def recovery_schedule(cfg: CompressConfig) -> Top | Halving | None:
+    """The recover stage's schedule from the options; None when there is nothing to train."""
+    if cfg.finetune_epochs <= 0 or cfg.finetune_top <= 0:
+        return None
+    if cfg.recover == "halving":
+        return Halving(1, cfg.finetune_epochs, 2, keep=max(1, cfg.finetune_top))
+    return Top(k=cfg.finetune_top, epochs=cfg.finetune_epochs)
+
+
+def record_recovery(candidate: Candidate, outcome: RecoveryOutcome) -> None:
+    """A candidate's rungs in the report; its recovered accuracy only where it survived the last rung."""
+    candidate.recovery = [
+        RecoveryRung(
+            r.rung, r.epochs, r.epochs_run, r.steps, r.accuracy, r.start_accuracy, round(r.seconds, 3), r.reused
+        )
+        for r in outcome.rungs
+    ]
+    if outcome.rungs:
+        candidate.improved = outcome.accuracy > outcome.rungs[0].start_accuracy
+    if outcome.survived:
+        candidate.finetuned_accuracy = outcome.accuracy
+
+
+def _compress(
+    cfg: CompressConfig,
+    target: Target,
+    staging: Path,
+    progress: Progress,
+    executor: Executor | None = None,
+    store: ResultStore | None = None,
+) -> Report:
     torch.manual_seed(cfg.seed)
     t = Timings()
     threads = bench_threads(cfg.threads, target)
@@ -443,11 +530,13 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
     if cfg.granularity == "channel":
         from .structured import compress_channels
 
-        return compress_channels(cfg, target, model, data, staging, progress, t)
+        return compress_channels(cfg, target, model, data, staging, progress, t, executor or InProcess(), store)
 
     with t("dense_eval"):
         progress.start("evaluate dense model")
+        t0 = time.perf_counter()
         dense_acc = accuracy(model, data.eval_x, data.eval_y, cfg.batch_size)
+        eval_s = time.perf_counter() - t0
         params, macs = params_and_macs(model, data.eval_x[:1])
         progress.finish()
     progress.log(f"dense accuracy {dense_acc:.2%}, {params:,} params, {macs / 1e6:.1f} MMACs")
@@ -469,6 +558,13 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
         )
         progress.log(f"Mix-and-Match ranges reach {low:.1%}-{high:.1%} global sparsity{short}")
 
+    # this machine's rate on the dense evaluation: how long screening will take, said before it starts
+    rate = macs * len(data.eval_x) / max(eval_s, 1e-9) / 1e9
+    recal = min(len(data.calib_x), cfg.batch_size * BN_RECAL_BATCHES) if ws.use_bn else 0
+    estimate = screening_estimate(macs, len(cplans), len(data.eval_x), recal, rate, 2 if ws.use_bn else 1)
+    warning = screening_warning(estimate, len(cplans))
+    if warning:
+        progress.log(f"note: {warning}")
     with t("screening"):
         what = "mask + BN re-calibration" if ws.use_bn else "mask"
         progress.start(f"screen {len(cplans)} candidates ({what})", total=len(cplans))
@@ -488,31 +584,54 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
         progress.log(f"signal {signal}: {why}; its other {n} candidates were not screened")
 
     cands = [cp.candidate for cp in cplans]
-    finetuned: dict[int, dict] = {}
+    finetuned: dict[int, dict] = {}  # candidate index -> recovered weights (the last rung's survivors)
+    schedule = recovery_schedule(cfg)
     with t("finetune"):
-        if cfg.finetune_epochs > 0 and cfg.finetune_top > 0:
-            pool = [i for i, c in enumerate(cands) if cfg.max_drop is not None or c.sparsity >= cfg.sparsity - 1e-6]
-            top = sorted(pool or range(len(cands)), key=lambda i: -cands[i].accuracy)[: cfg.finetune_top]
-            epochs = cfg.finetune_epochs
-            progress.start(
-                f"fine-tune top {len(top)} ({epochs} epochs each, {cfg.recovery}, on {ws.device})",
-                total=len(top) * epochs,
+        if schedule is not None:
+            # at the target (any sparsity with --max-drop); candidates sharing another's masks train once
+            pool = [
+                i
+                for i, c in enumerate(cands)
+                if (cfg.max_drop is not None or c.sparsity >= cfg.sparsity - 1e-6)
+                and c.name not in screening.duplicates
+            ]
+            pool = pool or [i for i, c in enumerate(cands) if c.name not in screening.duplicates]
+            jobs = [
+                Job(cands[i].name, MaskBuild(build_masks(cplans[i].scores, cplans[i].plan)), cands[i].accuracy)
+                for i in pool
+            ]
+            progress.log(
+                f"recover ({cfg.recover}, up to {cfg.finetune_epochs} epochs, {cfg.recovery}, on {ws.device}): "
+                f"{len(jobs)} candidate(s)"
             )
-            for i in top:
-                finetuned[i] = ws.finetune(cplans[i], epochs, on_epoch=lambda e, v: progress.advance())
-            progress.finish()
+            outcomes = recover(jobs, ws.shared(), schedule, executor, progress, store)
+            for i, o in zip(pool, outcomes, strict=True):
+                record_recovery(cands[i], o)
+                if o.survived:
+                    finetuned[i] = o.state
 
     points = [Point(c.final_accuracy, c.sparsity) for c in cands]
     for c, on_front in zip(cands, pareto_mask(points)):
         c.pareto = on_front
-    idx, why = select_index(points, sparsity=cfg.sparsity, max_drop=cfg.max_drop, dense_accuracy=dense_acc)
+    among = sorted(finetuned) or list(range(len(cands)))  # once recovery ran, the pick is one it recovered
+    pick, why = select_index(
+        [points[i] for i in among], sparsity=cfg.sparsity, max_drop=cfg.max_drop, dense_accuracy=dense_acc
+    )
+    idx = among[pick]
     chosen = cands[idx]
     chosen.selected = True
-    if idx in finetuned:
-        model.load_state_dict(finetuned[idx])
-    else:
-        ws.materialize(cplans[idx])
-    model.eval()
+
+    # The pick is made: open the sealed test split, once, for the reported figures only.
+    test = data.test_split(FINAL_EVALUATION)
+    dense_model = dense_copy(model, ws.original)
+    dense_test = accuracy(dense_model, *test, cfg.batch_size)
+    for i in [i for i, c in enumerate(cands) if c.strategy.startswith("baseline") and i != idx] + [idx]:
+        if i in finetuned:
+            model.load_state_dict(finetuned[i])
+        else:
+            ws.materialize(cplans[i])
+        cands[i].test_accuracy = accuracy(model, *test, cfg.batch_size)
+    model.eval()  # holds the pick: it was evaluated last
     _, per_layer = weight_sparsity(model, ws.prunable)
 
     selected = SelectedSummary(
@@ -523,8 +642,10 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
         accuracy=chosen.final_accuracy,
         why=why,
         accuracy_drop=(dense_acc - chosen.final_accuracy) * 100,
+        test_accuracy=chosen.test_accuracy,
+        test_accuracy_drop=(dense_test - chosen.test_accuracy) * 100,
     )
-    dense = DenseSummary(accuracy=dense_acc, params=params, macs=macs)
+    dense = DenseSummary(accuracy=dense_acc, params=params, macs=macs, test_accuracy=dense_test)
 
     delivery = None
     if cfg.export:
@@ -545,7 +666,8 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
             model,
             metadata,
             device=BenchDevice.from_config(cfg, threads),
-            dense=dense_copy(model, ws.original),
+            test=test,
+            dense=dense_model,
             t=t,
             progress=progress,
         )
@@ -587,6 +709,7 @@ def _compress(cfg: CompressConfig, target: Target, staging: Path, progress: Prog
         screening=asdict(screening),
         shipped=delivery.artifacts if delivery else [],
         notes=delivery.notes if delivery else [],
+        splits=[asdict(s) for s in data.splits()],
     )
     report.timings["total"] = round(sum(t.seconds.values()), 3)
     (staging / "report.md").write_text(render_markdown(report))

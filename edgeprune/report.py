@@ -17,14 +17,30 @@ SCHEMA_VERSION = 1
 
 @dataclass
 class DenseSummary:
-    accuracy: float
+    accuracy: float  # on the selection split (what every decision compared against)
     params: int
     macs: int
+    test_accuracy: float | None = None  # on the sealed test split, opened once after the pick: the reported figure
     onnx_bytes: int | None = None
     latency_ms: dict | None = None  # {"p50", "p90", "p99", "mean"}
     onnx_accuracy: float | None = None
     int8_accuracy: float | None = None
     int8_latency_ms: dict | None = None
+
+
+@dataclass
+class RecoveryRung:
+    """One rung of a candidate's recovery (`recover.RungResult`): cumulative epochs, optimizer steps and the
+    selection-split accuracy before and after it."""
+
+    rung: int
+    epochs: int
+    epochs_run: int
+    steps: int
+    accuracy: float
+    start_accuracy: float
+    seconds: float
+    reused: bool = False
 
 
 @dataclass
@@ -41,6 +57,11 @@ class Candidate:
     selected: bool = False
     macs: int | None = None
     latency_ms: float | None = None
+    # accuracy, zero_shot_accuracy, finetuned_accuracy: the selection split. test_accuracy: the test split,
+    # measured after the pick for the pick and the baselines only (None for the others)
+    test_accuracy: float | None = None
+    recovery: list[RecoveryRung] = field(default_factory=list)  # its rungs when the recover stage trained it
+    improved: bool | None = None  # None: not recovered; False: the start weights stayed the most accurate
 
     @classmethod
     def mix_and_match(cls, signal: str, strategy: str) -> Candidate:
@@ -58,7 +79,7 @@ class SelectedSummary:
     signal: str
     strategy: str
     sparsity: float
-    accuracy: float
+    accuracy: float  # on the selection split (the pick and --max-drop used it)
     why: str
     onnx: str | None = None
     onnx_sparsity: float | None = None
@@ -69,7 +90,9 @@ class SelectedSummary:
     onnx_accuracy: float | None = None
     int8_accuracy: float | None = None
     int8_latency_ms: dict | None = None
-    accuracy_drop: float | None = None  # points, dense - selected
+    accuracy_drop: float | None = None  # points, dense - selected, on the selection split
+    test_accuracy: float | None = None  # on the test split: the reported figure
+    test_accuracy_drop: float | None = None  # points, dense - selected, on the test split
     shipping: dict | None = None  # INT8 / packing / ORT files and their sizes (edgeprune.export.ship)
 
 
@@ -105,7 +128,7 @@ class ShippedArtifact:
     packing: str  # "dense" | "sparse" (ONNX sparse initializers)
     bytes: int
     gzip_bytes: int
-    accuracy: float | None  # onnxruntime on the evaluation images, on the bench device
+    accuracy: float | None  # onnxruntime on the test split's images, on the bench device
     latency_ms: dict | None  # {"p50", "p90", "p99", "mean"}; None when not timed (emulated, .ort over ssh)
 
 
@@ -163,6 +186,7 @@ class Report:
     shipped: list[ShippedArtifact] = field(default_factory=list)  # every file written, dense reference first
     structured: StructuredReport | None = None  # channel mode only
     notes: list[str] = field(default_factory=list)  # what the run could not do as asked, and why
+    splits: list[dict] = field(default_factory=list)  # calibration / selection / test (`data.SplitInfo`)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict:
@@ -305,6 +329,42 @@ def render_shipped(report: Report) -> list[str]:
     return lines + [""]
 
 
+def split_line(report: Report) -> str:
+    """Which split decided and which is reported, with sizes (one line, for report.md and the terminal)."""
+    size = {sp["name"]: sp["size"] for sp in report.splits}
+    if "test" not in size:
+        return "Accuracy on the selection split (this run had no test split)."
+    return (
+        f"Reported accuracy: the test split ({size['test']} images), opened once after the pick; every decision "
+        f"(screening, early stopping, selection, --max-drop) used the selection split ({size.get('selection')} "
+        f"images); calibration: {size.get('calibration')} images."
+    )
+
+
+def render_recovery(report: Report) -> list[str]:
+    """The recover stage's rungs per candidate, and which ones recovery did not improve."""
+    trained = [c for c in report.strategies if c.recovery]
+    if not trained:
+        return []
+    lines = [
+        "",
+        "## Recovery",
+        "",
+        "| name | rung | epochs | steps | start % | after % | s |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in trained:
+        for r in c.recovery:
+            lines.append(
+                f"| {c.name} | {r.rung + 1} | {r.epochs} | {r.steps} | {_pct(r.start_accuracy)} | {_pct(r.accuracy)} "
+                f"| {r.seconds:.1f}{' (reused)' if r.reused else ''} |"
+            )
+    same = [c.name for c in trained if c.improved is False]
+    if same:
+        lines.append(f"\nrecovery did not improve: {', '.join(same)} (the start weights stayed the most accurate).")
+    return lines
+
+
 def render_markdown(report: Report) -> str:
     d, s = report.dense, report.selected
     lines = [
@@ -317,16 +377,23 @@ def render_markdown(report: Report) -> str:
         *render_shipped(report),
         "## Dense vs selected",
         "",
-        "| | accuracy % | sparsity % | ONNX bytes | latency p50 / p90 ms | ONNX acc % | INT8 acc % "
-        "| INT8 p50 / p90 ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-        f"| dense | {_pct(d.accuracy)} | 0.00 | {d.onnx_bytes or '—'} | {_ms(d.latency_ms)} "
-        f"| {_pct(d.onnx_accuracy)} | {_pct(d.int8_accuracy)} | {_ms(d.int8_latency_ms)} |",
-        f"| selected | {_pct(s.accuracy)} | {_pct(s.sparsity)} | {s.onnx_bytes or '—'} | {_ms(s.latency_ms)} "
-        f"| {_pct(s.onnx_accuracy)} | {_pct(s.int8_accuracy)} | {_ms(s.int8_latency_ms)} |",
+        "| | test acc % | selection acc % | sparsity % | ONNX bytes | latency p50 / p90 ms | ONNX acc % "
+        "| INT8 acc % | INT8 p50 / p90 ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| dense | {_pct(d.test_accuracy)} | {_pct(d.accuracy)} | 0.00 | {d.onnx_bytes or '—'} "
+        f"| {_ms(d.latency_ms)} | {_pct(d.onnx_accuracy)} | {_pct(d.int8_accuracy)} | {_ms(d.int8_latency_ms)} |",
+        f"| selected | {_pct(s.test_accuracy)} | {_pct(s.accuracy)} | {_pct(s.sparsity)} | {s.onnx_bytes or '—'} "
+        f"| {_ms(s.latency_ms)} | {_pct(s.onnx_accuracy)} | {_pct(s.int8_accuracy)} | {_ms(s.int8_latency_ms)} |",
+        "",
+        split_line(report),
         "",
     ]
-    if s.accuracy_drop is not None:
+    if s.test_accuracy_drop is not None:
+        lines.append(
+            f"Accuracy drop on the test split: **{s.test_accuracy_drop:.2f} points** "
+            f"(selection split: {s.accuracy_drop:.2f}). "
+        )
+    elif s.accuracy_drop is not None:
         lines.append(f"Accuracy drop: **{s.accuracy_drop:.2f} points**. ")
     if s.parity_max_abs_diff is not None:
         lines.append(
@@ -337,15 +404,19 @@ def render_markdown(report: Report) -> str:
         "",
         "## Candidates",
         "",
-        "| name | signal | sparsity % | zero-shot % | + BN recal % | fine-tuned % | Pareto |",
-        "|---|---|---:|---:|---:|---:|:-:|",
+        "Selection-split accuracies (the search's); test: the pick and the baselines only.",
+        "",
+        "| name | signal | sparsity % | zero-shot % | + BN recal % | fine-tuned % | test % | Pareto |",
+        "|---|---|---:|---:|---:|---:|---:|:-:|",
     ]
     for c in sorted(report.strategies, key=lambda c: -c.sparsity):
         mark = "**" if c.selected else ""
         lines.append(
             f"| {mark}{c.name}{mark} | {c.signal} | {_pct(c.sparsity)} | {_pct(c.zero_shot_accuracy)} "
-            f"| {_pct(c.accuracy)} | {_pct(c.finetuned_accuracy)} | {'●' if c.pareto else ''} |"
+            f"| {_pct(c.accuracy)} | {_pct(c.finetuned_accuracy)} | {_pct(c.test_accuracy)} "
+            f"| {'●' if c.pareto else ''} |"
         )
+    lines += render_recovery(report)
     sc = report.screening
     if sc:
         lines.append(

@@ -30,6 +30,11 @@ REFUSED = [
     (replace(BASE, finetune_lr=0.0), "--finetune-lr must be a positive number"),
     (replace(BASE, finetune_lr=float("nan")), "--finetune-lr must be a positive number"),
     (replace(BASE, max_drop=float("nan")), "--max-drop must be >= 0"),
+    (replace(BASE, test_size=0), "--test-size must be >= 1"),
+    (replace(BASE, recover="successive"), "unknown --recover 'successive'; choose from top, halving"),
+    (replace(BASE, recover_threads=0), "--recover-threads must be >= 1"),
+    (replace(BASE, cluster="ray://head"), "bad --cluster 'ray://head'"),
+    (replace(BASE, cluster="local:0"), "local:N needs a CPU count N >= 1"),
     (replace(BASE, target="arm65"), "unknown target 'arm65'"),
     (replace(BASE, latency_from="board:22"), "unknown device 'board:22'"),
     (replace(BASE, latency_from="ssh://pi@board:99999"), "the port must be a number"),
@@ -54,10 +59,6 @@ REFUSED = [
     (replace(CHANNEL, latency_budget_ms=1.0, max_drop=1.0), "or --latency-budget"),
     (replace(CHANNEL, method="snip"), "supports --method mix-and-match only"),
     (replace(CHANNEL, pack="sparse"), "--pack sparse does not apply to --granularity channel"),
-    (replace(CHANNEL, quantize="int8"), "--quantize int8 does not apply to --granularity channel"),
-    (replace(CHANNEL, ort_format=True), "--ort-format does not apply to --granularity channel"),
-    (replace(CHANNEL, latency_from="ssh://pi@board"), "edgeprune bench model.onnx --device"),
-    (replace(CHANNEL, latency_from="qemu-arm64"), "does not apply to --granularity channel"),
 ]
 
 ACCEPTED = [
@@ -68,6 +69,9 @@ ACCEPTED = [
     replace(CHANNEL, speedup=1.5, round_to=8, latency_costs=True),
     replace(CHANNEL, latency_budget_ms=0.5, quantize="none"),
     replace(CHANNEL, max_drop=1.0),
+    # one deliver step for both granularities: INT8, ORT files and a remote / emulated bench device in channel mode
+    replace(CHANNEL, quantize="int8", ort_format=True, latency_from="qemu-arm64"),
+    replace(BASE, recover="halving", cluster="local:2", resume=True, finetune_lr=5e-5),
 ]
 
 
@@ -93,6 +97,15 @@ def test_compress_refuses_before_loading(cfg: CompressConfig, expect: str, tmp_p
     assert not out.exists()
 
 
+def test_compress_connects_to_the_cluster_before_claiming_out(tmp_path) -> None:
+    """An unreachable Ray head (a closed port on loopback): one line, before the data loads, --out untouched."""
+    out = tmp_path / "out"
+    cfg = replace(BASE, data=f"imagefolder:{tmp_path / 'none'}", out=str(out), cluster="127.0.0.1:1")
+    with pytest.raises(EdgepruneError, match=r"cannot reach the Ray head at 127.0.0.1:1"):
+        compress(cfg)
+    assert not out.exists()
+
+
 def test_compress_probes_an_ssh_device_before_loading(tmp_path) -> None:
     """A closed port on loopback: refused at once (connection refused), before the data would load."""
     out = tmp_path / "out"
@@ -108,6 +121,8 @@ CLI_REFUSED = [
     (["compress", "--threads", "-1"], "--threads must be >= 1"),
     (["compress", "--threads", "0"], "--threads must be >= 1"),
     (["compress", "--speedup", "2"], "--speedup only applies to --granularity channel"),
+    (["compress", "--cluster", "head.example"], "bad --cluster 'head.example'"),
+    (["compress", "--recover", "bogus"], "unknown --recover 'bogus'"),
     (["export", "--quantize", "int4"], "--quantize must be int8 or none"),
     (["export", "--pack", "zip"], "--pack must be dense or sparse"),
     (["export", "--opset", "0"], "--opset must be >= 1"),

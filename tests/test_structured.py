@@ -430,7 +430,20 @@ def test_compress_channel_end_to_end(tmp_path):
     sel = [c for c in report.strategies if c.selected]
     assert len(sel) == 1 and sel[0].name == report.selected.name
     assert sum(c.finetuned_accuracy is not None for c in report.strategies) == 1
+    # recovered through the recover engine (top 1, 1 epoch): its rung is in the report
+    (trained,) = [c for c in report.strategies if c.recovery]
+    assert trained.finetuned_accuracy is not None and [r.epochs for r in trained.recovery] == [1]
+    assert trained.recovery[0].steps > 0
+    assert trained.improved == (trained.finetuned_accuracy > trained.recovery[0].start_accuracy)
     s = report.selected
+    # the reported figures are the test split's, opened once after the pick
+    assert s.test_accuracy is not None and report.dense.test_accuracy is not None
+    assert [(sp["name"], sp["size"], list(sp["opened_for"])) for sp in report.splits] == [
+        ("calibration", 256, []),
+        ("selection", 256, []),
+        ("test", 2000, ["final evaluation"]),
+    ]
+    assert s.onnx_accuracy == pytest.approx(s.test_accuracy, abs=0.01)  # ORT on the same test images
     assert s.parity_max_abs_diff <= 1e-4 and s.onnx_bytes < report.dense.onnx_bytes
     assert s.latency_ms["p50"] > 0 and report.dense.latency_ms["p50"] > 0
     for f in ("model.onnx", "dense.onnx", "report.json", "report.md", "pareto.png"):

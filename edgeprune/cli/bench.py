@@ -40,13 +40,20 @@ def _artifact_calib_size(path: Path) -> int | None:
 
 
 def _data_inputs(
-    spec: str, shape: tuple, eval_size: int, batch: int, calib_size: int, seed: int
+    spec: str,
+    shape: tuple,
+    eval_size: int,
+    batch: int,
+    calib_size: int,
+    seed: int,
+    select_size: int = 1000,
+    test_size: int = 2000,
 ) -> tuple[np.ndarray, ...]:
     """(sample, x, y) from a data spec, with the channels and image size the artifact expects.
 
-    The split is `load_data`'s, with compress's calibration size and seed, so the evaluation images are
-    never images the artifact was calibrated / BN-recalibrated on (they are a prefix of compress's
-    evaluation split).
+    The splits are `load_data`'s with compress's calibration, selection and test sizes and seed, and the
+    images are the first ``eval_size`` of compress's test split: never images the artifact was calibrated
+    on or selected by, and the same images compress reported its accuracy on.
     """
     from ..data import load_data
 
@@ -55,13 +62,16 @@ def _data_inputs(
     _, channels, height, width = shape
     if height != width:
         raise DataError(f"--data supports square inputs only; the artifact expects {height}x{width}")
-    bundle = load_data(spec, calib_size=calib_size, eval_size=eval_size, image_size=height, seed=seed)
+    bundle = load_data(
+        spec, calib_size=calib_size, eval_size=select_size, test_size=test_size, image_size=height, seed=seed
+    )
     if bundle.eval_x.shape[1] != channels:
         bundle = bundle.with_channels(channels)
     if tuple(bundle.eval_x.shape[2:]) != (height, width):
         bundle = bundle.resized(height)
-    x = _numpy(bundle.eval_x).astype(np.float32)
-    y = _numpy(bundle.eval_y).astype(np.int64)
+    test_x, test_y = bundle.test_split("edgeprune bench accuracy")
+    x = _numpy(test_x[:eval_size]).astype(np.float32)
+    y = _numpy(test_y[:eval_size]).astype(np.int64)
     if len(x) == 0:
         raise DataError(f"--data {spec} gave no evaluation images")
     n = shape[0] or batch
@@ -170,7 +180,11 @@ def bench_command(
     data: str | None = typer.Option(
         None, "--data", help="Real images + labels for accuracy: demo, fashion-mnist or imagefolder:PATH."
     ),
-    eval_size: int = typer.Option(500, "--eval-size", help="Images shipped for accuracy when --data is given."),
+    eval_size: int = typer.Option(
+        500, "--eval-size", help="Test-split images shipped for accuracy when --data is given (compress's test split)."
+    ),
+    select_size: int = typer.Option(1000, "--select-size", help="compress's --eval-size (selection split), skipped."),
+    test_size: int = typer.Option(2000, "--test-size", help="compress's --test-size: the split accuracy is on."),
     calib_size: int | None = typer.Option(
         None,
         "--calib-size",
@@ -198,12 +212,13 @@ def bench_command(
         threads = profile.threads if profile else 1
     for p in artifacts:
         load_onnx_checked(p)  # a text file, a folder or an empty graph: one line here, not a runner traceback
-    if batch < 1 or eval_size < 1:
-        raise EdgepruneError("--batch and --eval-size must be >= 1")
+    if min(batch, eval_size, select_size, test_size) < 1:
+        raise EdgepruneError("--batch, --eval-size, --select-size and --test-size must be >= 1")
     x = y = None
     if data:
         calib = calib_size or _artifact_calib_size(artifacts[0]) or 1000
-        sample, x, y = _data_inputs(data, input_shape(artifacts[0]), eval_size, batch, calib, seed)
+        shape = input_shape(artifacts[0])
+        sample, x, y = _data_inputs(data, shape, eval_size, batch, calib, seed, select_size, test_size)
     else:
         sample = sample_input(artifacts[0], batch=batch)
     console = Console()

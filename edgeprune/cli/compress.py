@@ -11,7 +11,7 @@ from rich.table import Table
 from ..baselines import RANGE_BASELINES
 from ..pipeline import METHODS, CompressConfig, compress
 from ..recovery import RECIPES
-from ..report import SHIPPED_COLUMNS, Report, shipped_rows
+from ..report import SHIPPED_COLUMNS, Report, shipped_rows, split_line
 from ..sensitivity import SIGNALS
 from ._app import CheckpointOpt, InChansOpt, ModelOpt, NumClassesOpt, PretrainedOpt, TargetOpt, app
 from .progress import RichProgress
@@ -27,7 +27,16 @@ def compress_cmd(
     image_size: int | None = typer.Option(None, help="input size in pixels (default: from the data / model)"),
     data: str = typer.Option("demo", help="'demo', 'fashion-mnist' or 'imagefolder:PATH'"),
     calib_size: int = typer.Option(1000, help="calibration images (gradients, BN re-calibration, fine-tuning)"),
-    eval_size: int = typer.Option(2000, help="evaluation images (disjoint from calibration)"),
+    eval_size: int = typer.Option(
+        1000,
+        help="selection images: every decision (screening, early stopping, the pick, --max-drop) is made on them",
+    ),
+    test_size: int = typer.Option(
+        2000,
+        "--test-size",
+        help="test images (sealed): opened once after the pick; the reported accuracy and the shipped files' "
+        "accuracy. The three splits are disjoint",
+    ),
     target: TargetOpt = "arm64",
     sparsity: float = typer.Option(0.8, help="global sparsity to reach, in [0, 1)"),
     max_drop: float | None = typer.Option(
@@ -55,7 +64,24 @@ def compress_cmd(
     bn_recal: bool = typer.Option(True, help="re-calibrate BatchNorm statistics after masking"),
     finetune_epochs: int = typer.Option(3, help="fine-tuning epochs for the best candidates (0 = none)"),
     finetune_top: int = typer.Option(2, help="how many screened candidates to fine-tune"),
-    finetune_lr: float = typer.Option(1e-4, help="Adam learning rate for fine-tuning"),
+    finetune_lr: float | None = typer.Option(
+        None, help="Adam learning rate for fine-tuning (default: 1e-4 for CNNs, 5e-5 for attention models)"
+    ),
+    recover: str = typer.Option(
+        "top",
+        help="recovery schedule: top (the --finetune-top best screened candidates, --finetune-epochs each) or "
+        "halving (every candidate 1 epoch, the better half twice as long, ... up to --finetune-epochs, keeping "
+        "at least --finetune-top); both rank on the selection split",
+    ),
+    cluster: str | None = typer.Option(
+        None, help="run recovery on a Ray cluster: ray://HOST:PORT, HOST:PORT, auto (RAY_ADDRESS) or local:N"
+    ),
+    resume: bool = typer.Option(
+        False, "--resume", help="keep finished recovery rungs in --out/.edgeprune-recover and reuse them on a re-run"
+    ),
+    recover_threads: int = typer.Option(
+        1, help="torch threads per recovery task (part of the result: the same in-process and on --cluster)"
+    ),
     recovery: str = typer.Option(
         "distill", help="fine-tuning recipe: " + "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values())
     ),
@@ -96,6 +122,7 @@ def compress_cmd(
         data=data,
         calib_size=calib_size,
         eval_size=eval_size,
+        test_size=test_size,
         target=target,
         granularity=granularity,
         method=method,
@@ -108,6 +135,10 @@ def compress_cmd(
         finetune_epochs=finetune_epochs,
         finetune_top=finetune_top,
         finetune_lr=finetune_lr,
+        recover=recover,
+        cluster=cluster,
+        resume=resume,
+        recover_threads=recover_threads,
         recovery=recovery,
         device=device,
         latency_budget_ms=latency_budget,
@@ -138,6 +169,10 @@ def _pct(v: float | None) -> str:
     return "—" if v is None else f"{v * 100:.2f}"
 
 
+def _points(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f} points"
+
+
 def print_summary(report: Report, console: Console) -> None:
     """What ships first (every file against dense.onnx: size, accuracy, latency, speedup), then the pick."""
     d, s = report.dense, report.selected
@@ -154,13 +189,16 @@ def print_summary(report: Report, console: Console) -> None:
         where = ((report.bench or {}).get("device") or {}).get("spec", "local")
         console.print(f"latency: onnxruntime, batch 1, {(report.bench or {}).get('threads')} thread(s), on {where}")
     else:  # --no-export: nothing shipped, the accuracies are PyTorch's
-        console.print(f"{title}: dense {_pct(d.accuracy)} %, selected {_pct(s.accuracy)} % (no export)")
+        console.print(f"{title} (no export)")
     for note in report.notes:
         console.print(f"note: {note}")
+    console.print(f"selected {s.name} ({_pct(s.sparsity)} % of the weights removed): {s.why}")
     console.print(
-        f"selected {s.name} ({_pct(s.sparsity)} % of the weights removed): {s.why}; "
-        f"accuracy drop {s.accuracy_drop:.2f} points"
+        f"accuracy, test split: dense {_pct(d.test_accuracy)} %, selected {_pct(s.test_accuracy)} % "
+        f"(drop {_points(s.test_accuracy_drop)}); selection split: dense {_pct(d.accuracy)} %, selected "
+        f"{_pct(s.accuracy)} % (drop {_points(s.accuracy_drop)})"
     )
+    console.print(split_line(report))
     if s.parity_max_abs_diff is not None:
         console.print(f"ONNX verified: max |ONNX − PyTorch| = {s.parity_max_abs_diff:.2e}, zeros kept: {s.onnx_zeros}")
     console.print(f"total {report.timings.get('total', 0):.1f} s; artifacts in {Path(report.config['out']).resolve()}")

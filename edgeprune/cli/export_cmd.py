@@ -86,7 +86,9 @@ def export_cmd(
     torch.set_num_threads(max(1, min(torch.get_num_threads(), profile.threads)))
 
     with console.status("loading model and data"):
-        bundle = load_data(data, calib_size=calib_size, eval_size=eval_size, image_size=image_size)
+        # export decides nothing, so no test split is needed: the smallest one (1 image) leaves the folder's
+        # images to calibration and the checks (the default 2000 would shrink them on a small folder)
+        bundle = load_data(data, calib_size=calib_size, eval_size=eval_size, test_size=1, image_size=image_size)
         net = load_model(
             model,
             checkpoint=checkpoint,
@@ -204,7 +206,7 @@ def verify_cmd(
     if data is not None:
         from edgeprune.data import load_data
 
-        bundle = load_data(data, calib_size=1, eval_size=max(1, samples), image_size=image_size)
+        bundle = load_data(data, calib_size=1, eval_size=max(1, samples), test_size=1, image_size=image_size)
         inputs = bundle.eval_x[:samples]
     report = verify_artifact(
         artifact,

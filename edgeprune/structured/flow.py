@@ -30,12 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cluster import Executor, InProcess
 from ..deliver import BenchDevice, Delivery, deliver
 from ..errors import EdgepruneError
 from ..evaluation import accuracy, params_and_macs
 from ..inventory import Layer
 from ..ranges import LayerRange, Rule, apply_rules, baseline_ranges, parse_rules, range_targets, read_rules_file
-from ..recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, resolve_device, teacher_logits_if_distilling
+from ..recover import CompactBuild, Job, ResultStore, Shared, recover
+from ..recovery import RECIPES, has_batchnorm, recalibrate_bn, resolve_device, teacher_logits_if_distilling
 from ..report import (
     Candidate,
     DenseSummary,
@@ -225,12 +227,25 @@ def compact(model: nn.Module, example: torch.Tensor, remove: dict[str, list[int]
 # -- the flow ---------------------------------------------------------------------------------------------
 
 
-def compress_channels(cfg, target, model: nn.Module, data, staging: Path, progress, t) -> Report:
+def compress_channels(
+    cfg,
+    target,
+    model: nn.Module,
+    data,
+    staging: Path,
+    progress,
+    t,
+    executor: Executor | None = None,
+    store: ResultStore | None = None,
+) -> Report:
     """Structured Mix-and-Match (see the module docstring). Writes ``model.onnx``, ``dense.onnx``,
-    ``report.md`` and ``pareto.png`` into ``staging``; returns the report (the caller writes the JSON)."""
+    ``report.md`` and ``pareto.png`` into ``staging``; returns the report (the caller writes the JSON).
+    ``executor`` / ``store``: where the recover stage runs and what it may reuse (`edgeprune.recover`)."""
     validate_selection(cfg)
     with tempfile.TemporaryDirectory(prefix="edgeprune-channel-") as work:
-        return ChannelSearch(cfg, target, model, data, staging, Path(work), progress, t).run()
+        search = ChannelSearch(cfg, target, model, data, staging, Path(work), progress, t)
+        search.executor, search.store = executor or InProcess(), store
+        return search.run()
 
 
 class ChannelSearch:
@@ -252,6 +267,8 @@ class ChannelSearch:
         self.ratios: list[float] = []  # the Phase-1 channel fraction of each goal round
         self.ranges_by_round: list[dict[str, LayerRange]] = []
         self.finetuned: dict[int, nn.Module] = {}  # finetune: candidate index -> recovered model
+        self.executor: Executor = InProcess()  # finetune: where the recover stage runs
+        self.store: ResultStore | None = None  # finetune: finished rungs to reuse (--resume)
         # Stage state, each field set by the stage named (None / empty until it ran): benchmarks drive the
         # stages one by one and read these.
         self.graph: GroupGraph | None = None  # discover
@@ -274,6 +291,8 @@ class ChannelSearch:
         self.why: str = ""  # select
         self.chosen: ChannelCandidate | None = None  # select
         self.final: nn.Module | None = None  # select: the model to ship (fine-tuned when it was)
+        self.test: tuple[torch.Tensor, torch.Tensor] | None = None  # select: the test split, opened after the pick
+        self.dense_test: float = 0.0  # select: dense's accuracy on the test split
         self.selected: SelectedSummary | None = None  # export_selected
         self.dense_summary: DenseSummary | None = None  # export_selected
         self.delivery: Delivery | None = None  # export_selected
@@ -572,40 +591,53 @@ class ChannelSearch:
         if start == 0:
             self.finetuned = {}
         with self.t("finetune"):
-            if cfg.finetune_epochs <= 0 or cfg.finetune_top <= 0:
+            from ..pipeline import record_recovery, recovery_schedule
+
+            schedule = recovery_schedule(cfg)
+            if schedule is None:
                 return
             cands = self.cands
             # the candidates that meet the goal, or those closest to it: fine-tuning the most accurate
             # (most conservative) ones instead would leave nothing recovered near the goal to select
             pool, _ = eligible([cc.candidate for cc in cands[start:]], cfg, self.dense_ms)
-            pool = [start + i for i in pool]
-            top = sorted(pool, key=lambda i: -cands[i].candidate.accuracy)[: cfg.finetune_top]
+            # one job per distinct architecture of a signal: the same widths of the same ranking are one model
+            first: dict[tuple, int] = {}
+            for i in (start + i for i in pool):
+                first.setdefault((cands[i].candidate.signal, cands[i].shape_key), i)
+            pool = list(first.values())
+            jobs = [
+                Job(cands[i].candidate.name, CompactBuild(cands[i].remove, self.example), cands[i].candidate.accuracy)
+                for i in pool
+            ]
             recipe = RECIPES[cfg.recovery]
             device = resolve_device(cfg.device)
             teacher = teacher_logits_if_distilling(recipe, self.model, d.calib_x, cfg.batch_size, device)
-            self.progress.start(
-                f"fine-tune top {len(top)} ({cfg.finetune_epochs} epochs each, {recipe.name}, on {device})",
-                total=len(top) * cfg.finetune_epochs,
+            shared = Shared(
+                copy.deepcopy(self.model).eval(),
+                d.calib_x,
+                d.calib_y,
+                d.select_x,
+                d.select_y,
+                recipe,
+                teacher,
+                cfg.finetune_lr,
+                cfg.batch_size,
+                cfg.seed,
+                self.use_bn,
+                cfg.recover_threads,
+                cfg.device,
             )
-            for i in top:
-                pruned = self._rebuild(cands[i])
-                finetune(
-                    pruned,
-                    {},
-                    d.calib_x,
-                    d.calib_y,
-                    epochs=cfg.finetune_epochs,
-                    lr=cfg.finetune_lr,
-                    batch_size=cfg.batch_size,
-                    seed=cfg.seed,
-                    recipe=recipe,
-                    teacher=teacher,
-                    on_epoch=lambda e, v: self.progress.advance(),
-                    device=device,
-                )
-                cands[i].candidate.finetuned_accuracy = accuracy(pruned, d.eval_x, d.eval_y, cfg.batch_size)
-                self.finetuned[i] = pruned
-            self.progress.finish()
+            self.progress.log(
+                f"recover ({cfg.recover}, up to {cfg.finetune_epochs} epochs, {recipe.name}, on {device}): "
+                f"{len(jobs)} candidate(s)"
+            )
+            outcomes = recover(jobs, shared, schedule, self.executor, self.progress, self.store)
+            for i, job, o in zip(pool, jobs, outcomes, strict=True):
+                record_recovery(cands[i].candidate, o)
+                if o.survived:
+                    model = job.build.build(self.model)
+                    model.load_state_dict(o.state)
+                    self.finetuned[i] = model.eval()
 
     def within_drop(self) -> bool:
         """Whether some candidate (after recovery) is within ``--max-drop`` points of dense."""
@@ -657,6 +689,16 @@ class ChannelSearch:
         self.chosen = self.cands[idx]
         self.chosen.candidate.selected = True
         self.final = self.finetuned.get(idx) or self._rebuild(self.chosen)
+        self.evaluate_on_test()
+
+    def evaluate_on_test(self) -> None:
+        """The pick is made: open the sealed test split, once, for the reported accuracy of dense and the pick
+        (channel mode has no baseline candidates)."""
+        from ..pipeline import FINAL_EVALUATION
+
+        self.test = self.data.test_split(FINAL_EVALUATION)
+        self.dense_test = accuracy(self.model, *self.test, self.cfg.batch_size)
+        self.chosen.candidate.test_accuracy = accuracy(self.final, *self.test, self.cfg.batch_size)
 
     def export_selected(self) -> None:
         """The shared deliver step: model.onnx (dense.onnx is already there), INT8, packing, ORT, benchmark."""
@@ -669,8 +711,12 @@ class ChannelSearch:
             accuracy=c.final_accuracy,
             why=self.why,
             accuracy_drop=(self.dense_acc - c.final_accuracy) * 100,
+            test_accuracy=c.test_accuracy,
+            test_accuracy_drop=(self.dense_test - c.test_accuracy) * 100,
         )
-        self.dense_summary = DenseSummary(accuracy=self.dense_acc, params=self.params, macs=self.macs)
+        self.dense_summary = DenseSummary(
+            accuracy=self.dense_acc, params=self.params, macs=self.macs, test_accuracy=self.dense_test
+        )
         meta = {
             "source_model": cfg.model,
             "strategy": c.strategy,
@@ -689,6 +735,7 @@ class ChannelSearch:
             self.final,
             meta,
             device=self.device,
+            test=self.test,
             t=self.t,
             progress=self.progress,
             check_images=CHECK_IMAGES,
@@ -748,6 +795,7 @@ class ChannelSearch:
             shipped=self.delivery.artifacts,
             structured=self.structured_report(),
             notes=self.notes + self.delivery.notes,
+            splits=[dataclasses.asdict(s) for s in self.data.splits()],
         )
         report.timings["total"] = round(sum(self.t.seconds.values()), 3)
         md = render_markdown(report) + render_structured(report, self.dense_ms, self.line, groups, chosen)
