@@ -43,7 +43,7 @@ from .report import (
     render_markdown,
     versions,
 )
-from .screening import screen_candidates, screening_estimate, screening_warning
+from .screening import image_rungs, race, screen_candidates, screening_estimate, screening_warning
 from .selection import Point, pareto_mask, select_index
 from .sensitivity import SIGNALS, compute_sensitivity, signal_scores
 from .strategies import LayerStats, reachable, search_plans
@@ -378,6 +378,26 @@ class Workspace:
             c.accuracy = c.zero_shot_accuracy
         return c
 
+    def screen_raced(self, cp: CandidatePlan, masks: Masks, rungs: list[int], bar: float) -> Candidate:
+        """`screen`, with the re-calibrated accuracy evaluated rung by rung (`screening.race`): it stops once
+        even every unseen selection image right would leave the candidate below ``bar``, so it cannot be
+        picked; ``screened_images`` then says on how many images its accuracy was estimated."""
+        c = cp.candidate
+        self.materialize(cp, recalibrate=False, masks=masks)
+        c.sparsity = weight_sparsity(self.model, self.prunable)[0].sparsity
+        c.zero_shot_accuracy = self.accuracy()
+        if self.use_bn:
+            recalibrate_bn(self.model, self.data.calib_x, self.cfg.batch_size)
+        x, y, bs = self.data.eval_x, self.data.eval_y, self.cfg.batch_size
+
+        def count_correct(_: int, start: int, stop: int) -> int:
+            return round(accuracy(self.model, x[start:stop], y[start:stop], bs) * (stop - start))
+
+        (r,) = race(1, rungs, count_correct, keep=0, floor=bar)
+        c.accuracy = r.accuracy
+        c.screened_images = None if r.complete else r.seen
+        return c
+
     def shared(self) -> Shared:
         """What every recovery task reads: a copy of the dense model (``self.model`` is masked in place),
         the calibration split to train on and the selection split to rank and stop on."""
@@ -488,6 +508,40 @@ def compress(cfg: CompressConfig, progress: Progress | None = None) -> Report:
         executor.close()
 
 
+@dataclass
+class ScreeningBar:
+    """The accuracy a candidate must still be able to reach to matter (`screening.race`'s bar): the ``keep``-th
+    best screened accuracy among completed contenders (``keep``: the candidates the recover stage takes by
+    screening accuracy, or 1: the pick), at least ``floor`` (``--max-drop``: dense minus the drop). Contenders:
+    the candidates at the sparsity target (with ``--max-drop`` every one).
+
+    A candidate stopped below the bar can be neither recovered (``Top`` ranks by screening accuracy and takes
+    the ``keep`` best, which stay exact) nor picked: the top ``keep`` and everyone at or above ``floor`` are
+    exactly those of a full evaluation. Halving recovers every candidate, so only 1 (the pick without
+    recovery) is kept exact there, which recovery does not use."""
+
+    keep: int
+    floor: float
+    target: float | None  # None: every candidate contends (--max-drop)
+    best: list[float] = field(default_factory=list)  # completed contenders' accuracies, highest first
+
+    @classmethod
+    def for_run(cls, cfg: CompressConfig, dense_accuracy: float, schedule: Top | Halving | None) -> ScreeningBar:
+        keep = schedule.k if isinstance(schedule, Top) else 1
+        floor = dense_accuracy - cfg.max_drop / 100 if cfg.max_drop is not None else 0.0
+        return cls(max(1, keep), max(0.0, floor), None if cfg.max_drop is not None else cfg.sparsity)
+
+    @property
+    def value(self) -> float:
+        kth = self.best[self.keep - 1] if len(self.best) >= self.keep else 0.0
+        return max(self.floor, kth)
+
+    def add(self, c: Candidate) -> Candidate:
+        if c.screened_images is None and (self.target is None or c.sparsity >= self.target - 1e-6):
+            self.best = sorted([*self.best, c.accuracy], reverse=True)
+        return c
+
+
 def recovery_schedule(cfg: CompressConfig) -> Top | Halving | None:
     """The recover stage's schedule from the options; None when there is nothing to train."""
     if cfg.finetune_epochs <= 0 or cfg.finetune_top <= 0:
@@ -558,6 +612,7 @@ def _compress(
         )
         progress.log(f"Mix-and-Match ranges reach {low:.1%}-{high:.1%} global sparsity{short}")
 
+    schedule = recovery_schedule(cfg)
     # this machine's rate on the dense evaluation: how long screening will take, said before it starts
     rate = macs * len(data.eval_x) / max(eval_s, 1e-9) / 1e9
     recal = min(len(data.calib_x), cfg.batch_size * BN_RECAL_BATCHES) if ws.use_bn else 0
@@ -568,10 +623,12 @@ def _compress(
     with t("screening"):
         what = "mask + BN re-calibration" if ws.use_bn else "mask"
         progress.start(f"screen {len(cplans)} candidates ({what})", total=len(cplans))
+        bar = ScreeningBar.for_run(cfg, dense_acc, schedule)
+        rungs = image_rungs(len(data.eval_x))
         kept, screening = screen_candidates(
             [cp.candidate for cp in cplans],
             masks_of=lambda i: build_masks(cplans[i].scores, cplans[i].plan),
-            evaluate=lambda i, masks: ws.screen(cplans[i], masks),
+            evaluate=lambda i, masks: bar.add(ws.screen_raced(cplans[i], masks, rungs, bar.value)),
             num_classes=data.num_classes,
             dense_accuracy=dense_acc,
             probe=SCREEN_PROBE if cfg.method == "mix-and-match" else 0,
@@ -585,7 +642,6 @@ def _compress(
 
     cands = [cp.candidate for cp in cplans]
     finetuned: dict[int, dict] = {}  # candidate index -> recovered weights (the last rung's survivors)
-    schedule = recovery_schedule(cfg)
     with t("finetune"):
         if schedule is not None:
             # at the target (any sparsity with --max-drop); candidates sharing another's masks train once

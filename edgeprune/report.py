@@ -60,6 +60,9 @@ class Candidate:
     # accuracy, zero_shot_accuracy, finetuned_accuracy: the selection split. test_accuracy: the test split,
     # measured after the pick for the pick and the baselines only (None for the others)
     test_accuracy: float | None = None
+    # screening stopped early (it provably could not be recovered or picked): accuracy is on this many
+    # selection images, not all; None: all of them
+    screened_images: int | None = None
     recovery: list[RecoveryRung] = field(default_factory=list)  # its rungs when the recover stage trained it
     improved: bool | None = None  # None: not recovered; False: the start weights stayed the most accurate
 
@@ -329,6 +332,10 @@ def render_shipped(report: Report) -> list[str]:
     return lines + [""]
 
 
+def _screened(c: Candidate) -> str:
+    return _pct(c.accuracy) if c.screened_images is None else f"~{_pct(c.accuracy)} ({c.screened_images})"
+
+
 def split_line(report: Report) -> str:
     """Which split decided and which is reported, with sizes (one line, for report.md and the terminal)."""
     size = {sp["name"]: sp["size"] for sp in report.splits}
@@ -404,7 +411,8 @@ def render_markdown(report: Report) -> str:
         "",
         "## Candidates",
         "",
-        "Selection-split accuracies (the search's); test: the pick and the baselines only.",
+        "Selection-split accuracies (the search's); test: the pick and the baselines only. `~N (n)`: screening "
+        "stopped after n images, once the candidate provably could be neither recovered nor picked.",
         "",
         "| name | signal | sparsity % | zero-shot % | + BN recal % | fine-tuned % | test % | Pareto |",
         "|---|---|---:|---:|---:|---:|---:|:-:|",
@@ -413,7 +421,7 @@ def render_markdown(report: Report) -> str:
         mark = "**" if c.selected else ""
         lines.append(
             f"| {mark}{c.name}{mark} | {c.signal} | {_pct(c.sparsity)} | {_pct(c.zero_shot_accuracy)} "
-            f"| {_pct(c.accuracy)} | {_pct(c.finetuned_accuracy)} | {_pct(c.test_accuracy)} "
+            f"| {_screened(c)} | {_pct(c.finetuned_accuracy)} | {_pct(c.test_accuracy)} "
             f"| {'●' if c.pareto else ''} |"
         )
     lines += render_recovery(report)
