@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .report import DenseSummary, SelectedSummary, ShippedArtifact
+from .stages import Progress, Timings
 from .targets import Target
 
 ARM_MACHINES = ("aarch64", "arm64")
@@ -154,11 +155,10 @@ def deliver(
 
     ``dense``: the dense model to export as ``dense.onnx``; None when the caller already wrote it (channel
     mode times candidates against it). ``cfg`` gives ``quantize``, ``pack``, ``ort_format``, ``bench_runs``
-    and the model name; ``t`` (`pipeline.Timings`) and ``progress`` are optional.
+    and the model name; ``t`` (`stages.Timings`) and ``progress`` are optional.
     """
     from .export.metadata import file_sizes
     from .export.ship import ship_artifacts
-    from .pipeline import Progress, Timings
 
     t = t or Timings()
     progress = progress or Progress()

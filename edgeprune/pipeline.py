@@ -10,8 +10,6 @@ import copy
 import json
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,13 +28,12 @@ from .masking import Masks, apply_masks_, build_masks
 from .models import load_model, model_family
 from .outdir import claim_output_dir
 from .ranges import LayerRange, apply_rules, baseline_ranges, load_rules, range_targets
-from .recover import Job, MaskBuild, RecoveryOutcome, ResultStore, Shared, recover
+from .recover import Job, MaskBuild, ResultStore, Shared, record_recovery, recover, recovery_schedule
 from .recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, resolve_device, teacher_logits
 from .report import (
     Candidate,
     DenseSummary,
     LayerReport,
-    RecoveryRung,
     Report,
     SelectedSummary,
     plot_pareto,
@@ -46,13 +43,13 @@ from .report import (
 from .screening import image_rungs, race, screen_candidates, screening_estimate, screening_warning
 from .selection import Point, pareto_mask, select_index
 from .sensitivity import SIGNALS, compute_sensitivity, signal_scores
+from .stages import FINAL_EVALUATION, Progress, Timings, config_dict  # noqa: F401 - re-exported for benchmarks
 from .strategies import LayerStats, reachable, search_plans
 from .targets import Target, bench_threads, get_target
 
 METHODS: tuple[str, ...] = ("mix-and-match", *BASELINES)
 GRANULARITIES: tuple[str, ...] = ("unstructured", "channel")
 RECOVER_STORE = ".edgeprune-recover"  # --resume: finished recovery rungs, under --out
-FINAL_EVALUATION = "final evaluation"  # the one reason the test split is opened for
 BN_RECAL_BATCHES = 8  # recovery.recalibrate_bn's default max_batches
 SCREEN_PROBE = 3  # a signal whose first 3 candidates collapse after BN re-calibration is not screened further
 
@@ -213,28 +210,6 @@ class CompressConfig:
                 "--pack sparse does not apply to --granularity channel (a compacted model has no zeros to pack: "
                 "its channels are removed); drop it"
             )
-
-
-class Progress:
-    """Progress hooks; the CLI supplies a rich implementation, the default is silent."""
-
-    def start(self, stage: str, total: int | None = None) -> None: ...
-    def advance(self, n: int = 1) -> None: ...
-    def finish(self) -> None: ...
-    def log(self, message: str) -> None: ...
-
-
-@dataclass
-class Timings:
-    seconds: dict[str, float] = field(default_factory=dict)
-
-    @contextmanager
-    def __call__(self, stage: str) -> Iterator[None]:
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
 
 
 @dataclass
@@ -542,29 +517,6 @@ class ScreeningBar:
         return c
 
 
-def recovery_schedule(cfg: CompressConfig) -> Top | Halving | None:
-    """The recover stage's schedule from the options; None when there is nothing to train."""
-    if cfg.finetune_epochs <= 0 or cfg.finetune_top <= 0:
-        return None
-    if cfg.recover == "halving":
-        return Halving(1, cfg.finetune_epochs, 2, keep=max(1, cfg.finetune_top))
-    return Top(k=cfg.finetune_top, epochs=cfg.finetune_epochs)
-
-
-def record_recovery(candidate: Candidate, outcome: RecoveryOutcome) -> None:
-    """A candidate's rungs in the report; its recovered accuracy only where it survived the last rung."""
-    candidate.recovery = [
-        RecoveryRung(
-            r.rung, r.epochs, r.epochs_run, r.steps, r.accuracy, r.start_accuracy, round(r.seconds, 3), r.reused
-        )
-        for r in outcome.rungs
-    ]
-    if outcome.rungs:
-        candidate.improved = outcome.accuracy > outcome.rungs[0].start_accuracy
-    if outcome.survived:
-        candidate.finetuned_accuracy = outcome.accuracy
-
-
 def _compress(
     cfg: CompressConfig,
     target: Target,
@@ -771,20 +723,3 @@ def _compress(
     (staging / "report.md").write_text(render_markdown(report))
     plot_pareto(report, staging / "pareto.png")
     return report
-
-
-def config_dict(cfg: CompressConfig, *, round_to: int | None = None, threads: int | None = None) -> dict:
-    """The run's options as report.json records them, for both granularities: what ran, not the defaults'
-    names (``device`` resolved; ``round_to`` and ``threads`` as the run used them when given)."""
-    d = asdict(cfg)
-    d["signals"], d["range_baselines"], d["ssh_options"] = (
-        list(cfg.signals),
-        list(cfg.range_baselines),
-        list(cfg.ssh_options),
-    )
-    d["device"] = str(resolve_device(cfg.device))
-    if round_to is not None:
-        d["round_to"] = round_to
-    if threads is not None:
-        d["threads"] = threads
-    return d

@@ -38,6 +38,7 @@ from .errors import EdgepruneError
 from .halving import Halving, Top, best
 from .masking import Masks, apply_masks_
 from .recovery import Recipe, finetune, has_batchnorm, recalibrate_bn, resolve_device
+from .report import Candidate, RecoveryRung
 
 # -- builders: how a candidate is materialized -------------------------------------------------------------
 
@@ -85,7 +86,7 @@ class CompactBuild:
     example: torch.Tensor  # one input, for tracing the dependency graph
 
     def build(self, dense: nn.Module) -> nn.Module:
-        from .structured import compact
+        from .structured.groups import compact
 
         return compact(dense, self.example, self.remove)
 
@@ -357,3 +358,29 @@ def pick(outcomes: Sequence[RecoveryOutcome]) -> RecoveryOutcome:
     if not survivors:
         raise EdgepruneError("recover: no candidate was recovered")
     return survivors[best([o.accuracy for o in survivors], 1)[0]]
+
+
+# -- the report's view and the options' schedule, shared by both granularities -------------------------
+
+
+def recovery_schedule(cfg: Any) -> Top | Halving | None:
+    """The recover stage's schedule from the options; None when there is nothing to train."""
+    if cfg.finetune_epochs <= 0 or cfg.finetune_top <= 0:
+        return None
+    if cfg.recover == "halving":
+        return Halving(1, cfg.finetune_epochs, 2, keep=max(1, cfg.finetune_top))
+    return Top(k=cfg.finetune_top, epochs=cfg.finetune_epochs)
+
+
+def record_recovery(candidate: Candidate, outcome: RecoveryOutcome) -> None:
+    """A candidate's rungs in the report; its recovered accuracy only where it survived the last rung."""
+    candidate.recovery = [
+        RecoveryRung(
+            r.rung, r.epochs, r.epochs_run, r.steps, r.accuracy, r.start_accuracy, round(r.seconds, 3), r.reused
+        )
+        for r in outcome.rungs
+    ]
+    if outcome.rungs:
+        candidate.improved = outcome.accuracy > outcome.rungs[0].start_accuracy
+    if outcome.survived:
+        candidate.finetuned_accuracy = outcome.accuracy

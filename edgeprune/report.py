@@ -470,7 +470,7 @@ def plot_pareto(report: Report, path: Path, axes: tuple[str, ...] = ("sparsity",
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .selection import Point, pareto_mask
+    from .pareto import Point, pareto_mask
 
     fig, panels = plt.subplots(1, len(axes), figsize=(6.5 * len(axes), 4.5), dpi=110, sharey=True, squeeze=False)
     cands = report.strategies

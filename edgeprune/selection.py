@@ -10,30 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from .errors import EdgepruneError
+from .pareto import Point, pareto_mask  # noqa: F401 - re-exported: selection's public names
 from .report import Candidate
-
-
-@dataclass(frozen=True)
-class Point:
-    accuracy: float
-    sparsity: float  # higher is better (smaller artifact)
-
-
-def pareto_mask(points: Sequence[Point]) -> list[bool]:
-    """True for points no other point beats on both accuracy and sparsity (ties are not domination)."""
-    out = []
-    for p in points:
-        dominated = any(
-            q.accuracy >= p.accuracy
-            and q.sparsity >= p.sparsity
-            and (q.accuracy > p.accuracy or q.sparsity > p.sparsity)
-            for q in points
-        )
-        out.append(not dominated)
-    return out
 
 
 def select_index(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-from ..pipeline import Progress as PipelineProgress
+from ..stages import Progress as PipelineProgress
 
 
 class RichProgress(PipelineProgress):

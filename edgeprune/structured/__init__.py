@@ -8,8 +8,8 @@
 
 from __future__ import annotations
 
-from .flow import channel_target, compact, compress_channels, load_structured_rules, select_structured
-from .groups import ChannelGroup, GroupGraph, check_forward
+from .flow import channel_target, compress_channels, load_structured_rules, select_structured
+from .groups import ChannelGroup, GroupGraph, check_forward, compact
 from .planning import allowed_keeps, keep_units, units_to_remove, widths_for
 from .signals import accumulate_gradients, global_threshold_ratios, group_scores
 

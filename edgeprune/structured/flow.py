@@ -36,7 +36,7 @@ from ..errors import EdgepruneError
 from ..evaluation import accuracy, params_and_macs
 from ..inventory import Layer
 from ..ranges import LayerRange, Rule, apply_rules, baseline_ranges, parse_rules, range_targets, read_rules_file
-from ..recover import CompactBuild, Job, ResultStore, Shared, recover
+from ..recover import CompactBuild, Job, ResultStore, Shared, record_recovery, recover, recovery_schedule
 from ..recovery import RECIPES, has_batchnorm, recalibrate_bn, resolve_device, teacher_logits_if_distilling
 from ..report import (
     Candidate,
@@ -63,10 +63,11 @@ from ..selection import (  # noqa: F401 - meets, eligible, select_structured, ..
     pareto_mask,
     select_structured,
 )
+from ..stages import FINAL_EVALUATION, config_dict
 from ..strategies import STRATEGY_NAMES, LayerStats, make_all_plans
 from ..targets import bench_threads, host_cpu_flags, round_to_hint
 from .costs import LatencyModel, calibrated, fit_latency_model, latency_allocation, layer_macs
-from .groups import ROOT_TYPES, ChannelGroup, GroupGraph, check_forward
+from .groups import ROOT_TYPES, ChannelGroup, GroupGraph, compact
 from .planning import Widths, allowed_keeps, max_ratio, units_to_remove, widths_for
 from .signals import global_threshold_ratios, group_scores
 
@@ -213,15 +214,6 @@ def channel_target(cfg) -> float:
 
 def prunable_weights(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, ROOT_TYPES))
-
-
-def compact(model: nn.Module, example: torch.Tensor, remove: dict[str, list[int]]) -> nn.Module:
-    """A pruned deep copy of ``model``: the given units of each group physically removed."""
-    pruned = copy.deepcopy(model)
-    pruned.zero_grad(set_to_none=True)
-    GroupGraph(pruned, example).remove(remove)
-    check_forward(pruned, example)
-    return pruned.eval()
 
 
 # -- the flow ---------------------------------------------------------------------------------------------
@@ -591,8 +583,6 @@ class ChannelSearch:
         if start == 0:
             self.finetuned = {}
         with self.t("finetune"):
-            from ..pipeline import record_recovery, recovery_schedule
-
             schedule = recovery_schedule(cfg)
             if schedule is None:
                 return
@@ -694,7 +684,6 @@ class ChannelSearch:
     def evaluate_on_test(self) -> None:
         """The pick is made: open the sealed test split, once, for the reported accuracy of dense and the pick
         (channel mode has no baseline candidates)."""
-        from ..pipeline import FINAL_EVALUATION
 
         self.test = self.data.test_split(FINAL_EVALUATION)
         self.dense_test = accuracy(self.model, *self.test, self.cfg.batch_size)
@@ -757,7 +746,6 @@ class ChannelSearch:
         )
 
     def report(self) -> Report:
-        from ..pipeline import config_dict
 
         cfg, groups, chosen = self.cfg, self.groups, self.chosen
         ranges = self.ranges_by_round[chosen.round]

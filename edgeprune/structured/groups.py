@@ -19,6 +19,7 @@ channels are never pruned (no graph node owns them).
 from __future__ import annotations
 
 import contextlib
+import copy
 import traceback
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -319,3 +320,12 @@ class GroupGraph:
         block.num_heads -= len(heads)
         if hasattr(block, "attn_dim"):
             block.attn_dim = block.num_heads * block.head_dim
+
+
+def compact(model: nn.Module, example: torch.Tensor, remove: dict[str, list[int]]) -> nn.Module:
+    """A pruned deep copy of ``model``: the given units of each group physically removed."""
+    pruned = copy.deepcopy(model)
+    pruned.zero_grad(set_to_none=True)
+    GroupGraph(pruned, example).remove(remove)
+    check_forward(pruned, example)
+    return pruned.eval()
