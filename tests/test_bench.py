@@ -247,8 +247,8 @@ def test_cli_bench_with_data_matches_onnxruntime(tmp_path, capsys):
     args = ["bench", str(model), "--data", "demo", "--eval-size", "60", "--runs", "3", "--warmup", "0"]
     assert run_cli([*args, "--json", str(out)]) == 0
     got = json.loads(out.read_text())["results"][0]["accuracy"]
-    bundle = load_data("demo", calib_size=1000, eval_size=60, image_size=32).with_channels(3)
-    x, y = bundle.eval_x.numpy(), bundle.eval_y.numpy()
+    bundle = load_data("demo", calib_size=1000, eval_size=1000, test_size=2000, image_size=32).with_channels(3)
+    x, y = (t.numpy()[:60] for t in bundle.test_split("check"))  # bench reports on the test split
     assert x.shape == (60, 3, 32, 32)
     want = float(np.mean([ort_logits(model, x[i : i + 1]).argmax() == y[i] for i in range(len(x))]))
     assert got == pytest.approx(want)
