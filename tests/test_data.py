@@ -216,9 +216,9 @@ def test_imagefolder_bad_folders(tmp_path: Path, setup, message: str):
 
 
 def test_imagefolder_two_images_are_too_few(tmp_path: Path):
-    (tmp_path / "d" / "a").mkdir(parents=True)
-    for name in ("x.png", "y.png"):
-        PIL.Image.new("L", (8, 8)).save(tmp_path / "d" / "a" / name)
+    for cls, name in (("a", "x.png"), ("b", "y.png")):  # two classes: the image count is the only problem
+        (tmp_path / "d" / cls).mkdir(parents=True)
+        PIL.Image.new("L", (8, 8)).save(tmp_path / "d" / cls / name)
     with pytest.raises(DataError, match="at least 3 images .one each to calibrate, select and test., found 2"):
         load_data(f"imagefolder:{tmp_path / 'd'}")
 
@@ -227,6 +227,8 @@ def test_imagefolder_corrupt_image_is_named(tmp_path: Path):
     (tmp_path / "d" / "a").mkdir(parents=True)
     for name in ("ok.png", "ok2.png"):
         PIL.Image.new("L", (8, 8)).save(tmp_path / "d" / "a" / name)
+    (tmp_path / "d" / "b").mkdir()  # a second class, so the corrupt file is the only problem
+    PIL.Image.new("L", (8, 8)).save(tmp_path / "d" / "b" / "ok3.png")
     (tmp_path / "d" / "a" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="broken.png"):
         load_data(f"imagefolder:{tmp_path / 'd'}")
