@@ -24,7 +24,15 @@ from edgeprune.benchmarks.runner import median_p50
 from edgeprune.export import export_onnx
 from torch import nn
 
-from edgeprune.data import FMNIST_CLASSES, FMNIST_MEAN, FMNIST_STD, DataBundle, read_fashion_mnist, uint8_to_normalized
+from edgeprune.data import (
+    FMNIST_CLASSES,
+    FMNIST_MEAN,
+    FMNIST_STD,
+    DataBundle,
+    SealedSplit,
+    read_fashion_mnist,
+    uint8_to_normalized,
+)
 from edgeprune.evaluation import params_and_macs
 from edgeprune.models import load_model
 from edgeprune.pipeline import CompressConfig, Progress, Timings
@@ -78,6 +86,7 @@ def fmnist_split(calib_images: int, screen_images: int, seed: int = 0) -> tuple[
     ci = rng.permutation(len(train_y))[:calib_images]
     ti = rng.permutation(len(test_y))
     screen, held = ti[:screen_images], ti[screen_images:]
+    held_t = uint8_to_normalized(test_x[held])
     bundle = DataBundle(
         name=f"fashion-mnist (calibration: {calib_images} train images; screening: {screen_images} test images)",
         calib_x=uint8_to_normalized(train_x[ci]),
@@ -90,8 +99,10 @@ def fmnist_split(calib_images: int, screen_images: int, seed: int = 0) -> tuple[
         class_names=list(FMNIST_CLASSES),
         mean=FMNIST_MEAN,
         std=FMNIST_STD,
+        # the held-out images are the product's sealed test split too (ChannelSearch opens it after the pick)
+        test=SealedSplit(held_t, torch.from_numpy(test_y[held].astype(np.int64)), "fashion-mnist test (held out)"),
     )
-    held_x = uint8_to_normalized(test_x[held]).numpy().astype(np.float32)
+    held_x = held_t.numpy().astype(np.float32)
     return bundle, held_x, test_y[held].astype(np.int64)
 
 
