@@ -642,17 +642,7 @@ def _compress(
     model.eval()  # holds the pick: it was evaluated last
     _, per_layer = weight_sparsity(model, ws.prunable)
 
-    selected = SelectedSummary(
-        name=chosen.name,
-        signal=chosen.signal,
-        strategy=chosen.strategy,
-        sparsity=chosen.sparsity,
-        accuracy=chosen.final_accuracy,
-        why=why,
-        accuracy_drop=(dense_acc - chosen.final_accuracy) * 100,
-        test_accuracy=chosen.test_accuracy,
-        test_accuracy_drop=(dense_test - chosen.test_accuracy) * 100,
-    )
+    selected = SelectedSummary.of(chosen, why, dense_acc, dense_test)
     dense = DenseSummary(accuracy=dense_acc, params=params, macs=macs, test_accuracy=dense_test)
 
     delivery = None

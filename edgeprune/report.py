@@ -98,6 +98,21 @@ class SelectedSummary:
     test_accuracy_drop: float | None = None  # points, dense - selected, on the test split
     shipping: dict | None = None  # INT8 / packing / ORT files and their sizes (edgeprune.export.ship)
 
+    @classmethod
+    def of(cls, c: Candidate, why: str, dense_accuracy: float, dense_test: float) -> SelectedSummary:
+        """The pick as both granularities report it: selection-split accuracy and drop, test-split beside it."""
+        return cls(
+            name=c.name,
+            signal=c.signal,
+            strategy=c.strategy,
+            sparsity=c.sparsity,
+            accuracy=c.final_accuracy,
+            why=why,
+            accuracy_drop=(dense_accuracy - c.final_accuracy) * 100,
+            test_accuracy=c.test_accuracy,
+            test_accuracy_drop=(dense_test - c.test_accuracy) * 100,
+        )
+
 
 @dataclass
 class LayerReport:

@@ -692,17 +692,7 @@ class ChannelSearch:
     def export_selected(self) -> None:
         """The shared deliver step: model.onnx (dense.onnx is already there), INT8, packing, ORT, benchmark."""
         c, cfg, d = self.chosen.candidate, self.cfg, self.data
-        self.selected = SelectedSummary(
-            name=c.name,
-            signal=c.signal,
-            strategy=c.strategy,
-            sparsity=c.sparsity,
-            accuracy=c.final_accuracy,
-            why=self.why,
-            accuracy_drop=(self.dense_acc - c.final_accuracy) * 100,
-            test_accuracy=c.test_accuracy,
-            test_accuracy_drop=(self.dense_test - c.test_accuracy) * 100,
-        )
+        self.selected = SelectedSummary.of(c, self.why, self.dense_acc, self.dense_test)
         self.dense_summary = DenseSummary(
             accuracy=self.dense_acc, params=self.params, macs=self.macs, test_accuracy=self.dense_test
         )
