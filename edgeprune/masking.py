@@ -32,9 +32,11 @@ def build_masks(scores: Scores, plan: Plan) -> Masks:
 
 @torch.no_grad()
 def apply_masks_(model: nn.Module, masks: Masks) -> None:
-    """Zero the masked weights in place (for zero-shot screening; nothing stops later updates)."""
+    """Zero the masked weights in place (for zero-shot screening; nothing stops later updates). Masks are
+    built on the CPU; each is moved to its weight's device (screening may run on ``--device``)."""
     for name, keep in masks.items():
-        model.get_submodule(name).weight.mul_(keep.to(dtype=torch.float32))
+        weight = model.get_submodule(name).weight
+        weight.mul_(keep.to(device=weight.device, dtype=weight.dtype))
 
 
 class WeightMask(nn.Module):

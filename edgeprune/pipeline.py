@@ -29,7 +29,7 @@ from .models import load_model, model_family
 from .outdir import claim_output_dir
 from .ranges import LayerRange, apply_rules, baseline_ranges, load_rules, range_targets
 from .recover import Job, MaskBuild, ResultStore, Shared, record_recovery, recover, recovery_schedule
-from .recovery import RECIPES, finetune, has_batchnorm, recalibrate_bn, resolve_device, teacher_logits
+from .recovery import RECIPES, finetune, has_batchnorm, on_device, recalibrate_bn, resolve_device, teacher_logits
 from .report import (
     Candidate,
     DenseSummary,
@@ -83,7 +83,7 @@ class CompressConfig:
     resume: bool = False  # keep finished recovery rungs under --out/.edgeprune-recover and reuse them
     recover_threads: int = 1  # torch threads per recovery task: part of the result, the same in-process and on Ray
     recovery: str = "distill"  # fine-tuning recipe, a name in recovery.RECIPES
-    device: str = "auto"  # where recovery trains: auto (a CUDA GPU when torch sees one) | cpu | cuda
+    device: str = "auto"  # where screening, BN re-calibration and recovery run: auto (CUDA when seen) | cpu | cuda
     gradient_samples: int = 512  # calibration images used for the gradient / GraSP signals
     batch_size: int = 128
     out: str = "edgeprune-out"
@@ -337,20 +337,22 @@ class Workspace:
         self.model.load_state_dict(self.original)
         apply_masks_(self.model, masks if masks is not None else build_masks(cp.scores, cp.plan))
         if recalibrate and self.use_bn:
-            recalibrate_bn(self.model, self.data.calib_x, self.cfg.batch_size)
+            recalibrate_bn(self.model, self.data.calib_x, self.cfg.batch_size, device=self.device)
         return self.model
 
     def screen(self, cp: CandidatePlan, masks: Masks | None = None) -> Candidate:
-        """Zero-shot and BN-re-calibrated accuracy, and the exact sparsity, of one candidate."""
+        """Zero-shot and BN-re-calibrated accuracy, and the exact sparsity, of one candidate, computed on
+        ``--device``; the model comes back where it was (the CPU: export and the benchmarks read it there)."""
         c = cp.candidate
-        self.materialize(cp, recalibrate=False, masks=masks)
-        c.sparsity = weight_sparsity(self.model, self.prunable)[0].sparsity
-        c.zero_shot_accuracy = self.accuracy()
-        if self.use_bn:
-            recalibrate_bn(self.model, self.data.calib_x, self.cfg.batch_size)
-            c.accuracy = self.accuracy()
-        else:
-            c.accuracy = c.zero_shot_accuracy
+        with on_device(self.model, self.device):
+            self.materialize(cp, recalibrate=False, masks=masks)
+            c.sparsity = weight_sparsity(self.model, self.prunable)[0].sparsity
+            c.zero_shot_accuracy = self.accuracy()
+            if self.use_bn:
+                recalibrate_bn(self.model, self.data.calib_x, self.cfg.batch_size)
+                c.accuracy = self.accuracy()
+            else:
+                c.accuracy = c.zero_shot_accuracy
         return c
 
     def screen_raced(self, cp: CandidatePlan, masks: Masks, rungs: list[int], bar: float) -> Candidate:
@@ -358,17 +360,18 @@ class Workspace:
         even every unseen selection image right would leave the candidate below ``bar``, so it cannot be
         picked; ``screened_images`` then says on how many images its accuracy was estimated."""
         c = cp.candidate
-        self.materialize(cp, recalibrate=False, masks=masks)
-        c.sparsity = weight_sparsity(self.model, self.prunable)[0].sparsity
-        c.zero_shot_accuracy = self.accuracy()
-        if self.use_bn:
-            recalibrate_bn(self.model, self.data.calib_x, self.cfg.batch_size)
         x, y, bs = self.data.eval_x, self.data.eval_y, self.cfg.batch_size
 
         def count_correct(_: int, start: int, stop: int) -> int:
             return round(accuracy(self.model, x[start:stop], y[start:stop], bs) * (stop - start))
 
-        (r,) = race(1, rungs, count_correct, keep=0, floor=bar)
+        with on_device(self.model, self.device):
+            self.materialize(cp, recalibrate=False, masks=masks)
+            c.sparsity = weight_sparsity(self.model, self.prunable)[0].sparsity
+            c.zero_shot_accuracy = self.accuracy()
+            if self.use_bn:
+                recalibrate_bn(self.model, self.data.calib_x, self.cfg.batch_size)
+            (r,) = race(1, rungs, count_correct, keep=0, floor=bar)
         c.accuracy = r.accuracy
         c.screened_images = None if r.complete else r.seen
         return c
@@ -541,7 +544,8 @@ def _compress(
     with t("dense_eval"):
         progress.start("evaluate dense model")
         t0 = time.perf_counter()
-        dense_acc = accuracy(model, data.eval_x, data.eval_y, cfg.batch_size)
+        with on_device(model, resolve_device(cfg.device)):  # where screening will run: its rate, below
+            dense_acc = accuracy(model, data.eval_x, data.eval_y, cfg.batch_size)
         eval_s = time.perf_counter() - t0
         params, macs = params_and_macs(model, data.eval_x[:1])
         progress.finish()

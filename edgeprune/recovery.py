@@ -33,10 +33,12 @@ DEVICES = ("auto", "cpu", "cuda")
 
 
 def resolve_device(name: str) -> torch.device:
-    """The torch device for recovery: ``cpu``, ``cuda`` (must be visible) or ``auto`` (cuda when visible).
+    """The torch device for the forward-heavy stages: ``cpu``, ``cuda`` (must be visible) or ``auto`` (cuda
+    when visible).
 
-    Only recovery (BN re-calibration, fine-tuning, the teacher's logits) moves: it is the stage that costs
-    minutes; signals, screening and export stay on the CPU, where the exported model will run.
+    Screening (the dense and every candidate's evaluation), BN re-calibration and recovery (fine-tuning, the
+    teacher's logits) move there, each returning the model where it was; sensitivity signals, the sealed test
+    split's figures and export stay on the CPU, where the exported model will run.
     """
     if name not in DEVICES:
         raise EdgepruneError(f"unknown --device '{name}'; choose from {', '.join(DEVICES)}")

@@ -86,7 +86,9 @@ def compress_cmd(
         "distill", help="fine-tuning recipe: " + "; ".join(f"{r.name}: {r.description}" for r in RECIPES.values())
     ),
     device: str = typer.Option(
-        "auto", help="where fine-tuning runs: auto (a CUDA GPU when torch sees one), cpu or cuda"
+        "auto",
+        help="where screening, BN re-calibration and fine-tuning run: auto (a CUDA GPU when torch sees one), cpu "
+        "or cuda (export, parity and the test split's figures stay on the CPU)",
     ),
     quantize: str | None = typer.Option(None, help="int8 or none (default: the target profile's choice)"),
     pack: str = typer.Option(
