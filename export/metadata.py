@@ -33,6 +33,10 @@ _FLOAT_KEYS = {"global_sparsity"}
 _INT_KEYS = {"calibration_size", "opset"}
 REFERENCE_SEED = 0
 REFERENCE_BATCH = 2
+# onnxruntime may differ from float32 PyTorch by up to this many times PyTorch's own float32 error (against
+# float64) and pass: two float32 runs that round in different orders (BN folded, branches merged) differ by
+# up to about twice each one's error; a real fault (a wrong or lost weight) is orders of magnitude above.
+FLOAT_NOISE_FACTOR = 4.0
 REFERENCE_MAX_VALUES = 2048
 # The reference input's shape comes from the file: bound it before allocating (a crafted
 # [2, 100000, 100000, 100000] would ask numpy for petabytes). 2**24 values per image is a 3x2364x2364
@@ -180,22 +184,28 @@ def reference_entry(shape: list[int], outputs: list[np.ndarray], atol: float, rt
     )
 
 
-def parity_entry(max_abs_diff: float, max_rel_diff: float, tol: float, inputs: int) -> str:
+def parity_entry(
+    max_abs_diff: float, max_rel_diff: float, tol: float, inputs: int, float32_error: float | None = None
+) -> str:
     """``edgeprune.parity``: the FP32 export's check against PyTorch (rule: ``export.onnx_export.OutputDiff``).
 
     It says ``"precision": "fp32"`` because companions (INT8, packed) copy the FP32 file's metadata.
+    ``float32_error``: PyTorch's own float32 error against float64, present when the check passed as float
+    noise (over ``tol``, within ``FLOAT_NOISE_FACTOR`` times it).
     """
-    return json.dumps(
-        {
-            "vs": "pytorch",
-            "precision": "fp32",
-            "inputs": int(inputs),
-            "max_abs_diff": float(f"{max_abs_diff:.4g}"),
-            "max_rel_diff": float(f"{max_rel_diff:.4g}"),
-            "rule": "max|onnx-pytorch| / max(1, max|pytorch|) per output <= tol",
-            "tol": tol,
-        }
-    )
+    entry = {
+        "vs": "pytorch",
+        "precision": "fp32",
+        "inputs": int(inputs),
+        "max_abs_diff": float(f"{max_abs_diff:.4g}"),
+        "max_rel_diff": float(f"{max_rel_diff:.4g}"),
+        "rule": "max|onnx-pytorch| / max(1, max|pytorch|) per output <= tol, "
+        f"or max|onnx-pytorch| <= {FLOAT_NOISE_FACTOR:g} x max|pytorch float32 - float64| (float noise)",
+        "tol": tol,
+    }
+    if float32_error is not None:
+        entry["float32_error"] = float(f"{float32_error:.4g}")
+    return json.dumps(entry)
 
 
 def _short(value: Any) -> str:

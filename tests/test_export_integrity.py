@@ -193,6 +193,46 @@ def test_both_numbers_are_recorded(tmp_path, capsys):
     assert "relative to the output scale" in {c.name: c.detail for c in report.checks}["pytorch"]
 
 
+def _cancelling_model() -> nn.Module:
+    """O(1) outputs computed from activations of ~1e5 that BatchNorm's mean cancels (what a deep random-weight
+    or re-parameterised net does): float32 rounds at ~1e-3 there, so an absolute 1e-4 cannot hold for any
+    float32 runtime, PyTorch included. onnxruntime folds the BN into the Gemm and rounds in another order."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    with torch.no_grad():
+        model[1].bias.fill_(1e5)
+        model[2].running_mean.fill_(1e5)
+        model[4].weight.mul_(0.3)
+    return model
+
+
+def test_float_noise_passes_over_the_tolerance_and_a_corrupted_weight_still_fails(tmp_path):
+    model = _cancelling_model()
+    x = torch.randn(32, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert model(x).abs().max() < 1  # O(1) outputs: the relative rule is the absolute one
+    result = export_onnx(model, x[:1], tmp_path / "noisy.onnx", check_inputs=x)
+    noise = result.parity_float32_error
+    assert noise is not None and result.parity_max_abs_diff > 1e-4  # over the tolerance ...
+    assert noise > 1e-4 and result.parity_max_abs_diff <= 4 * noise  # ... and within PyTorch's own float32 error
+    assert read_metadata(result.path)["parity"]["float32_error"] == pytest.approx(noise, rel=1e-3)
+    report = verify_artifact(result.path, model=model, inputs=x)
+    assert report.ok, [(c.name, c.detail) for c in report.checks if c.status != "ok"]
+    assert "float32 error" in {c.name: c.detail for c in report.checks}["pytorch"]
+
+    # One weight of the last Gemm off by 0.05: far above the float noise, so the export is not faithful.
+    graph = onnx.load(str(result.path))
+    init = next(i for i in graph.graph.initializer if numpy_helper.to_array(i).size == 640)
+    w = numpy_helper.to_array(init).copy()
+    w.flat[0] += np.float32(0.05)
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    message = r"ONNX output 0 \('logits'\) differs from PyTorch by .* nor within 4x PyTorch's own float32 error"
+    with pytest.raises(EdgepruneError, match=message):
+        parity_check(_prepare(model), graph, x, 1e-4)
+    report = verify_artifact(_write(tmp_path / "bad.onnx", graph), model=model, inputs=x)
+    assert {c.name: c.status for c in report.checks}["pytorch"] != "ok"
+
+
 # ------------------------------------------------------------------------------- finite weights on load
 
 
