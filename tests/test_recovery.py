@@ -115,3 +115,18 @@ def test_finetune_on_a_named_device_trains_and_returns_the_model_where_it_was():
     assert all(p.device.type == "cpu" for p in model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert torch.count_nonzero(model.get_submodule(conv).weight[0]) == 0
+
+
+def test_bn_recalibration_matches_a_float64_computation(demo_data):
+    """The running statistics are the exact average (to float32 rounding): within 1e-5 relative of the same
+    re-calibration in float64 (channels-last input, e.g., drifts to ~1e-4; see `recovery._recalibrate`)."""
+    model = load_model("demo")
+    exact = load_model("demo").double()
+    x = demo_data.calib_x[:200]
+    recalibrate_bn(model, x, 100)
+    recalibrate_bn(exact, x.double(), 100)
+    bns = [(m, e) for m, e in zip(model.modules(), exact.modules()) if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns
+    for m, e in bns:
+        for got, want in ((m.running_mean, e.running_mean), (m.running_var, e.running_var)):
+            assert float((got.double() - want).abs().max() / want.abs().max()) < 1e-5
