@@ -11,14 +11,16 @@ import pytest
 import torch
 from edgeprune.export import describe_artifact, export_onnx, read_metadata, verify_artifact
 from edgeprune.export.metadata import MAX_INPUT_VALUES, check_input_shape, parse_reference, reference_mismatch
-from edgeprune.export.onnx_export import _prepare, compare_outputs, max_abs_diff, parity_check
+from edgeprune.export.onnx_export import _prepare, compare_outputs, float32_error, max_abs_diff, parity_check
 from edgeprune.export.verify import ARM_INT8_TOL
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from edgeprune.cli import main
+from edgeprune.data import load_data
 from edgeprune.errors import EdgepruneError
 from edgeprune.models import load_checkpoint, load_model
+from edgeprune.recovery import recalibrate_bn
 
 torch.set_num_threads(1)
 
@@ -231,6 +233,21 @@ def test_float_noise_passes_over_the_tolerance_and_a_corrupted_weight_still_fail
         parity_check(_prepare(model), graph, x, 1e-4)
     report = verify_artifact(_write(tmp_path / "bad.onnx", graph), model=model, inputs=x)
     assert {c.name: c.status for c in report.checks}["pytorch"] != "ok"
+
+
+@pytest.mark.slow
+def test_mobileone_dense_parity_is_within_its_own_float_noise(tmp_path):
+    """issue 18's mobileone_s0 stop, on the dense model at 64 px: random weights, BN re-calibrated on demo
+    images. PyTorch's own float32 error against float64 is of the 1e-4 class, as is onnxruntime's
+    difference: the 1e-4 bound was float noise, not an unfaithful export, and the export now passes."""
+    torch.manual_seed(0)
+    x = load_data("demo", calib_size=16, eval_size=16, test_size=16, image_size=64, seed=0).calib_x
+    model = load_model("mobileone_s0", pretrained=False, num_classes=10, in_chans=1, img_size=64)
+    recalibrate_bn(model, x, 16)
+    result = export_onnx(model, x[:1], tmp_path / "mobileone.onnx", check_inputs=x)
+    noise = float32_error(_prepare(model), x)
+    assert noise is not None and noise > 2e-5
+    assert result.parity_max_abs_diff <= 4 * noise
 
 
 # ------------------------------------------------------------------------------- finite weights on load
