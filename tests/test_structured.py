@@ -487,10 +487,27 @@ def test_prunable_params_of_groups_cover_the_model():
     assert {"stem", "downsample", "mlp_fc1"} <= roles
 
 
+def test_next_goal_round_follows_the_drop_curve():
+    """Pure placement of --max-drop goal rounds: lighter while every round misses, between a met and a
+    missed round once one meets, none when all meet or the bracket is tight."""
+    from edgeprune.structured.flow import DROP_AIM, DROP_EXPONENT, next_goal_ratio
+
+    assert next_goal_ratio([(0.5, 0.4)], 1.0) is None  # met at the first round
+    one = next_goal_ratio([(0.5, 11.0)], 1.0)
+    assert one == pytest.approx(0.5 * (DROP_AIM / 11.0) ** (1 / DROP_EXPONENT))
+    assert next_goal_ratio([(0.5, 500.0)], 1.0) == pytest.approx(0.125)  # at most 4x lighter
+    # two misses: the exponent comes from them (drop = c * r**2 here), aimed at DROP_AIM of the drop
+    two = next_goal_ratio([(0.6, 3.6), (0.4, 1.6)], 1.0)
+    assert two == pytest.approx(0.4 * (DROP_AIM / 1.6) ** 0.5)
+    between = next_goal_ratio([(0.5, 11.0), (0.2, 0.3)], 1.0)
+    assert 0.2 < between < 0.5
+    assert next_goal_ratio([(0.22, 1.2), (0.2, 0.3)], 1.0) is None  # 0.22 / 0.2 < BRACKET_CLOSE
+
+
 @pytest.mark.slow
-def test_max_drop_searches_lighter_rounds_until_a_candidate_meets_it(tmp_path):
-    """``--max-drop``: a round lighter than the last runs only while no candidate is within the drop, at most
-    three; the pick is the fastest within the drop, or (none within it) the most accurate, said in the notes."""
+def test_max_drop_places_goal_rounds_by_the_measured_drops(tmp_path):
+    """``--max-drop``: another goal round runs only while some earlier round missed the drop, at most three;
+    the pick is the fastest within the drop, or (none within it) the most accurate, said in the notes."""
     from edgeprune.pipeline import CompressConfig, compress
     from edgeprune.structured.flow import GOAL_ROUNDS
 
@@ -508,8 +525,9 @@ def test_max_drop_searches_lighter_rounds_until_a_candidate_meets_it(tmp_path):
 
     rounds = sorted({round_of(c) for c in report.strategies})
     assert rounds == list(range(len(rounds))) and 1 <= len(rounds) <= GOAL_ROUNDS
-    for k in rounds[1:]:  # a lighter round ran only because no earlier candidate met the drop
-        assert not any(within(c) for c in report.strategies if round_of(c) < k)
+    for k in rounds[1:]:  # a further round ran only because an earlier one missed the drop
+        earlier = [c for c in report.strategies if round_of(c) < k]
+        assert not all(within(c) for c in earlier)
     assert report.structured.groups and len(report.strategies) >= 10 * len(rounds)
     met = [c for c in report.strategies if within(c)]
     sel = next(c for c in report.strategies if c.selected)

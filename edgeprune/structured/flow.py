@@ -22,6 +22,7 @@ import json
 import math
 import platform
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -76,8 +77,12 @@ CHECK_IMAGES = 64  # evaluation images every exported candidate is compared on (
 TAYLOR_BATCH = 32  # images per mini-batch of the Taylor (gradient) signal
 # Latency-aware candidates: the goal's saving, scaled (the lattice of widths rounds it either way)
 LATENCY_LEVELS: dict[str, float] = {"latency-": 0.85, "latency": 1.0, "latency+": 1.15}
-GOAL_ROUNDS = 3  # --max-drop: at most this many Phase-1 plans, each lighter than the last
-LIGHTER = 0.6  # each further round's channel fraction, relative to the previous round's
+GOAL_ROUNDS = 3  # --max-drop: at most this many Phase-1 plans (see next_goal_ratio)
+# Prior exponent of drop ~ a * ratio**p while only one round is measured: accuracy loss grows faster than
+# linearly with the share of channels removed; the next round re-fits p from two measured rounds.
+DROP_EXPONENT = 3.0
+DROP_AIM = 0.8  # aim a new round at this share of --max-drop: the fitted curve is a guess, noise is ~0.5 point
+BRACKET_CLOSE = 1.15  # a met and a missed round this close (ratio of fractions) need no round between them
 COST_FLOOR = 0.05  # a group's ms per MAC never counts below this share of dense ms per MAC
 
 
@@ -634,19 +639,30 @@ class ChannelSearch:
         drop = self.cfg.max_drop
         return any((self.dense_acc - cc.candidate.final_accuracy) * 100 <= drop + 1e-9 for cc in self.cands)
 
+    def round_drops(self) -> list[tuple[float, float]]:
+        """(channel fraction, best drop in points after recovery) of each goal round so far."""
+        out = []
+        for k, ratio in enumerate(self.ratios):
+            best = max(cc.candidate.final_accuracy for cc in self.cands if cc.round == k)
+            out.append((ratio, (self.dense_acc - best) * 100))
+        return out
+
     def lighter(self) -> None:
-        """``--max-drop``: while no candidate is within the drop after recovery, plan another round lighter
-        (``LIGHTER`` times the previous round's channel fraction), up to ``GOAL_ROUNDS`` in all; every round's
-        candidates compete in one selection, timed together in one run."""
+        """``--max-drop``: goal rounds (up to ``GOAL_ROUNDS``) placed by `next_goal_ratio` from the drops
+        measured so far: lighter while no candidate is within the drop, between a met and a missed round
+        (a faster model within the drop) once one is; every round's candidates compete in one selection,
+        timed together in one run."""
         if self.cfg.max_drop is None:
             return
-        while not self.within_drop() and len(self.ratios) < GOAL_ROUNDS:
-            ratio, start = self.ratios[-1] * LIGHTER, len(self.cands)
-            best = max(cc.candidate.final_accuracy for cc in self.cands)
+        while len(self.ratios) < GOAL_ROUNDS:
+            ratio = next_goal_ratio(self.round_drops(), self.cfg.max_drop)
+            if ratio is None:
+                break
+            start = len(self.cands)
+            best = min(d for _, d in self.round_drops())
             self.progress.log(
-                f"no candidate within {self.cfg.max_drop:g} points of dense (best {(self.dense_acc - best) * 100:.2f} "
-                f"points below); searching lighter: {ratio:.0%} of the channels (round {len(self.ratios) + 1} of "
-                f"{GOAL_ROUNDS})"
+                f"best candidate {best:.2f} points below dense (--max-drop {self.cfg.max_drop:g}); next goal "
+                f"round at {ratio:.0%} of the channels (round {len(self.ratios) + 1} of {GOAL_ROUNDS})"
             )
             earlier = self.cands
             self.plan(ratio, round_=len(self.ratios))
@@ -654,15 +670,16 @@ class ChannelSearch:
             self.screen(start)
             self.measure()  # every round's architectures again, in one run: their latencies compare
             self.finetune(start)
-        rounds = ", ".join(f"{r:.0%}" for r in self.ratios)
+        rounds = ", ".join(f"{r:.0%}: {d:.2f}" for r, d in self.round_drops())
         if len(self.ratios) > 1:
             self.notes.append(
-                f"--max-drop {self.cfg.max_drop:g}: {len(self.ratios)} goal rounds ({rounds} of the channels)"
+                f"--max-drop {self.cfg.max_drop:g}: {len(self.ratios)} goal rounds (channel fraction: best drop in "
+                f"points {rounds})"
             )
         if not self.within_drop():
             self.notes.append(
                 f"no candidate is within {self.cfg.max_drop:g} points of dense after {len(self.ratios)} round(s) "
-                f"({rounds} of the channels); the most accurate one ships"
+                f"({rounds}); the most accurate one ships"
             )
 
     def select(self) -> None:
@@ -842,3 +859,38 @@ def render_structured(
     for g in groups:
         lines.append(f"| {g.name} | {g.role} | {g.kind} | {chosen.widths[g.name]} / {g.units} |")
     return "\n".join(lines) + "\n"
+
+
+def _exponent(a: tuple[float, float], b: tuple[float, float]) -> float:
+    """p of drop = c * ratio**p through two (ratio, drop) points with positive drops, else the prior."""
+    (ra, da), (rb, db) = sorted((a, b))
+    if ra <= 0 or rb <= ra or da <= 0 or db <= da:
+        return DROP_EXPONENT
+    return min(6.0, max(1.0, math.log(db / da) / math.log(rb / ra)))
+
+
+def next_goal_ratio(rounds: Sequence[tuple[float, float]], max_drop: float) -> float | None:
+    """The channel fraction of the next ``--max-drop`` goal round, or None when no round is needed.
+
+    ``rounds``: (channel fraction, best drop in points) of each round so far. With every round over the
+    drop, the next is lighter than the lightest, where drop = c * ratio**p (p fitted through the two
+    lightest, else `DROP_EXPONENT`) reaches ``DROP_AIM * max_drop``, at most 4x lighter. With a round
+    within the drop and a heavier one over it, the next lies between them on the same curve (a faster model
+    may meet the drop), unless they are within `BRACKET_CLOSE`. With every round within the drop: none.
+    """
+    met = [(r, d) for r, d in rounds if d <= max_drop + 1e-9]
+    missed = sorted((r, d) for r, d in rounds if d > max_drop + 1e-9)
+    if not missed:
+        return None
+    aim = DROP_AIM * max_drop
+    if met:
+        lo = max(met)
+        hi = min((p for p in missed if p[0] > lo[0]), default=None)
+        if hi is None or hi[0] / max(lo[0], 1e-9) < BRACKET_CLOSE:
+            return None
+        p = _exponent(lo, hi)
+        ratio = hi[0] * (aim / hi[1]) ** (1 / p)  # the curve through the missed round
+        return min(max(ratio, lo[0] * 1.05), hi[0] / 1.05)
+    r, d = missed[0]
+    p = _exponent(missed[0], missed[1]) if len(missed) > 1 else DROP_EXPONENT
+    return max(r * (aim / d) ** (1 / p), r / 4)
