@@ -28,6 +28,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -96,7 +97,8 @@ class Row:
     granularity: str
     image_size: int | None = None
     params_m: float | None = None
-    # "pass" | "fail" (EdgepruneError: a named, user-facing stop) | "crash" (a finding) | "not run" (merge only)
+    # "pass" | "fail" (EdgepruneError: a named, user-facing stop) | "crash" (a finding) | "timeout" (over
+    # --row-minutes on this machine: neither a pass nor a stop) | "not run" (merge only)
     status: str = "fail"
     stopped_by: str = ""  # the one-line message, or "Type: message @ file:line in func" for a crash
     pruned: float | None = None  # the selected candidate's sparsity: zeroed weights, or removed parameters (channel)
@@ -123,7 +125,17 @@ def _last_frame(exc: BaseException) -> str:
     return f" @ {Path(f.filename).name}:{f.lineno} in {f.name}"
 
 
-def run_row(family: str, name: str, granularity: str, eval_size: int, calib_size: int, sparsity: float) -> Row:
+class RowTimeout(Exception):
+    """Raised by SIGALRM when one row runs past --row-minutes (checked between Python bytecodes)."""
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise RowTimeout
+
+
+def run_row(
+    family: str, name: str, granularity: str, eval_size: int, calib_size: int, sparsity: float, minutes: float = 0
+) -> Row:
     import timm
 
     from edgeprune.errors import EdgepruneError
@@ -132,6 +144,9 @@ def run_row(family: str, name: str, granularity: str, eval_size: int, calib_size
     row = Row(model=name, family=family, granularity=granularity)
     start = time.perf_counter()
     out = Path(tempfile.mkdtemp(prefix=f"coverage-{name}-"))
+    if minutes > 0:
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(int(minutes * 60))
     try:
         if name not in timm.list_models():
             row.stopped_by = f"not in the installed timm {timm.__version__}"
@@ -161,6 +176,9 @@ def run_row(family: str, name: str, granularity: str, eval_size: int, calib_size
         row.pruned = selected.sparsity
         row.sparsity_onnx = getattr(selected, "onnx_sparsity", None)
         row.parity_max_abs_diff = getattr(selected, "parity_max_abs_diff", None)
+    except RowTimeout:
+        row.status = "timeout"
+        row.stopped_by = f"stopped after {minutes:g} min on this machine (not a failure of the graph)"
     except EdgepruneError as exc:
         row.stopped_by = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     except Exception as exc:  # a traceback is a finding: record what and where, keep going
@@ -168,6 +186,7 @@ def run_row(family: str, name: str, granularity: str, eval_size: int, calib_size
         message = str(exc).splitlines()[0][:200] if str(exc) else ""
         row.stopped_by = f"{type(exc).__name__}: {message}{_last_frame(exc)}"
     finally:
+        signal.alarm(0)
         row.wall_s = round(time.perf_counter() - start, 1)
         row.load_1m = round(os.getloadavg()[0], 2)
         shutil.rmtree(out, ignore_errors=True)
@@ -201,9 +220,10 @@ def markdown(rows: list[Row], runs: list[dict]) -> str:
             f"| {pruned} | {sp} | {par} | {wall} | {load} | {why} |"
         )
     lines.append("")
-    for g, (passed, failed, crashed, missing) in pass_counts(rows).items():
+    for g, (passed, failed, crashed, slow, missing) in pass_counts(rows).items():
         lines.append(
-            f"- {g}: {passed} pass, {failed} stop with a named one-line reason, {crashed} crash, {missing} not run"
+            f"- {g}: {passed} pass, {failed} stop with a named one-line reason, {crashed} crash, "
+            f"{slow} over the time limit, {missing} not run"
         )
     lines += [
         "",
@@ -213,11 +233,11 @@ def markdown(rows: list[Row], runs: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-STATUSES = ("pass", "fail", "crash", "not run")
+STATUSES = ("pass", "fail", "crash", "timeout", "not run")
 
 
 def pass_counts(rows: list[Row]) -> dict[str, tuple[int, ...]]:
-    """granularity -> counts in `STATUSES` order (pass, fail, crash, not run)."""
+    """granularity -> counts in `STATUSES` order (pass, fail, crash, timeout, not run)."""
     out: dict[str, tuple[int, ...]] = {}
     for g in dict.fromkeys(r.granularity for r in rows):
         mine = [r for r in rows if r.granularity == g]
@@ -252,6 +272,7 @@ def _settings(a: argparse.Namespace) -> dict:
         "signals": ["magnitude"],
         "range_baselines": ["mag"],
         "finetune_epochs": 0,
+        "row_minutes": a.row_minutes,
         "data": "demo images resized to the model's natural size (1 channel)",
     }
 
@@ -265,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparsity", type=float, default=0.5)
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--stem", default="coverage", help="results file name (without extension)")
+    p.add_argument("--row-minutes", type=float, default=0, help="stop a row after this long (0: no limit)")
     p.add_argument("--merge", nargs="+", type=Path, metavar="JSON", help="join result files instead of running")
     a = p.parse_args(argv)
 
@@ -284,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for name in names:
         for granularity in grans:
-            row = run_row(families.get(name, "?"), name, granularity, a.eval_size, a.calib_size, a.sparsity)
+            row = run_row(
+                families.get(name, "?"), name, granularity, a.eval_size, a.calib_size, a.sparsity, a.row_minutes
+            )
             rows.append(row)
             print(f"{name:32s} {granularity:12s} {row.status:5s} {row.wall_s:7.1f}s {row.stopped_by}", flush=True)
             # Written after every row: a long run stopped half-way still leaves its results.
