@@ -125,8 +125,9 @@ def _last_frame(exc: BaseException) -> str:
     return f" @ {Path(f.filename).name}:{f.lineno} in {f.name}"
 
 
-class RowTimeout(Exception):
-    """Raised by SIGALRM when one row runs past --row-minutes (checked between Python bytecodes)."""
+class RowTimeout(BaseException):
+    """Raised by SIGALRM when one row runs past --row-minutes (checked between Python bytecodes); a
+    BaseException so that the product's `except Exception` wrappers (which name a layer) pass it through."""
 
 
 def _alarm(signum: int, frame: object) -> None:
