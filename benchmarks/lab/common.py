@@ -1,6 +1,7 @@
 """What the reference studies share: the model and data split they read, the pipeline's structured search up
-to screening, the recovery budget, torch-pruning's uniform baseline, latency at larger inputs, and how they
-log and name the machine.
+to screening, the recovery budget (and its run through the product's recover stage on an executor:
+`recovery_shared`, `ModelBuild`, `recover_models`, ``--cluster``), torch-pruning's uniform baseline, latency at
+larger inputs, and how they log and name the machine.
 
 A study imports from here and from the product, never from another study.
 """
@@ -24,6 +25,7 @@ from edgeprune.benchmarks.runner import median_p50
 from edgeprune.export import export_onnx
 from torch import nn
 
+from edgeprune.cluster import Executor
 from edgeprune.data import (
     FMNIST_CLASSES,
     FMNIST_MEAN,
@@ -34,8 +36,10 @@ from edgeprune.data import (
     uint8_to_normalized,
 )
 from edgeprune.evaluation import params_and_macs
+from edgeprune.halving import Top
 from edgeprune.models import load_model
 from edgeprune.pipeline import CompressConfig, Progress, Timings
+from edgeprune.recover import Builder, Job, Shared, recover, tensor_digest
 from edgeprune.recovery import (
     DEVICES,
     RECIPES,
@@ -197,6 +201,112 @@ def make_recovery(a: argparse.Namespace, data: DataBundle, model: nn.Module) -> 
     device, recipe, batch = resolve_device(a.device), RECIPES[a.recovery], CompressConfig.batch_size
     teacher = teacher_logits_if_distilling(recipe, model, data.calib_x, batch, device)
     return Recovery(data, a.finetune_epochs, a.finetune_lr, batch, CompressConfig.seed, recipe, teacher, device)
+
+
+def add_cluster_argument(p: argparse.ArgumentParser) -> None:
+    """``--cluster``, as compress takes it: where the recoveries run."""
+    p.add_argument(
+        "--cluster",
+        default=None,
+        help="where recovery runs: in this process (default), local:N (a Ray here with N CPUs), ray://HOST:PORT, "
+        "HOST:PORT or auto (RAY_ADDRESS); the same numbers everywhere for the same seed and --recover-threads",
+    )
+    p.add_argument(
+        "--recover-threads",
+        type=int,
+        default=1,
+        help="torch threads per recovery (part of the result on a CPU, so the same in-process and on a cluster)",
+    )
+
+
+def recovery_shared(
+    dense: nn.Module,
+    calib_x: torch.Tensor,
+    calib_y: torch.Tensor,
+    recipe: Recipe,
+    teacher: torch.Tensor | None,
+    *,
+    lr: float | None,
+    batch_size: int,
+    seed: int,
+    threads: int,
+    device: str,
+    bn_recal: bool = True,
+    val_fraction: float = 0.1,
+) -> Shared:
+    """What every recovery task of a study reads. The studies stop early on ``val_fraction`` of the
+    calibration images (their protocol before the recover stage existed: `finetune` without ``val``), so the
+    recover stage's "selection split" is that hold-out and the rest trains; the studies' own screening and
+    held-out images stay out of training and early stopping. ``teacher``: the dense logits on all of
+    ``calib_x`` (cut to the training part here)."""
+    order = torch.randperm(len(calib_x), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, int(len(calib_x) * val_fraction))
+    val, train = order[:n_val], order[n_val:]
+    return Shared(
+        copy.deepcopy(dense).eval(),
+        calib_x[train],
+        calib_y[train],
+        calib_x[val],
+        calib_y[val],
+        recipe,
+        None if teacher is None else teacher[train],
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        bn_recal=bn_recal,
+        threads=threads,
+        device=device,
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBuild:
+    """A candidate that exists only as a model (torch-pruning's uniform pruning cannot be replayed from the
+    dense weights by a `CompactBuild`): built by copying it; nothing masked while it trains. It travels to
+    each task with the call (a small pruned model), not through the shared object."""
+
+    model: nn.Module
+
+    def build(self, dense: nn.Module) -> nn.Module:
+        return copy.deepcopy(self.model)
+
+    def train_masks(self) -> dict:
+        return {}
+
+    def digest(self) -> str:
+        return tensor_digest(self.model.state_dict()) + repr(self.model)
+
+
+def unique_keys(names: list[str]) -> list[str]:
+    """``names`` made unique for `recover.Job` keys: a repeated name gets `` #2``, `` #3``, ..."""
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name} #{seen[name]}")
+    return out
+
+
+def recover_models(
+    builds: list[Builder | ModelBuild],
+    names: list[str],
+    shared: Shared,
+    epochs: int,
+    executor: Executor,
+    log: Progress,
+) -> list[nn.Module]:
+    """Each build recovered by the product's recover stage (`recover.recover`, one rung of ``epochs`` for every
+    one: the same budget for all) on ``executor``; the recovered models, in order, in eval mode."""
+    if epochs < 1:
+        raise ValueError(f"recovery needs at least one epoch, got {epochs}")
+    jobs = [Job(key, b) for key, b in zip(unique_keys(names), builds, strict=True)]
+    outcomes = recover(jobs, shared, Top(k=len(jobs), epochs=epochs), executor, progress=log)
+    models = []
+    for b, outcome in zip(builds, outcomes, strict=True):
+        model = b.build(shared.dense)
+        model.load_state_dict(outcome.state)
+        models.append(model.eval())
+    return models
 
 
 class SignalImportance:

@@ -28,11 +28,17 @@ Writes ``structured_speed_<model>.json`` and ``.md`` into ``--out``.
 Recovery is the hours of this benchmark on a CPU. On a GPU machine, run the first half there and time the
 second where the model will run:
 
-    python -m edgeprune.benchmarks.lab.structured_speed --pretrained --device cuda --workers 8 --bundle B
+    python -m edgeprune.benchmarks.lab.structured_speed --pretrained --device cuda --cluster local:8 --bundle B
     python -m edgeprune.benchmarks.lab.structured_speed --measure B --out benchmarks/results
 
 ``--bundle`` writes the recovered ONNX files and the search's facts (``state.json``) into B; ``--measure``
 times them here (median of ``--repeats`` interleaved runs) and scores them on the held-out images.
+
+Recovery runs through the product's recover stage (`recover.recover`, one rung of ``--finetune-epochs`` for
+every model) on ``--cluster``'s executor: in this process by default, on a Ray here with ``local:N`` (with a
+GPU, four recoveries share it), or on a cluster (``ray://HOST:PORT``, ``HOST:PORT``, ``auto``). Every model
+stops early on the same 10 % of the calibration images and trains on the rest (`common.recovery_shared`);
+with the same seed and ``--recover-threads`` the numbers are the same wherever it runs.
 """
 
 from __future__ import annotations
@@ -42,13 +48,9 @@ import dataclasses
 import hashlib
 import json
 import math
-import multiprocessing
-import os
-import pickle
 import shutil
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +58,15 @@ import torch
 from edgeprune.benchmarks.lab.common import (
     LATENCY_ORDER,
     Log,
-    Recovery,
+    ModelBuild,
+    add_cluster_argument,
     add_input_arguments,
     add_recovery_arguments,
     latency_order_note,
     load_inputs,
-    make_recovery,
     paired_se_points,
+    recover_models,
+    recovery_shared,
     search_config,
     speedup_at_sizes,
     this_machine,
@@ -74,8 +78,11 @@ from edgeprune.export import export_onnx
 from edgeprune.export.quantize import onnx_hits
 from torch import nn
 
+from edgeprune.cluster import ClusterError, Executor, check_cluster_spec, executor_for
 from edgeprune.evaluation import accuracy, params_and_macs
-from edgeprune.pipeline import Progress, Timings
+from edgeprune.pipeline import CompressConfig, Timings
+from edgeprune.recover import CompactBuild
+from edgeprune.recovery import RECIPES, resolve_device, teacher_logits_if_distilling
 from edgeprune.report import versions
 from edgeprune.selection import Point, pareto_mask
 from edgeprune.structured import compact
@@ -85,60 +92,6 @@ from edgeprune.targets import get_target
 
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-
-
-_WORKER_RECOVERY: Recovery | None = None  # built once in each worker process
-
-
-def _init_worker(a: argparse.Namespace, threads: int) -> None:
-    global _WORKER_RECOVERY
-    torch.set_num_threads(threads)
-    data, _, _, model = load_inputs(a)
-    _WORKER_RECOVERY = make_recovery(a, data, model)
-
-
-def _recover_in_worker(blob: bytes) -> bytes:
-    model = pickle.loads(blob)  # our own parent's bytes, not a user file
-    _WORKER_RECOVERY(model)
-    return pickle.dumps(model)
-
-
-class Recoverer:
-    """Applies one `Recovery` to lists of models: in this process, or in ``a.workers`` processes at once. On
-    a GPU one small model's training is bound by kernel launches and Python, so several processes overlap on
-    one card; on a 2-core CPU more than one worker only splits the same cores. Each worker builds the same
-    recovery from the arguments; models travel as plain pickled bytes, not through shared memory (a VM's
-    /dev/shm can be small)."""
-
-    def __init__(self, recover: Recovery, a: argparse.Namespace, log: Progress):
-        self.recover, self.a, self.log = recover, a, log
-        self.pool: ProcessPoolExecutor | None = None
-
-    def __enter__(self) -> Recoverer:
-        if self.a.workers > 1:
-            threads = max(1, (os.cpu_count() or 1) // self.a.workers)
-            ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-            self.pool = ProcessPoolExecutor(
-                self.a.workers, mp_context=ctx, initializer=_init_worker, initargs=(self.a, threads)
-            )
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-
-    def __call__(self, models: list[nn.Module], names: list[str]) -> list[nn.Module]:
-        """The recovered models, in order (in place when run here; copies when run by workers)."""
-        if self.pool is None:
-            for model, name in zip(models, names, strict=True):
-                self.log.start(f"recover {name}")
-                self.recover(model)
-                self.log.finish()
-            return models
-        self.log.start(f"recover {len(models)} models in {self.a.workers} processes ({', '.join(names)})")
-        out = [pickle.loads(b) for b in self.pool.map(_recover_in_worker, [pickle.dumps(m) for m in models])]
-        self.log.finish()
-        return out
 
 
 def spread(items: list, keys: list[float], k: int, marks: tuple[float, ...] = ()) -> list:
@@ -210,9 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         "--repeats", type=int, default=3, help="interleaved latency runs per thread count; the median is reported"
     )
     p.add_argument("--batch-check", type=int, default=32, help="also time this batch size (throughput view)")
-    p.add_argument(
-        "--workers", type=int, default=1, help="recover this many models at once, one process each (GPU: 4-8)"
-    )
+    add_cluster_argument(p)
+    p.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)  # replaced by --cluster local:N
     p.add_argument(
         "--bundle",
         default=None,
@@ -229,8 +181,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--bundle and --measure are the two halves of one run: give one")
     if args.measure and not (Path(args.measure) / BUNDLE_STATE).is_file():
         p.error(f"--measure {args.measure}: no {BUNDLE_STATE} there; write a bundle with --bundle first")
-    if args.workers < 1 or args.repeats < 1:
-        p.error("--workers and --repeats must be >= 1")
+    if args.workers is not None:
+        p.error(f"--workers is gone: recoveries use Ray's workers, e.g. --cluster local:{args.workers}")
+    if args.repeats < 1 or args.finetune_epochs < 1 or args.recover_threads < 1:
+        p.error("--repeats, --finetune-epochs and --recover-threads must be >= 1")
+    if args.cluster:
+        try:
+            check_cluster_spec(args.cluster)  # a bad spec before any work; connecting comes with the recovery
+        except ClusterError as exc:
+            p.error(str(exc))
     with tempfile.TemporaryDirectory(prefix="edgeprune-structured-bench-") as tmp:  # every candidate's ONNX
         return run(args, argv, Path(tmp))
 
@@ -266,15 +225,28 @@ def save_bundle(state: dict, work: Path, bundle: Path) -> None:
 
 
 def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dict:
-    """Search, recover and export (the half a GPU speeds up): a JSON-able state naming ONNX files in ``work``."""
+    """Search, recover and export (the half a GPU speeds up): a JSON-able state naming ONNX files in ``work``.
+    The executor connects first, so an unreachable head fails before the search's minutes."""
+    executor = executor_for(args.cluster)
+    try:
+        return _produce(args, argv, work, executor)
+    finally:
+        executor.close()
+
+
+def _produce(args: argparse.Namespace, argv: list[str] | None, work: Path, executor: Executor) -> dict:
     t_start = time.time()
     target = get_target(args.target)
     round_to = args.round_to or target.round_to
     goals = [float(v) for v in args.speedups.split(",") if v.strip()]
     data, _, _, model = load_inputs(args)
     example = data.eval_x[:1]
-    recover = make_recovery(args, data, model)
-    device, recipe = recover.device, recover.recipe
+    device, recipe, batch = resolve_device(args.device), RECIPES[args.recovery], CompressConfig.batch_size
+    teacher = teacher_logits_if_distilling(recipe, model, data.calib_x, batch, device)
+    shared = recovery_shared(
+        model, data.calib_x, data.calib_y, recipe, teacher, lr=args.finetune_lr, batch_size=batch,
+        seed=CompressConfig.seed, threads=args.recover_threads, device=args.device,
+    )  # fmt: skip
     cfg = search_config(
         args,
         goals[-1],
@@ -320,59 +292,61 @@ def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dic
         to_recover = spread(to_recover, [speedup[c.shape_key] for c in to_recover], args.recover_max, tuple(goals))
     log.log(f"recovering {len(to_recover)} of {len(best)} distinct Mix-and-Match architectures ({args.recover})")
     mm, recovered = [], {}
-    with Recoverer(recover, args, log) as recover_all:
 
-        def key(cc: ChannelCandidate) -> tuple:  # one recovered model per signal and architecture
-            return cc.candidate.signal, cc.shape_key
+    def recover_all(builds: list, names: list[str]) -> list[nn.Module]:
+        return recover_models(builds, names, shared, args.finetune_epochs, executor, log)
 
-        def recover_mm(ccs: list[ChannelCandidate]) -> None:
-            names = [f"{cc.candidate.name} ({cc.candidate.macs / 1e6:.2f} MMACs)" for cc in ccs]
-            models = recover_all([compact(model, example, cc.remove) for cc in ccs], names)
-            for cc, pruned in zip(ccs, models, strict=True):
-                screen_acc = accuracy(pruned, data.eval_x, data.eval_y, cfg.batch_size)
-                recovered[key(cc)] = (pruned, screen_acc)
-                onnx = f"mm_{len(mm)}.onnx"
-                export_onnx(pruned, example, work / onnx, check_inputs=data.eval_x[:64])
-                mm.append({"name": cc.candidate.name, "macs": cc.candidate.macs, "onnx": onnx, "key": key(cc)})
+    def key(cc: ChannelCandidate) -> tuple:  # one recovered model per signal and architecture
+        return cc.candidate.signal, cc.shape_key
 
-        recover_mm(to_recover)
-        # the pipeline's selection for the last goal among its candidates (recovered ones carry their
-        # accuracy); a pick that was not recovered (its screening accuracy beat the recovered ones) gets the
-        # same budget, then the selection runs again
-        search = searches[-1]
-        while True:
-            for i, cc in enumerate(search.cands):
-                hit = recovered.get(key(cc))
-                if hit is not None:
-                    search.finetuned[i], cc.candidate.finetuned_accuracy = hit
-            search.select()
-            if key(search.chosen) in recovered:
-                break
-            search.chosen.candidate.selected = False
-            recover_mm([search.chosen])
-        search.export_selected()
-        report = search.report()
-        sel = report.selected
-        for row in mm:
-            row["selected"] = row.pop("key") == key(search.chosen)
-        shutil.copy2(work / f"goal_{goals[-1]:g}" / "dense.onnx", work / "dense.onnx")
-        screen_dense_ms, line = _screen_facts(search)
+    def recover_mm(ccs: list[ChannelCandidate]) -> None:
+        names = [f"{cc.candidate.name} ({cc.candidate.macs / 1e6:.2f} MMACs)" for cc in ccs]
+        models = recover_all([CompactBuild(cc.remove, example) for cc in ccs], names)
+        for cc, pruned in zip(ccs, models, strict=True):
+            screen_acc = accuracy(pruned, data.eval_x, data.eval_y, cfg.batch_size)
+            recovered[key(cc)] = (pruned, screen_acc)
+            onnx = f"mm_{len(mm)}.onnx"
+            export_onnx(pruned, example, work / onnx, check_inputs=data.eval_x[:64])
+            mm.append({"name": cc.candidate.name, "macs": cc.candidate.macs, "onnx": onnx, "key": key(cc)})
 
-        # 2. torch-pruning uniform ratio sweep (same importance signal, same round_to), every distinct size
-        #    recovered
-        uniform, pruned_uniform, seen = [], [], set()
-        n = args.gradient_samples
-        for r in [float(v) for v in args.uniform_ratios.split(",") if v.strip()]:
-            pr = uniform_prune(model, example, r, sel.signal, round_to, data.calib_x[:n], data.calib_y[:n])
-            shape = tuple(m.weight.shape for m in pr.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-            if shape not in seen:
-                seen.add(shape)
-                pruned_uniform.append((r, pr))
-        names = [f"torch-pruning uniform {r:.2f}" for r, _ in pruned_uniform]
-        models = recover_all([pr for _, pr in pruned_uniform], names)
-        for (r, _), pr in zip(pruned_uniform, models, strict=True):
-            export_onnx(pr, example, work / f"uniform_{r:.2f}.onnx", check_inputs=data.eval_x[:64])
-            uniform.append({"ratio": r, "macs": params_and_macs(pr, example)[1], "onnx": f"uniform_{r:.2f}.onnx"})
+    recover_mm(to_recover)
+    # the pipeline's selection for the last goal among its candidates (recovered ones carry their
+    # accuracy); a pick that was not recovered (its screening accuracy beat the recovered ones) gets the
+    # same budget, then the selection runs again
+    search = searches[-1]
+    while True:
+        for i, cc in enumerate(search.cands):
+            hit = recovered.get(key(cc))
+            if hit is not None:
+                search.finetuned[i], cc.candidate.finetuned_accuracy = hit
+        search.select()
+        if key(search.chosen) in recovered:
+            break
+        search.chosen.candidate.selected = False
+        recover_mm([search.chosen])
+    search.export_selected()
+    report = search.report()
+    sel = report.selected
+    for row in mm:
+        row["selected"] = row.pop("key") == key(search.chosen)
+    shutil.copy2(work / f"goal_{goals[-1]:g}" / "dense.onnx", work / "dense.onnx")
+    screen_dense_ms, line = _screen_facts(search)
+
+    # 2. torch-pruning uniform ratio sweep (same importance signal, same round_to), every distinct size
+    #    recovered
+    uniform, pruned_uniform, seen = [], [], set()
+    n = args.gradient_samples
+    for r in [float(v) for v in args.uniform_ratios.split(",") if v.strip()]:
+        pr = uniform_prune(model, example, r, sel.signal, round_to, data.calib_x[:n], data.calib_y[:n])
+        shape = tuple(m.weight.shape for m in pr.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+        if shape not in seen:
+            seen.add(shape)
+            pruned_uniform.append((r, pr))
+    names = [f"torch-pruning uniform {r:.2f}" for r, _ in pruned_uniform]
+    models = recover_all([ModelBuild(pr) for _, pr in pruned_uniform], names)
+    for (r, _), pr in zip(pruned_uniform, models, strict=True):
+        export_onnx(pr, example, work / f"uniform_{r:.2f}.onnx", check_inputs=data.eval_x[:64])
+        uniform.append({"ratio": r, "macs": params_and_macs(pr, example)[1], "onnx": f"uniform_{r:.2f}.onnx"})
 
     return {
         "args": {k: v for k, v in vars(args).items() if k not in ("bundle", "measure", "out")},
@@ -399,6 +373,8 @@ def produce(args: argparse.Namespace, argv: list[str] | None, work: Path) -> dic
                 else ""
             )
             + " and every distinct uniform-ratio model",
+            "ran_on": executor.describe() if hasattr(executor, "describe") else executor.name,
+            "threads_per_recovery": args.recover_threads,
         },
         "dense": {"macs": report.dense.macs, "onnx": "dense.onnx", "onnx_bytes": report.dense.onnx_bytes},
         "selected": {
