@@ -9,6 +9,8 @@ import pytest
 import torch
 from edgeprune.benchmarks.lab import paper
 
+from edgeprune.cluster import InProcess
+from edgeprune.masking import build_masks
 from edgeprune.pipeline import CompressConfig, Workspace, load_workspace_inputs
 from edgeprune.strategies import STRATEGY_NAMES
 
@@ -46,6 +48,40 @@ def test_plans_ignore_weights_left_by_previous_candidates() -> None:
     ws.screen(paper.plans(ws, "mag", 0.8)[0])  # leaves MAG's mask in the live weights
     assert paper.plans(ws, "snip", 0.8)[0].plan == fresh
     assert fresh != paper.plans(ws, "mag", 0.8)[0].plan
+
+
+def test_a_level_fine_tunes_every_method_in_one_recovery_on_the_executor(tmp_path) -> None:
+    """The level's recovery goes through `recover.recover` (one task per method, in-process here): each
+    fine-tuned row keeps its method's mask and sparsity, its accuracy is the recovered weights' on the
+    evaluation split, and recovering it again gives the same weights."""
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    cfg = CompressConfig(
+        model="demo", data="demo", calib_size=256, eval_size=64, gradient_samples=64, batch_size=64,
+        signals=("magnitude",), recovery="paper", finetune_lr=1e-4,
+    )  # fmt: skip
+    model, data = load_workspace_inputs(cfg)
+    ws = Workspace(cfg, model, data)  # GraSP's Hessian: a range baseline of Mix-and-Match
+    s = paper.Settings(baselines=("mag",), finetune_epochs=1, threads=1, int8=False)
+    ev = paper.Evaluator(ws, s, tmp_path)
+    dense, ex = ws.accuracy(), InProcess()
+    res = paper.run_level(ws, ev, s, "demo", 0.8, dense, {}, executor=ex)
+    assert ex.tasks_run == 2  # Mix-and-Match's pick and MAG, one recovery each
+    assert [(r.method, r.finetuned) for r in res.rows] == [(m, f) for m in ("mix-and-match", "mag") for f in (0, 1)]
+    for zs, ft in zip(res.rows[::2], res.rows[1::2], strict=True):
+        assert ft.sparsity == zs.sparsity and ft.candidate == zs.candidate and ft.finetune_epochs == 1
+        assert ft.drop == pytest.approx((dense - ft.fp32) * 100) and ft.int8 is None
+    # the MAG row's weights, recovered again: masks kept through the fine-tuning, and the row's accuracy
+    cp = paper.plans(ws, "mag", res.target_sparsity)[0]
+    ws.screen(cp)
+    (state,) = paper.finetune_all(ws, s, [cp], ["mag"], InProcess())
+    masks = build_masks(cp.scores, cp.plan)
+    for name, keep in masks.items():
+        assert torch.all(state[f"{name}.weight"][~keep] == 0)
+    # it trained: kept weights moved (early stopping keeps the start when no epoch beats it)
+    assert any(not torch.equal(state[f"{n}.weight"][k], ws.original[f"{n}.weight"][k]) for n, k in masks.items())
+    ws.model.load_state_dict(state)
+    assert ws.accuracy() == res.rows[3].fp32
 
 
 @pytest.mark.slow

@@ -20,7 +20,10 @@ sparsity level:
    matched sparsity, screened the same way.
 3. **Equal fine-tuning budget**: the selected Mix-and-Match candidate and every baseline are fine-tuned for
    the same ``--finetune-epochs`` on the same data (the calibration split, 10 % of it held out for early
-   stopping), with their masks enforced (`Workspace.finetune`).
+   stopping), with their masks enforced: one `recover.recover` of all of a level's methods (one rung, the
+   same epochs for each) on ``--cluster``'s executor (in this process by default; ``local:N``,
+   ``ray://HOST:PORT``, ``HOST:PORT``, ``auto`` fan the recoveries out over Ray, with a GPU four to a card;
+   the same numbers for the same seed and ``--threads``, which is also each recovery's torch threads).
 4. **FP32 and INT8**: each pruned model, before and after fine-tuning, is exported to a verified ONNX graph
    and quantized to INT8 (static QDQ, per-channel, calibrated on 256 calibration images); both are scored
    by onnxruntime on the evaluation split. FP32 numbers are PyTorch's (the export checks parity).
@@ -52,14 +55,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from edgeprune.benchmarks.lab.common import recovery_shared
 from edgeprune.benchmarks.machine import command_line, cpu_model
 from edgeprune.export import export_onnx
 from edgeprune.export.quantize import onnx_accuracy, quantize_int8
 from timm.layers.activations import HardSigmoid, HardSwish
 from torch import nn
 
+from edgeprune.cluster import Executor, InProcess, check_cluster_spec, executor_for
 from edgeprune.errors import EdgepruneError
+from edgeprune.halving import Top
+from edgeprune.masking import build_masks
 from edgeprune.pipeline import CandidatePlan, CompressConfig, Workspace, load_workspace_inputs
+from edgeprune.recover import Job, MaskBuild, recover
 from edgeprune.report import versions
 from edgeprune.selection import Point, select_index
 from edgeprune.zoo import bundled_weights
@@ -95,6 +103,7 @@ class Settings:
     resume: bool = False
     int8: bool = True
     merge: tuple[str, ...] = ()  # paper.json files to merge instead of running
+    cluster: str | None = None  # where the fine-tuning runs (--cluster); not a setting of the numbers
 
 
 @dataclass
@@ -226,8 +235,11 @@ def run_level(
     dense: float,
     t: dict,
     earlier: list[LevelResult] | None = None,
+    executor: Executor | None = None,
 ) -> LevelResult:
-    """One level; ``earlier`` levels of the same model whose comparison this one repeats are reused (below)."""
+    """One level; ``earlier`` levels of the same model whose comparison this one repeats are reused (below).
+    The fine-tuning runs on ``executor`` (default: this process)."""
+    executor = executor or InProcess()
 
     def timed(stage: str, t0: float) -> None:
         t[stage] = t.get(stage, 0.0) + time.perf_counter() - t0
@@ -242,19 +254,25 @@ def run_level(
             None if int8 is None else (dense - int8) * 100, c.name, target, zero_shot_raw=c.zero_shot_accuracy,
         )  # fmt: skip
 
-    def finetuned_row(method: str, cp: CandidatePlan, target: float) -> Row:
+    def finetuned_rows(methods: list[str], cps: list[CandidatePlan], target: float) -> list[Row]:
+        """Every method's candidate fine-tuned by one `recover` on the executor (same epochs for each), then
+        loaded into the workspace and scored (FP32 on the evaluation split, INT8)."""
         t0 = time.perf_counter()
-        ws.finetune(cp, s.finetune_epochs)
+        out = finetune_all(ws, s, cps, methods, executor)
         timed("finetune", t0)
-        acc = cp.candidate.finetuned_accuracy
-        t0 = time.perf_counter()
-        int8 = ev.int8_accuracy()
-        timed("int8", t0)
-        return Row(
-            name, level, method, True, cp.candidate.sparsity, acc, int8, (dense - acc) * 100,
-            None if int8 is None else (dense - int8) * 100, cp.candidate.name, target,
-            finetune_epochs=s.finetune_epochs,
-        )  # fmt: skip
+        rows = []
+        for method, cp, state in zip(methods, cps, out, strict=True):
+            ws.model.load_state_dict(state)
+            acc = cp.candidate.finetuned_accuracy = ws.accuracy()
+            t0 = time.perf_counter()
+            int8 = ev.int8_accuracy()
+            timed("int8", t0)
+            rows.append(Row(
+                name, level, method, True, cp.candidate.sparsity, acc, int8, (dense - acc) * 100,
+                None if int8 is None else (dense - int8) * 100, cp.candidate.name, target,
+                finetune_epochs=s.finetune_epochs,
+            ))  # fmt: skip
+        return rows
 
     t0 = time.perf_counter()
     cps = plans(ws, MM, level)
@@ -292,18 +310,18 @@ def run_level(
         log(f"  {level:.0%}: same comparison as at {same.level:.0%}; rows reused")
         return res
     ws.materialize(chosen)
-    res.rows.append(zero_shot_row(MM, chosen, target))
-    res.rows.append(finetuned_row(MM, chosen, target))
-    log(f"  {level:.0%}: {'M&M':8s} {chosen.candidate.sparsity:.2%} fine-tuned {res.rows[-1].fp32:.2%}")
+    methods, chosen_plans, zero_shot = [MM], [chosen], [zero_shot_row(MM, chosen, target)]
     for method in s.baselines:
         cp = plans(ws, method, target)[0]
         t0 = time.perf_counter()
         ws.screen(cp)
         timed("screen_baselines", t0)
-        res.rows.append(zero_shot_row(method, cp, target))
-        res.rows.append(finetuned_row(method, cp, target))
-        zs, ft = res.rows[-2], res.rows[-1]
-        log(f"  {level:.0%}: {method:8s} {zs.sparsity:.2%} zero-shot {zs.fp32:.2%} fine-tuned {ft.fp32:.2%}")
+        methods.append(method)
+        chosen_plans.append(cp)
+        zero_shot.append(zero_shot_row(method, cp, target))
+    for zs, ft in zip(zero_shot, finetuned_rows(methods, chosen_plans, target), strict=True):
+        res.rows += [zs, ft]
+        log(f"  {level:.0%}: {zs.method:8s} {zs.sparsity:.2%} zero-shot {zs.fp32:.2%} fine-tuned {ft.fp32:.2%}")
     mm = {r.finetuned: r for r in res.rows if r.method == MM}
     for method in s.baselines:
         b = {r.finetuned: r for r in res.rows if r.method == method}
@@ -311,6 +329,23 @@ def run_level(
             key: reduction(mm[ft].drop, b[ft].drop) for key, ft in (("zero_shot", False), ("finetuned", True))
         }
     return res
+
+
+def finetune_all(
+    ws: Workspace, s: Settings, cps: list[CandidatePlan], keys: list[str], executor: Executor
+) -> list[dict[str, torch.Tensor]]:
+    """The fine-tuned weights of each candidate (masks enforced, folded in), in order: one rung of
+    ``s.finetune_epochs`` for all of them through `recover.recover` on ``executor``; early stopping on 10 %
+    of the calibration split (`common.recovery_shared`), the evaluation split kept out of it."""
+    cfg = ws.cfg
+    shared = recovery_shared(
+        ws.model, ws.data.calib_x, ws.data.calib_y, ws.recipe, ws.teacher(), lr=cfg.finetune_lr,
+        batch_size=cfg.batch_size, seed=cfg.seed, threads=s.threads, device=cfg.device, bn_recal=ws.use_bn,
+    )  # fmt: skip
+    shared.dense.load_state_dict(ws.original)  # ws.model holds the last screened candidate's masks
+    jobs = [Job(key, MaskBuild(build_masks(cp.scores, cp.plan))) for key, cp in zip(keys, cps, strict=True)]
+    outcomes = recover(jobs, shared, Top(k=len(jobs), epochs=s.finetune_epochs), executor)
+    return [o.state for o in outcomes]
 
 
 def reduction(drop_mm: float, drop_base: float) -> float | None:
@@ -341,8 +376,10 @@ def run_model(
     s: Settings,
     done: ModelResult | None = None,
     on_level: Callable[[ModelResult], None] | None = None,
+    executor: Executor | None = None,
 ) -> ModelResult:
-    """All levels of one model; levels already in ``done`` (an interrupted run's) are kept, not re-run.
+    """All levels of one model; levels already in ``done`` (an interrupted run's) are kept, not re-run;
+    fine-tuning on ``executor`` (default: this process).
 
     ``on_level`` gets the model's result after every level (``complete`` False until the last), so an
     interrupted run keeps its finished levels.
@@ -402,7 +439,7 @@ def run_model(
         for lv in s.levels:
             if lv in {x.level for x in levels}:
                 continue
-            levels.append(run_level(ws, ev, s, name, lv, dense, t, earlier=levels))
+            levels.append(run_level(ws, ev, s, name, lv, dense, t, earlier=levels, executor=executor))
             if on_level is not None:
                 on_level(result())
     return result()
@@ -754,8 +791,16 @@ def parse_settings(argv: list[str] | None) -> Settings:
     p.add_argument("--no-int8", action="store_true", help="skip INT8 export and accuracy (FP32 only)")
     p.add_argument("--resume", action="store_true", help="keep models and levels already in --out (same settings)")
     p.add_argument("--merge", default=None, help="comma-separated paper.json files of split runs: merge into --out")
+    p.add_argument(
+        "--cluster",
+        default=None,
+        help="where fine-tuning runs: this process (default), local:N, ray://HOST:PORT, HOST:PORT or auto",
+    )
     a = p.parse_args(argv)
     s = Settings(threads=a.threads, seed=a.seed, out=a.out, quick=a.quick, resume=a.resume, int8=not a.no_int8)
+    s.cluster = a.cluster
+    if a.cluster:
+        check_cluster_spec(a.cluster)  # a bad spec now; connecting comes before the first model
     s.merge = tuple(x.strip() for x in a.merge.split(",") if x.strip()) if a.merge else ()
     if a.quick:
         s.models, s.levels, s.signals = ("fmnist_resnet",), (0.9,), ("product",)
@@ -802,6 +847,27 @@ def main(argv: list[str] | None = None) -> int:
     }
     results: list[ModelResult] = []
     previous = {m.model: m for m in previous_models(out / f"{stem}.json", s)} if s.resume else {}
+    try:
+        executor = executor_for(s.cluster)
+    except EdgepruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return run_models(s, meta, out, stem, results, previous, executor)
+    finally:
+        executor.close()
+
+
+def run_models(
+    s: Settings,
+    meta: dict[str, Any],
+    out: Path,
+    stem: str,
+    results: list[ModelResult],
+    previous: dict[str, ModelResult],
+    executor: Executor,
+) -> int:
+    """Every model of ``s`` in turn (those complete in ``previous`` kept), results written after each level."""
 
     def save(partial: ModelResult) -> None:
         partial.command, partial.finished = meta["command"], time.strftime("%Y-%m-%d %H:%M:%S")
@@ -815,7 +881,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         log(f"{name}: start")
         try:
-            results.append(run_model(name, s, done=done, on_level=save))
+            results.append(run_model(name, s, done=done, on_level=save, executor=executor))
         except EdgepruneError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
