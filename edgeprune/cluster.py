@@ -16,8 +16,13 @@ task reads (dense model, data, teacher logits) where the tasks find them, once p
 Cluster specs (`check_cluster_spec` validates one without connecting): ``ray://HOST:PORT`` (Ray Client),
 ``HOST:PORT`` (a head's GCS), ``auto`` (``RAY_ADDRESS``), ``local:N`` (start a one-node Ray here with N CPUs).
 
-Not handled yet: a head lost in the middle of a run (``ray.wait`` then blocks until Ray's own reconnect
-timeout gives up); only a head unreachable at the start is a one-line error.
+A head unreachable at the start is a one-line error before Ray is asked (`_probe`). A head lost in the
+middle of a run is one too: left to itself, Ray's core worker ends the *driver process* (exit status 1, no
+Python exception, no ``finally``) once the GCS has not answered for ``gcs_rpc_server_reconnect_timeout_s``
+(60 s), so the driver raises that timeout for itself (`RECONNECT_ENV`, before ``ray.init``), waits on its
+tasks in ``HEAD_POLL_S`` steps and, when none finished in a step, probes the head's port; a head that stays
+unreachable for ``HEAD_LOST_S`` is a `ClusterError` naming the address (measured on a local 2-node cluster:
+the GCS and the head's raylet SIGKILLed, the error ~22 s later).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,6 +47,12 @@ GPU_FRACTION = 0.25  # four recoveries share one GPU
 # (local:N, LocalRayCluster) listens on loopback only and nothing outside this machine can join it.
 LOCAL_NODE_IP = "127.0.0.2"
 RAY_CLI = (sys.executable, "-m", "ray.scripts.scripts")  # the `ray` command of this interpreter, PATH or not
+HEAD_POLL_S = 2.0  # a run that waits this long for a result checks that the head is still there
+HEAD_LOST_S = 20.0  # a head unreachable this long is gone (a restarting GCS with fault tolerance takes seconds)
+# Ray's driver exits on its own once the GCS has been away this long; read once per process, before the
+# first ray.init, so RayExecutor sets it (unless the user did) and reports a lost head itself, sooner
+RECONNECT_ENV = "RAY_gcs_rpc_server_reconnect_timeout_s"
+RECONNECT_S = "86400"
 
 
 class ClusterError(EdgepruneError):
@@ -153,12 +164,19 @@ class RayExecutor:
 
     uses_gpu: bool
 
-    def __init__(self, spec: str, gpu_fraction: float = GPU_FRACTION, max_retries: int = MAX_RETRIES):
+    def __init__(
+        self,
+        spec: str,
+        gpu_fraction: float = GPU_FRACTION,
+        max_retries: int = MAX_RETRIES,
+        head_lost_s: float = HEAD_LOST_S,
+    ):
         self.spec = check_cluster_spec(spec)
         ray = _import_ray()
-        self.ray, self.gpu_fraction, self.max_retries = ray, gpu_fraction, max_retries
+        self.ray, self.gpu_fraction, self.max_retries, self.head_lost_s = ray, gpu_fraction, max_retries, head_lost_s
         self.tasks_run = 0
         self.name = f"Ray ({self.spec.text})"
+        os.environ.setdefault(RECONNECT_ENV, RECONNECT_S)
         t0 = time.perf_counter()
         quiet = dict(log_to_driver=False, logging_level="ERROR", configure_logging=True)
         if self.spec.kind == "local":
@@ -172,6 +190,10 @@ class RayExecutor:
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 raise ClusterError(f"cannot connect to the Ray head at {self.spec.address}: {first}") from None
         self.connect_s = time.perf_counter() - t0
+        # the port that says whether the head is still there: the GCS (local:N's own, or HOST:PORT), or the
+        # Ray Client server on the head (ray://)
+        self.head = self.spec.address or ray.get_runtime_context().gcs_address
+        self._head_lost_since: float | None = None
         resources = ray.cluster_resources()
         self.gpus, self.cpus = resources.get("GPU", 0.0), resources.get("CPU", 0.0)
         self.uses_gpu = self.gpus > 0
@@ -207,10 +229,12 @@ class RayExecutor:
             pending[metrics_ref] = (i, payload_ref)
             self.tasks_run += 1
         while pending:
-            done, _ = self.ray.wait(list(pending), num_returns=1)
+            done = self._watch(lambda: self.ray.wait(list(pending), num_returns=1, timeout=HEAD_POLL_S)[0], pending)
+            if not done:
+                continue
             i, payload_ref = pending.pop(done[0])
             try:
-                metrics = self.ray.get(done[0])
+                metrics = self._get(done[0], pending)
             except self._ray_errors as exc:
                 for ref in pending:  # the run stops here: what is queued would only burn cluster time
                     self.ray.cancel(ref, force=True)
@@ -218,7 +242,45 @@ class RayExecutor:
             yield i, metrics, payload_ref
 
     def fetch(self, payload: Any) -> Any:
-        return self.ray.get(payload)
+        return self._get(payload, ())
+
+    def _get(self, ref: Any, pending: Sized) -> Any:
+        """``ray.get`` in ``HEAD_POLL_S`` steps, the head checked between them."""
+        while True:
+            try:
+                return self._watch(lambda: self.ray.get(ref, timeout=HEAD_POLL_S), pending)
+            except self.ray.exceptions.GetTimeoutError:
+                continue
+
+    def _watch(self, step: Callable[[], Any], pending: Sized) -> Any:
+        """One waiting step; when it comes back empty-handed (or Ray itself fails, not a task), the head is
+        checked: one unreachable for ``head_lost_s`` is a `ClusterError`."""
+        try:
+            out = step()
+        except self.ray.exceptions.GetTimeoutError:
+            self._check_head(len(pending))
+            raise
+        except Exception:  # noqa: BLE001 - a failed task or Ray's own failure: a lost head when it is one
+            self._check_head(len(pending), at_once=True)
+            raise
+        if not out:
+            self._check_head(len(pending))
+        return out
+
+    def _check_head(self, unfinished: int, at_once: bool = False) -> None:
+        try:
+            _probe(self.head, timeout=min(CONNECT_TIMEOUT_S, HEAD_POLL_S))
+        except ClusterError as exc:
+            now = time.monotonic()
+            self._head_lost_since = self._head_lost_since or now
+            if at_once or now - self._head_lost_since >= self.head_lost_s:
+                why = str(exc).split("(", 1)[-1].split(")", 1)[0]
+                raise ClusterError(
+                    f"lost the Ray head at {self.head} during the run ({why} for "
+                    f"{now - self._head_lost_since:.0f} s); {unfinished} recovery task(s) unfinished"
+                ) from None
+        else:
+            self._head_lost_since = None
 
     def close(self) -> None:
         self.ray.shutdown()
@@ -272,7 +334,8 @@ def executor_for(spec: str | None) -> Executor:
 
 class LocalRayCluster:
     """A real Ray cluster on this machine, on loopback: ``ray start --head`` plus ``nodes - 1`` nodes joining
-    it, each with ``cpus`` CPUs; ``raylet_pids[i]`` is node i's raylet (kill it to fail a node). Stopped
+    it, each with ``cpus`` CPUs; ``raylet_pids[i]`` is node i's raylet (kill it to fail a node), ``gcs_pid``
+    the head's GCS (kill it and the head's raylet to lose the head). Stopped
     with ``ray stop --force`` (which stops every Ray on the machine: for a test or benchmark machine).
 
     Token authentication is off for it (``RAY_AUTH_MODE=disabled`` in this process while it runs, so the
@@ -284,20 +347,24 @@ class LocalRayCluster:
         self.port, self.nodes, self.cpus, self.object_store_mb = port, nodes, cpus, object_store_mb
         self.address = f"{LOCAL_NODE_IP}:{port}"
         self.raylet_pids: list[int] = []
+        self.gcs_pid: int | None = None
         self.start_s: list[float] = []
         self._auth_before: str | None = None
 
     def _ray(self, *args: str) -> None:
         common = ["--node-ip-address", LOCAL_NODE_IP, "--num-cpus", str(self.cpus), "--disable-usage-stats"]
         common += ["--object-store-memory", str(self.object_store_mb * 1024 * 1024)]
-        before = set(_raylets())
+        before = set(_pids("raylet")), set(_pids("gcs_server"))
         t0 = time.perf_counter()
         subprocess.run([*RAY_CLI, "start", *args, *common], check=True, capture_output=True, timeout=180)
         self.start_s.append(time.perf_counter() - t0)
-        new = sorted(set(_raylets()) - before)
+        new = sorted(set(_pids("raylet")) - before[0])
         if len(new) != 1:
             raise RuntimeError(f"expected one new raylet after `ray start {' '.join(args)}`, found {new}")
         self.raylet_pids.append(new[0])
+        if "--head" in args:
+            gcs = sorted(set(_pids("gcs_server")) - before[1])
+            self.gcs_pid = gcs[0] if len(gcs) == 1 else None
 
     def __enter__(self) -> LocalRayCluster:
         self._auth_before = os.environ.get("RAY_AUTH_MODE")
@@ -322,6 +389,6 @@ class LocalRayCluster:
             os.environ["RAY_AUTH_MODE"] = self._auth_before
 
 
-def _raylets() -> list[int]:
-    out = subprocess.run(["pgrep", "-x", "raylet"], capture_output=True, text=True).stdout
+def _pids(name: str) -> list[int]:
+    out = subprocess.run(["pgrep", "-x", name], capture_output=True, text=True).stdout
     return [int(p) for p in out.split()]

@@ -1,5 +1,6 @@
 """Where recovery runs: --cluster specs, one-line errors, and a real two-node Ray cluster on loopback (started
-and stopped here) giving the same recovery as this process, also when one node's raylet is killed mid-run."""
+and stopped here) giving the same recovery as this process, also when one node's raylet is killed mid-run;
+a head lost mid-run is a one-line error (the last test: it ends the cluster)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,16 @@ import time
 
 import pytest
 import torch
+from edgeprune.benchmarks.lab.common import ModelBuild, recover_models, recovery_shared
 
 from edgeprune.cluster import ClusterError, InProcess, LocalRayCluster, RayExecutor, check_cluster_spec
 from edgeprune.halving import Halving
 from edgeprune.masking import layer_mask
 from edgeprune.models import load_model
-from edgeprune.recover import Job, MaskBuild, Shared, pick, recover
+from edgeprune.recover import CompactBuild, Job, MaskBuild, ResultStore, Shared, pick, recover
 from edgeprune.recovery import RECIPES, teacher_logits
+from edgeprune.stages import Progress
+from edgeprune.structured import GroupGraph
 
 
 def test_cluster_specs_parse_without_connecting(monkeypatch):
@@ -131,6 +135,35 @@ def test_recovery_on_the_cluster_equals_in_process(problem, reference, cluster):
     assert all(r.node for o in out for r in o.rungs)  # every rung ran on a cluster node
 
 
+@pytest.mark.slow
+def test_the_studies_builders_recover_on_the_cluster_as_in_process(demo_data, cluster):
+    """The lab studies' recoveries (`benchmarks.lab.common`): channels removed (`CompactBuild`) and a model
+    that exists only as a model (`ModelBuild`, torch-pruning's output), with the studies' early-stopping
+    hold-out; the same models on the cluster as here."""
+    model, d = load_model("demo"), demo_data
+    example = d.calib_x[:1]
+    remove = {g.name: list(range(g.units // 4)) for g in GroupGraph(model, example).groups}
+    half = {g.name: list(range(g.units // 2)) for g in GroupGraph(model, example).groups}
+    builds = [CompactBuild(remove, example), ModelBuild(CompactBuild(half, example).build(model))]
+    recipe = RECIPES["distill"]
+    shared = recovery_shared(
+        model, d.calib_x, d.calib_y, recipe, teacher_logits(model, d.calib_x), lr=1e-3, batch_size=64, seed=0,
+        threads=1, device="cpu",
+    )  # fmt: skip
+    assert len(shared.calib_x) + len(shared.select_x) == len(d.calib_x) and len(shared.select_x) == 20
+    here = recover_models(builds, ["quarter", "half"], shared, 1, InProcess(), Progress())
+    ex = RayExecutor(cluster.address)
+    try:
+        there = recover_models(builds, ["quarter", "half"], shared, 1, ex, Progress())
+    finally:
+        ex.close()
+    assert ex.tasks_run == 2
+    for a, b in zip(here, there, strict=True):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert sum(p.numel() for p in here[1].parameters()) < sum(p.numel() for p in here[0].parameters())
+
+
 class _KillOnFirstResult:
     """Progress hooks that kill a raylet (SIGKILL) when the first task of the run has finished."""
 
@@ -162,3 +195,37 @@ def test_a_node_killed_mid_recovery_still_completes_with_the_same_pick(problem, 
         ex.close()
     assert hook.killed and alive == 1  # the node really went, and the run finished without it
     _same(reference, out)
+
+
+class _KillHeadOnFirstResult(_KillOnFirstResult):
+    """Progress hooks that kill the head (its GCS, then its raylet) when the first task has finished."""
+
+    def __init__(self, cluster: LocalRayCluster):
+        super().__init__(cluster.raylet_pids[0])
+        self.gcs_pid = cluster.gcs_pid
+
+    def advance(self, n=1):
+        if n and not self.killed:
+            os.kill(self.gcs_pid, signal.SIGKILL)
+        super().advance(n)
+
+
+@pytest.mark.slow
+def test_a_head_lost_mid_recovery_is_one_line_naming_it_and_keeps_whole_rungs(problem, cluster, tmp_path):
+    """Runs last: it ends the module's cluster. Left to Ray, the driver process itself would exit a minute
+    after the GCS went; the executor reports the lost head instead, and the store keeps only whole rungs."""
+    jobs, shared, schedule = problem
+    ex = RayExecutor(cluster.address, head_lost_s=5)  # the default, 20 s, leaves a restarting GCS time
+    hook = _KillHeadOnFirstResult(cluster)
+    store = ResultStore(tmp_path / "store")
+    t0 = time.perf_counter()
+    try:
+        with pytest.raises(ClusterError, match=rf"^lost the Ray head at {cluster.address} during the run") as e:
+            recover(jobs, shared, schedule, ex, progress=hook, store=store)
+        lost_s = time.perf_counter() - t0
+    finally:
+        ex.close()
+    assert hook.killed and "\n" not in str(e.value) and "task(s) unfinished" in str(e.value)
+    assert lost_s < 5 + 30
+    saved = sorted((tmp_path / "store").iterdir())  # the first result at least; whole rungs only
+    assert saved and all(p.suffix == ".pt" and store.load(p.stem) is not None for p in saved)
