@@ -2,6 +2,7 @@
 
 import json
 import math
+import socket
 import tempfile
 
 import numpy as np
@@ -137,6 +138,17 @@ def test_workers_and_a_bad_cluster_are_one_line_before_any_work(tmp_path, capsys
         assert exc.value.code == 2
         err = capsys.readouterr().err
         assert says in err and "Traceback" not in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_unreachable_head_is_one_line_before_the_search(tmp_path, capsys):
+    pytest.importorskip("ray")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.2", 0))
+        address = f"127.0.0.2:{sock.getsockname()[1]}"  # nothing listens there once closed
+    assert main(["--cluster", address, "--out", str(tmp_path / "out"), "--bundle", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"edgeprune: cannot reach the Ray head at {address}") and err.count("\n") == 1
     assert not list(tmp_path.iterdir())
 
 

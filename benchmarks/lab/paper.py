@@ -853,6 +853,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     try:
+        if s.cluster:
+            log(f"fine-tuning runs on {executor.describe()}")
         return run_models(s, meta, out, stem, results, previous, executor)
     finally:
         executor.close()

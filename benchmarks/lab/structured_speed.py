@@ -49,6 +49,7 @@ import hashlib
 import json
 import math
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -191,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         except ClusterError as exc:
             p.error(str(exc))
     with tempfile.TemporaryDirectory(prefix="edgeprune-structured-bench-") as tmp:  # every candidate's ONNX
-        return run(args, argv, Path(tmp))
+        try:
+            return run(args, argv, Path(tmp))
+        except ClusterError as exc:  # unreachable or lost head, a failed recovery: one line; --out and
+            print(f"edgeprune: {exc}", file=sys.stderr)  # --bundle are written only once everything ran
+            return 2
 
 
 def run(args: argparse.Namespace, argv: list[str] | None, work: Path) -> int:
