@@ -38,7 +38,7 @@ from ..evaluation import accuracy, params_and_macs
 from ..inventory import Layer
 from ..ranges import LayerRange, Rule, apply_rules, baseline_ranges, parse_rules, range_targets, read_rules_file
 from ..recover import CompactBuild, Job, ResultStore, Shared, record_recovery, recover, recovery_schedule
-from ..recovery import RECIPES, has_batchnorm, recalibrate_bn, resolve_device, teacher_logits_if_distilling
+from ..recovery import RECIPES, has_batchnorm, on_device, recalibrate_bn, resolve_device, teacher_logits_if_distilling
 from ..report import (
     Candidate,
     DenseSummary,
@@ -259,6 +259,7 @@ class ChannelSearch:
         self.example, self.check = data.eval_x[:1], data.eval_x[:CHECK_IMAGES]
         self.sample = data.eval_x[:1].numpy().astype(np.float32)
         self.use_bn = cfg.bn_recal and has_batchnorm(model)
+        self.torch_device = resolve_device(cfg.device)  # where screening and BN re-calibration run (--device)
         self.latency_model: LatencyModel | None = None  # fitted by costs() with --latency-costs
         self.notes: list[str] = []  # for the report: what ran differently from what was asked, and why
         self.ratios: list[float] = []  # the Phase-1 channel fraction of each goal round
@@ -351,7 +352,8 @@ class ChannelSearch:
         d = self.data
         with self.t("dense_eval"):
             self.progress.start("evaluate dense model")
-            self.dense_acc = accuracy(self.model, d.eval_x, d.eval_y, self.cfg.batch_size)
+            with on_device(self.model, self.torch_device):
+                self.dense_acc = accuracy(self.model, d.eval_x, d.eval_y, self.cfg.batch_size)
             self.params, self.macs = params_and_macs(self.model, self.example)
             self.dense_weights = prunable_weights(self.model)
             self.progress.finish()
@@ -552,9 +554,10 @@ class ChannelSearch:
                 c = cc.candidate
                 # One evaluation per candidate, after BN re-calibration: a compacted network's zero-shot
                 # accuracy (BN statistics of the dense one) says little and would double the cost.
-                if self.use_bn:
-                    recalibrate_bn(pruned, d.calib_x, cfg.batch_size)
-                c.accuracy = accuracy(pruned, d.eval_x, d.eval_y, cfg.batch_size)
+                with on_device(pruned, self.torch_device):  # back on the CPU for the MAC count and the export
+                    if self.use_bn:
+                        recalibrate_bn(pruned, d.calib_x, cfg.batch_size)
+                    c.accuracy = accuracy(pruned, d.eval_x, d.eval_y, cfg.batch_size)
                 if not self.use_bn:
                     c.zero_shot_accuracy = c.accuracy
                 cc.params, c.macs = params_and_macs(pruned, self.example)
@@ -814,7 +817,7 @@ class ChannelSearch:
     def _rebuild(self, cc: ChannelCandidate) -> nn.Module:
         pruned = compact(self.model, self.example, cc.remove)
         if self.use_bn:
-            recalibrate_bn(pruned, self.data.calib_x, self.cfg.batch_size)
+            recalibrate_bn(pruned, self.data.calib_x, self.cfg.batch_size, device=self.torch_device)
         return pruned
 
 
