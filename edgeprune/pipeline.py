@@ -356,9 +356,10 @@ class Workspace:
         return c
 
     def screen_raced(self, cp: CandidatePlan, masks: Masks, rungs: list[int], bar: float) -> Candidate:
-        """`screen`, with the re-calibrated accuracy evaluated rung by rung (`screening.race`): it stops once
-        even every unseen selection image right would leave the candidate below ``bar``, so it cannot be
-        picked; ``screened_images`` then says on how many images its accuracy was estimated."""
+        """`screen` as `compress` runs it: the re-calibrated accuracy evaluated rung by rung (`screening.race`)
+        stops once even every unseen selection image right would leave the candidate below ``bar``, so it
+        cannot be picked (``screened_images`` then says on how many images it was estimated); no zero-shot
+        pass before re-calibration."""
         c = cp.candidate
         x, y, bs = self.data.eval_x, self.data.eval_y, self.cfg.batch_size
 
@@ -368,12 +369,15 @@ class Workspace:
         with on_device(self.model, self.device):
             self.materialize(cp, recalibrate=False, masks=masks)
             c.sparsity = weight_sparsity(self.model, self.prunable)[0].sparsity
-            c.zero_shot_accuracy = self.accuracy()
             if self.use_bn:
                 recalibrate_bn(self.model, self.data.calib_x, self.cfg.batch_size)
             (r,) = race(1, rungs, count_correct, keep=0, floor=bar)
         c.accuracy = r.accuracy
         c.screened_images = None if r.complete else r.seen
+        # Before BN re-calibration the masked model keeps the dense model's statistics: that accuracy decides
+        # nothing, and a full pass for it cost a third of screening (`screen` still measures it, for studies).
+        # Without BatchNorm the raced accuracy is the zero-shot one.
+        c.zero_shot_accuracy = None if self.use_bn else c.accuracy
         return c
 
     def shared(self) -> Shared:

@@ -51,7 +51,7 @@ class Candidate:
     method: str  # "mix-and-match" or a baseline name
     sparsity: float
     accuracy: float  # after screening recovery (BN re-calibration)
-    zero_shot_accuracy: float | None = None  # before BN re-calibration
+    zero_shot_accuracy: float | None = None  # before BN re-calibration (None: not measured; compress skips it with BN)
     finetuned_accuracy: float | None = None
     pareto: bool = False
     selected: bool = False
