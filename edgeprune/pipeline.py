@@ -386,21 +386,7 @@ class Workspace:
         d, cfg = self.data, self.cfg
         dense = copy.deepcopy(self.model)
         dense.load_state_dict(self.original)
-        return Shared(
-            dense.eval(),
-            d.calib_x,
-            d.calib_y,
-            d.select_x,
-            d.select_y,
-            self.recipe,
-            self.teacher(),
-            cfg.finetune_lr,
-            cfg.batch_size,
-            cfg.seed,
-            self.use_bn,
-            cfg.recover_threads,
-            cfg.device,
-        )
+        return Shared.for_run(cfg, dense, d, self.recipe, self.teacher(), self.use_bn)
 
     def finetune(self, cp: CandidatePlan, epochs: int, on_epoch=None) -> dict:
         """Fine-tune one candidate with its masks enforced; returns the weights, fills finetuned_accuracy."""

@@ -131,6 +131,28 @@ class Shared:
     threads: int = 1  # torch intra-op threads per task: part of the result (float sums), so fixed, not "all"
     device: str = "auto"  # where a task trains (`recovery.resolve_device`, resolved on the worker)
 
+    @classmethod
+    def for_run(
+        cls, cfg: Any, dense: nn.Module, data: Any, recipe: Recipe, teacher: torch.Tensor | None, bn_recal: bool
+    ) -> Shared:
+        """What `compress` shares, either granularity: ``dense`` (an eval-mode copy the caller made), the run's
+        calibration and selection splits and its recovery options (`CompressConfig` fields)."""
+        return cls(
+            dense.eval(),
+            data.calib_x,
+            data.calib_y,
+            data.select_x,
+            data.select_y,
+            recipe,
+            teacher,
+            cfg.finetune_lr,
+            cfg.batch_size,
+            cfg.seed,
+            bn_recal,
+            cfg.recover_threads,
+            cfg.device,
+        )
+
     def settings_digest(self) -> str:
         """Everything here that decides a rung's result, hashed (the resume key's shared part)."""
         data = {"calib_x": self.calib_x, "calib_y": self.calib_y, "select_x": self.select_x, "select_y": self.select_y}

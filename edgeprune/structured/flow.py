@@ -610,21 +610,7 @@ class ChannelSearch:
             recipe = RECIPES[cfg.recovery]
             device = resolve_device(cfg.device)
             teacher = teacher_logits_if_distilling(recipe, self.model, d.calib_x, cfg.batch_size, device)
-            shared = Shared(
-                copy.deepcopy(self.model).eval(),
-                d.calib_x,
-                d.calib_y,
-                d.select_x,
-                d.select_y,
-                recipe,
-                teacher,
-                cfg.finetune_lr,
-                cfg.batch_size,
-                cfg.seed,
-                self.use_bn,
-                cfg.recover_threads,
-                cfg.device,
-            )
+            shared = Shared.for_run(cfg, copy.deepcopy(self.model), d, recipe, teacher, self.use_bn)
             self.progress.log(
                 f"recover ({cfg.recover}, up to {cfg.finetune_epochs} epochs, {recipe.name}, on {device}): "
                 f"{len(jobs)} candidate(s)"
