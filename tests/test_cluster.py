@@ -181,6 +181,27 @@ class _KillOnFirstResult:
 
 
 @pytest.mark.slow
+def test_compress_on_the_cluster_equals_compress_in_process(cluster, tmp_path):
+    """The whole `compress` on the demo, recovery through the 2-node cluster (``--cluster HOST:PORT``) and
+    in-process: the same candidates recovered to the same accuracies, the same pick, the same test accuracy."""
+    from edgeprune.pipeline import CompressConfig, compress
+
+    from .small_runs import SMALL
+
+    run = dict(SMALL, range_baselines=("mag",), finetune_epochs=1, finetune_top=3, export=False)
+    here = compress(CompressConfig(**run, out=str(tmp_path / "here")))
+    there = compress(CompressConfig(**run, cluster=cluster.address, out=str(tmp_path / "there")))
+
+    def recovered(report):
+        return [(c.name, c.finetuned_accuracy) for c in report.strategies if c.finetuned_accuracy is not None]
+
+    assert len(recovered(here)) == 3
+    assert recovered(there) == recovered(here)
+    assert there.selected.name == here.selected.name
+    assert there.selected.test_accuracy == here.selected.test_accuracy
+
+
+@pytest.mark.slow
 def test_a_node_killed_mid_recovery_still_completes_with_the_same_pick(problem, reference, cluster):
     jobs, shared, schedule = problem
     ex = RayExecutor(cluster.address)
