@@ -421,7 +421,6 @@ def export_onnx(
     kept = [p for p in final.metadata_props if not p.key.startswith("onnxsim.")]
     del final.metadata_props[:]
     final.metadata_props.extend(kept)
-    set_metadata(final, _self_check_metadata(net, final, example, counted, metadata or {}))
 
     try:
         onnx.checker.check_model(final)
@@ -429,11 +428,11 @@ def export_onnx(
         raise UnsupportedModelError(f"the exported ONNX graph is invalid: {str(exc).splitlines()[0]}") from exc
 
     parity = parity_check(net, final, check, tol)
-    # Metadata does not enter the weights digest or the outputs: the checked graph is the one written.
+    # Metadata enters neither the weights digest nor the outputs, so it is written after the check, once: the
+    # embedded reference allows the float noise parity passed on, when it did.
+    set_metadata(final, _self_check_metadata(net, final, example, counted, metadata or {}, parity.float32_error))
     entry = parity_entry(parity.max_abs_diff, parity.max_rel_diff, tol, len(check), parity.float32_error)
     set_metadata(final, {PREFIX + "parity": entry})
-    if parity.float32_error is not None:  # passed as float noise: the embedded reference allows the same noise
-        set_metadata(final, _self_check_metadata(net, final, example, counted, metadata or {}, parity.float32_error))
     size = write_atomic(final, path)
     return ExportResult(
         path=path,
