@@ -608,7 +608,7 @@ class ChannelSearch:
                 for i in pool
             ]
             recipe = RECIPES[cfg.recovery]
-            device = resolve_device(cfg.device)
+            device = self.torch_device
             teacher = teacher_logits_if_distilling(recipe, self.model, d.calib_x, cfg.batch_size, device)
             shared = Shared.for_run(cfg, copy.deepcopy(self.model), d, recipe, teacher, self.use_bn)
             self.progress.log(
@@ -644,11 +644,12 @@ class ChannelSearch:
         if self.cfg.max_drop is None:
             return
         while len(self.ratios) < GOAL_ROUNDS:
-            ratio = next_goal_ratio(self.round_drops(), self.cfg.max_drop)
+            drops = self.round_drops()
+            ratio = next_goal_ratio(drops, self.cfg.max_drop)
             if ratio is None:
                 break
             start = len(self.cands)
-            best = min(d for _, d in self.round_drops())
+            best = min(d for _, d in drops)
             self.progress.log(
                 f"best candidate {best:.2f} points below dense (--max-drop {self.cfg.max_drop:g}); next goal "
                 f"round at {ratio:.0%} of the channels (round {len(self.ratios) + 1} of {GOAL_ROUNDS})"
@@ -742,7 +743,6 @@ class ChannelSearch:
         )
 
     def report(self) -> Report:
-
         cfg, groups, chosen = self.cfg, self.groups, self.chosen
         ranges = self.ranges_by_round[chosen.round]
         layer_reports = [
