@@ -1,0 +1,646 @@
+"""The paper's comparison under the three-split protocol: Mix-and-Match vs every baseline it mixes, on data
+no decision used, over seeds, at levels chosen by MAG alone.
+
+    python -m edgeprune.benchmarks.lab.paper_protocol --out benchmarks/results      # five models, 3 seeds
+    python -m edgeprune.benchmarks.lab.paper_protocol --quick --out /tmp/pp-quick   # smoke test (demo)
+
+Per reference model (``edgeprune/zoo.py``, bundled weights), on Fashion-MNIST: the *calibration* split comes
+from the 60 k training images (signals, BatchNorm statistics, fine-tuning), *selection* and *test* from the
+test images (disjoint, stratified, drawn by the seed):
+
+1. **Levels, by MAG alone, before Mix-and-Match runs** (seed 0): global magnitude pruning at every sparsity of
+   ``--ladder``, each fine-tuned with the budget below, scored on the *selection* split. A level is the
+   sparsity where MAG's fine-tuned drop (its running maximum over the ladder, so the curve is monotone) first
+   reaches 1, 3 and 5 points, interpolated linearly between ladder points and rounded to 0.5 % (`level_for_drop`).
+2. **Per seed and level**, from the dense weights: Mix-and-Match's candidates (`Workspace.plans`: every signal's
+   strategies scaled to the level, the baselines' own plans ranked by each signal) masked, BatchNorm re-
+   calibrated and screened on the selection split (`screening.screen_candidates`: identical masks once, a
+   collapsed signal stops); the ``--top`` most accurate with sparsity in [level, level + 0.5 %] are recovered,
+   and the one most accurate on the selection split after recovery is Mix-and-Match's model (what `compress`
+   does: the pick is confirmed after a short recovery). MAG, SNIP, GraSP, LAMP, ERK and uniform each run at
+   the same level. When no candidate reaches the level, everything runs at the sparsest candidate's sparsity.
+3. **Equal recovery budget**: every method's model (and each of Mix-and-Match's ``--top``) is fine-tuned by one
+   `recover.recover` rung of ``--finetune-epochs`` on the calibration split, early stopping on the selection
+   split, the product's recipe and rate (``recovery.default_lr``: 1e-4 CNNs, 5e-5 transformers), masks
+   enforced; the optimizer steps are recorded. Mix-and-Match spends ``--top`` recoveries to choose; the model it
+   reports had the same steps as every baseline's.
+4. **Reported**: accuracy on the *test* split only (zero-shot after BN re-calibration, and recovered), opened
+   after every decision of the trial. Over ``--seeds``: mean and the standard error of the mean; for
+   Mix-and-Match against each method the paired difference (same seed = same data and splits) and its
+   standard error; the area under the accuracy-sparsity curve over the three levels (trapezoid, divided by
+   the span: the mean accuracy over it).
+
+Targets (issue #15): Mix-and-Match not worse than the best baseline by more than one paired s.e. at any level
+on any model; strictly better than it at the highest level on at least 3 of 5.
+Writes ``paper_protocol.json`` / ``.md`` into ``--out`` after every trial (``--resume`` continues a run with
+the same settings).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from edgeprune.benchmarks.lab.paper import (
+    BASELINE_METHODS,
+    MM,
+    MODELS,
+    WINDOW,
+    ensure_checkpoint,
+    machine,
+    pick_candidate,
+    plans,
+    twice_differentiable,
+)
+from edgeprune.benchmarks.machine import command_line
+
+from edgeprune.cluster import Executor, check_cluster_spec, executor_for
+from edgeprune.errors import EdgepruneError
+from edgeprune.evaluation import accuracy
+from edgeprune.halving import Top
+from edgeprune.masking import build_masks
+from edgeprune.pipeline import SCREEN_PROBE, CompressConfig, Workspace, load_workspace_inputs
+from edgeprune.recover import Job, MaskBuild, RecoveryOutcome, recover
+from edgeprune.report import versions
+from edgeprune.screening import screen_candidates
+
+SCHEMA = "edgeprune.paper-protocol/1"
+LADDER: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98)
+DROPS: tuple[float, ...] = (1.0, 3.0, 5.0)  # MAG's fine-tuned drop (points) that defines each level
+TEST_REASON = "paper_protocol: the reported accuracy of every method, after the trial's decisions"
+
+
+@dataclass
+class Settings:
+    models: tuple[str, ...] = MODELS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    drops: tuple[float, ...] = DROPS
+    ladder: tuple[float, ...] = LADDER
+    baselines: tuple[str, ...] = BASELINE_METHODS
+    signals: tuple[str, ...] = ("magnitude", "gradient", "product")
+    data: str = "fashion-mnist"
+    calib_size: int = 2000
+    select_size: int = 1000
+    test_size: int = 2000
+    gradient_samples: int = 512
+    finetune_epochs: int = 2
+    top: int = 3  # Mix-and-Match candidates recovered before its pick
+    threads: int = 2  # torch threads, also each recovery's (part of the result on a CPU)
+    out: str = "benchmarks/results"
+    quick: bool = False
+    resume: bool = False
+    cluster: str | None = None  # where recovery runs; not a setting of the numbers
+
+
+# Settings that change the numbers: a --resume only continues a run that agrees on all of them.
+COMPARABLE = ("seeds", "drops", "ladder", "baselines", "signals", "data", "calib_size", "select_size", "test_size",
+              "gradient_samples", "finetune_epochs", "top", "threads")  # fmt: skip
+
+
+@dataclass
+class MagPoint:
+    """MAG at one ladder sparsity after the recovery budget, on the selection split (seed 0)."""
+
+    target: float
+    sparsity: float
+    accuracy: float
+    drop: float  # points below dense
+
+
+@dataclass
+class Level:
+    drop: float  # MAG's fine-tuned drop this level stands for
+    sparsity: float
+    note: str = ""
+
+
+@dataclass
+class MethodResult:
+    method: str
+    candidate: str  # Mix-and-Match's signal/strategy, else the baseline's name
+    sparsity: float
+    zero_shot_select: float  # after BN re-calibration
+    zero_shot_test: float
+    select: float | None = None  # after recovery
+    test: float | None = None
+    steps: int = 0  # optimizer steps of its recovery
+    improved: bool = True  # recovery beat the start weights on the selection split
+
+
+@dataclass
+class Trial:
+    seed: int
+    level: int  # index into ModelResult.levels
+    target: float  # the sparsity every method ran at
+    matched: bool  # Mix-and-Match's models lie in [level, level + WINDOW]
+    selection: str
+    dense_select: float
+    dense_test: float
+    candidates: int
+    screened: int
+    recovered: list[str]  # Mix-and-Match's candidates that were recovered, best screening first
+    methods: list[MethodResult]
+    seconds: float
+
+
+@dataclass
+class ModelResult:
+    model: str
+    params: int
+    mag_curve: list[MagPoint] = field(default_factory=list)
+    levels: list[Level] = field(default_factory=list)
+    trials: list[Trial] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)
+    command: str = ""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------ pure parts
+
+
+def level_for_drop(curve: list[tuple[float, float]], drop: float) -> tuple[float, str]:
+    """The sparsity where a (sparsity, drop) curve first reaches ``drop``, and a note when it is clamped.
+
+    The curve is made monotone (running maximum of the drop over increasing sparsity: a noisy dip after a
+    larger loss does not move the level back), then interpolated linearly between the two ladder points that
+    bracket ``drop``; the result is rounded to 0.5 %. Below the first point: the first point; never reached:
+    the last, said in the note."""
+    pts = sorted(curve)
+    if not pts:
+        raise ValueError("level_for_drop needs at least one point")
+    env, worst = [], -math.inf
+    for s, d in pts:
+        worst = max(worst, d)
+        env.append((s, worst))
+    if env[0][1] >= drop:
+        return env[0][0], f"MAG already loses {env[0][1]:.2f} points at {env[0][0]:.0%}, the ladder's first step"
+    for (s0, d0), (s1, d1) in zip(env, env[1:]):
+        if d1 >= drop:
+            s = s0 + (s1 - s0) * (drop - d0) / max(d1 - d0, 1e-12)
+            return round(s * 200) / 200, ""
+    s, d = env[-1]
+    return s, f"MAG loses only {d:.2f} points at {s:.0%}, the ladder's last step"
+
+
+def mean_se(values: list[float]) -> tuple[float, float | None]:
+    """Mean and standard error of the mean (None with one value)."""
+    n = len(values)
+    m = sum(values) / n
+    if n < 2:
+        return m, None
+    var = sum((v - m) ** 2 for v in values) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def auc(sparsities: list[float], accuracies: list[float]) -> float:
+    """Trapezoid area under accuracy vs sparsity divided by the span: the mean accuracy over it."""
+    pts = sorted(zip(sparsities, accuracies))
+    span = pts[-1][0] - pts[0][0]
+    if span <= 0:
+        return sum(a for _, a in pts) / len(pts)
+    area = sum((s1 - s0) * (a0 + a1) / 2 for (s0, a0), (s1, a1) in zip(pts, pts[1:]))
+    return area / span
+
+
+# ------------------------------------------------------------------------------------------------ the run
+
+
+def workspace(name: str, s: Settings, seed: int) -> Workspace:
+    """The model and the three splits drawn by ``seed``, with the sensitivity signals computed once."""
+    if name.startswith("fmnist_"):
+        ensure_checkpoint(name)
+    cfg = CompressConfig(
+        model=name, pretrained=True, data=s.data, calib_size=s.calib_size, eval_size=s.select_size,
+        test_size=s.test_size, signals=s.signals, gradient_samples=s.gradient_samples,
+        finetune_epochs=s.finetune_epochs, recover_threads=s.threads, seed=seed,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model, data = load_workspace_inputs(cfg)
+    twice_differentiable(model)  # GraSP's double backward through MobileNetV3's hard activations
+    return Workspace(cfg, model, data, with_hessian=True)
+
+
+def recover_all(ws: Workspace, jobs: list[Job], s: Settings, executor: Executor) -> list[RecoveryOutcome]:
+    """One rung of the same epochs for every job: the equal budget."""
+    return recover(jobs, ws.shared(), Top(k=len(jobs), epochs=s.finetune_epochs), executor)
+
+
+def mag_curve(ws: Workspace, s: Settings, executor: Executor) -> list[MagPoint]:
+    """MAG at every ladder sparsity, recovered, on the selection split."""
+    dense = ws.accuracy()
+    cps = [plans(ws, "mag", target)[0] for target in s.ladder]
+    jobs = [Job(f"mag@{t}", MaskBuild(build_masks(cp.scores, cp.plan))) for t, cp in zip(s.ladder, cps)]
+    out = []
+    for t, cp, o in zip(s.ladder, cps, recover_all(ws, jobs, s, executor), strict=True):
+        ws.screen(cp)  # the exact sparsity of the plan
+        out.append(MagPoint(t, cp.candidate.sparsity, o.accuracy, (dense - o.accuracy) * 100))
+    return out
+
+
+def run_trial(ws: Workspace, s: Settings, level: int, target: float, executor: Executor) -> Trial:
+    t0 = time.perf_counter()
+    d = ws.data
+    dense_select = ws.accuracy()
+    cps = plans(ws, MM, target)
+    kept, summary = screen_candidates(
+        [cp.candidate for cp in cps],
+        masks_of=lambda i: build_masks(cps[i].scores, cps[i].plan),
+        evaluate=lambda i, masks: ws.screen(cps[i], masks),
+        num_classes=d.num_classes,
+        dense_accuracy=dense_select,
+        probe=SCREEN_PROBE,
+    )
+    cps = [cps[i] for i in kept if cps[i].candidate.name not in summary.duplicates]
+    cands = [cp.candidate for cp in cps]
+    i, matched, why = pick_candidate(cands, target)
+    if not matched:
+        target = cands[i].sparsity
+    window = [j for j in range(len(cands)) if target - 1e-6 <= cands[j].sparsity <= target + WINDOW + 1e-9]
+    pool = sorted(window, key=lambda j: (-cands[j].accuracy, -cands[j].sparsity))[: s.top]
+    base = [plans(ws, b, target)[0] for b in s.baselines]
+    methods, test = [], d.test_split(TEST_REASON)
+
+    def zero_shot(method: str, cp) -> MethodResult:  # ws.model holds cp masked and re-calibrated
+        c = cp.candidate
+        return MethodResult(method, c.name, c.sparsity, c.accuracy, accuracy(ws.model, *test, ws.cfg.batch_size))
+
+    ws.screen(cps[pool[0]])
+    mm_zero = zero_shot(MM, cps[pool[0]])
+    for b, cp in zip(s.baselines, base):
+        ws.screen(cp)
+        methods.append(zero_shot(b, cp))
+    jobs = [Job(f"mm:{cps[j].candidate.name}", MaskBuild(build_masks(cps[j].scores, cps[j].plan))) for j in pool]
+    jobs += [Job(b, MaskBuild(build_masks(cp.scores, cp.plan))) for b, cp in zip(s.baselines, base)]
+    outcomes = recover_all(ws, jobs, s, executor)
+
+    def recovered(r: MethodResult, o: RecoveryOutcome) -> MethodResult:
+        ws.model.load_state_dict(o.state)
+        r.select, r.test = o.accuracy, accuracy(ws.model, *test, ws.cfg.batch_size)
+        r.steps = sum(g.steps for g in o.rungs)
+        r.improved = o.accuracy > o.rungs[0].start_accuracy
+        return r
+
+    best = max(range(len(pool)), key=lambda k: (outcomes[k].accuracy, -k))  # selection split after recovery
+    c = cands[pool[best]]
+    if best == 0:
+        mm = recovered(mm_zero, outcomes[0])
+    else:  # its zero-shot row is the screening pick's; the recovered model is the confirmed one
+        mm = recovered(MethodResult(MM, c.name, c.sparsity, mm_zero.zero_shot_select, mm_zero.zero_shot_test),
+                       outcomes[best])  # fmt: skip
+        mm.candidate = f"{c.name} (screening: {mm_zero.candidate})"
+    methods = [mm] + [recovered(r, o) for r, o in zip(methods, outcomes[len(pool) :], strict=True)]
+    dense_test = accuracy(_dense(ws), *test, ws.cfg.batch_size)
+    return Trial(
+        seed=ws.cfg.seed, level=level, target=target, matched=matched, selection=why, dense_select=dense_select,
+        dense_test=dense_test, candidates=len(summary.duplicates) + len(kept) + len(summary.skipped),
+        screened=summary.evaluated, recovered=[cands[j].name for j in pool], methods=methods,
+        seconds=round(time.perf_counter() - t0, 1),
+    )  # fmt: skip
+
+
+def _dense(ws: Workspace) -> torch.nn.Module:
+    ws.model.load_state_dict(ws.original)
+    return ws.model.eval()
+
+
+def run_model(name: str, s: Settings, executor: Executor, done: ModelResult | None, save) -> ModelResult:
+    """Levels (MAG, seed 0), then every seed x level trial; a resumed model keeps what it finished."""
+    res = done or ModelResult(name, 0)
+    res.machine = machine()
+    for seed in s.seeds:
+        todo = [k for k in range(len(s.drops)) if not any(t.seed == seed and t.level == k for t in res.trials)]
+        if res.levels and not todo:
+            continue
+        t0 = time.perf_counter()
+        ws = workspace(name, s, seed)
+        res.params = sum(p.numel() for p in ws.model.parameters())
+        res.seconds["load"] = round(res.seconds.get("load", 0.0) + time.perf_counter() - t0, 1)
+        if not res.levels:
+            t0 = time.perf_counter()
+            res.mag_curve = mag_curve(ws, s, executor)
+            curve = [(p.sparsity, p.drop) for p in res.mag_curve]
+            res.levels = [Level(dr, *level_for_drop(curve, dr)) for dr in s.drops]
+            res.seconds["levels"] = round(time.perf_counter() - t0, 1)
+            log(f"{name}: MAG curve " + ", ".join(f"{p.sparsity:.0%} {p.drop:+.2f}" for p in res.mag_curve))
+            log(f"{name}: levels " + ", ".join(f"{lv.drop:g} pt -> {lv.sparsity:.1%}" for lv in res.levels))
+            save(res)
+        for k in todo:
+            trial = run_trial(ws, s, k, res.levels[k].sparsity, executor)
+            res.trials.append(trial)
+            res.seconds["trials"] = round(res.seconds.get("trials", 0.0) + trial.seconds, 1)
+            log(
+                f"{name} seed {seed} level {res.levels[k].sparsity:.1%}: "
+                + ", ".join(f"{m.method} {m.test:.2%}" for m in trial.methods)
+                + f" ({trial.seconds:.0f} s)"
+            )
+            save(res)
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def level_stats(m: ModelResult, k: int, key: str) -> dict[str, Any]:
+    """One level: each method's mean ± s.e. of ``key`` (``test`` recovered, ``zero_shot_test``) over seeds, and
+    Mix-and-Match minus each method, paired by seed."""
+    trials = sorted((t for t in m.trials if t.level == k), key=lambda t: t.seed)
+    by: dict[str, list[float]] = {}
+    for t in trials:
+        for r in t.methods:
+            by.setdefault(r.method, []).append(getattr(r, key) * 100)
+    out: dict[str, Any] = {"seeds": len(trials), "methods": {}, "vs": {}}
+    for method, vals in by.items():
+        mean, se = mean_se(vals)
+        out["methods"][method] = {"mean": mean, "se": se}
+        if method != MM and len(vals) == len(by[MM]):
+            out["vs"][method] = dict(zip(("mean", "se"), mean_se([a - b for a, b in zip(by[MM], vals)])))
+    others = {b: v for b, v in out["methods"].items() if b != MM}
+    if others and MM in by:
+        best = max(others, key=lambda b: others[b]["mean"])
+        diff = out["vs"][best]
+        out["best_baseline"] = best
+        out["not_worse"] = diff["mean"] >= -(diff["se"] or 0.0)
+        out["better"] = diff["mean"] > 0
+    return out
+
+
+def auc_stats(m: ModelResult) -> dict[str, Any]:
+    """Per method, the recovered test accuracy's area over the model's levels (nominal sparsities), per seed;
+    mean ± s.e., and Mix-and-Match minus each, paired by seed. Only seeds with every level count."""
+    xs = [lv.sparsity for lv in m.levels]
+    per: dict[str, dict[int, float]] = {}
+    for seed in sorted({t.seed for t in m.trials}):
+        trials = {t.level: t for t in m.trials if t.seed == seed}
+        if len(trials) < len(xs) or len(set(xs)) < 2:
+            continue
+        for method in [r.method for r in trials[0].methods]:
+            ys = [next(r.test for r in trials[k].methods if r.method == method) * 100 for k in range(len(xs))]
+            per.setdefault(method, {})[seed] = auc(xs, ys)
+    out: dict[str, Any] = {}
+    for method, vals in per.items():
+        mean, se = mean_se(list(vals.values()))
+        entry: dict[str, Any] = {"mean": mean, "se": se}
+        if method != MM:
+            seeds = sorted(set(vals) & set(per[MM]))
+            entry["mm_minus"] = dict(zip(("mean", "se"), mean_se([per[MM][x] - vals[x] for x in seeds])))
+        out[method] = entry
+    return out
+
+
+def checks(results: list[ModelResult], s: Settings) -> dict[str, Any]:
+    """The issue's targets on what finished (a model counts once every seed ran every level)."""
+    out: dict[str, Any] = {"not_worse_everywhere": {}, "better_at_highest": {}}
+    for m in results:
+        if len(m.trials) < len(s.seeds) * len(s.drops):
+            continue
+        stats = [level_stats(m, k, "test") for k in range(len(m.levels))]
+        out["not_worse_everywhere"][m.model] = all(st.get("not_worse", False) for st in stats)
+        out["better_at_highest"][m.model] = bool(stats[-1].get("better", False))
+    out["models_not_worse"] = sum(out["not_worse_everywhere"].values())
+    out["models_better_at_highest"] = sum(out["better_at_highest"].values())
+    out["complete_models"] = len(out["better_at_highest"])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def to_json(results: list[ModelResult], s: Settings, meta: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        **meta,
+        "settings": {**asdict(s), "window": WINDOW},
+        "models": {m.model: asdict(m) for m in results},
+        "stats": {
+            m.model: {
+                "levels": [
+                    {"finetuned": level_stats(m, k, "test"), "zero_shot": level_stats(m, k, "zero_shot_test")}
+                    for k in range(len(m.levels))
+                ],
+                "auc": auc_stats(m),
+            }
+            for m in results
+        },
+        "checks": checks(results, s),
+    }
+
+
+def _ms(x: dict[str, Any] | None) -> str:
+    if not x:
+        return "—"
+    return f"{x['mean']:.2f}" + ("" if x["se"] is None else f" ± {x['se']:.2f}")
+
+
+def _diff(x: dict[str, Any] | None) -> str:
+    if not x:
+        return "—"
+    return f"{x['mean']:+.2f}" + ("" if x["se"] is None else f" ± {x['se']:.2f}")
+
+
+def _yes_no(verdicts: dict[str, bool]) -> str:
+    return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in verdicts.items())
+
+
+def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any]) -> str:
+    mach = meta["machine"]
+    L = ["# Mix-and-Match vs its baselines under the three-split protocol (Fashion-MNIST)", ""]
+    L += [
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {mach['platform']}, {mach['cpu']}, {mach['cores']} cores, {s.threads} torch thread(s); "
+        f"load average at the end {mach['load_average']}  ",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
+        f"Splits (per seed {', '.join(map(str, s.seeds))}): calibration {s.calib_size} images from the training "
+        f"set (signals, BN statistics, fine-tuning); selection {s.select_size} and test {s.test_size} from the "
+        "test set, disjoint. Every decision (levels, screening, the pick, early stopping) used the selection "
+        "split; every accuracy below is on the test split.  ",
+        f"Recovery budget (every method): {s.finetune_epochs} epoch(s) of the product's recipe "
+        "(`recovery.RECIPES['distill']`, rate `recovery.default_lr`), masks enforced, early stopping on the "
+        f"selection split; Mix-and-Match recovers its {s.top} best screened candidates at the level and keeps "
+        "the best on the selection split.  ",
+        f"Levels: where MAG's recovered selection-split drop reaches {', '.join(f'{d:g}' for d in s.drops)} "
+        f"points on the ladder {', '.join(f'{x:.0%}' for x in s.ladder)} (seed 0, before Mix-and-Match ran).  ",
+        f"CPU budget: {meta['cpu_minutes']:.0f} min of wall time on this machine for what is below.",
+        "",
+        "Accuracy in %, mean ± standard error over seeds; Δ = Mix-and-Match minus the method, paired by seed, "
+        "± its standard error (positive: Mix-and-Match is better). **Bold**: the best baseline at the level. "
+        "Steps: optimizer steps of the recovery (mean); stuck: trials whose recovery did not beat its start weights.",
+        "",
+    ]
+    for m in results:
+        L += [f"## {m.model} ({m.params:,} params)", ""]
+        if m.mag_curve:
+            L.append("MAG's recovered drop below dense on the selection split (negative: above dense): " + ", ".join(
+                f"{p.sparsity:.1%} {p.drop:.2f}" for p in m.mag_curve) + "  ")  # fmt: skip
+            L.append("Levels: " + "; ".join(
+                f"{lv.drop:g}-point → {lv.sparsity:.1%}" + (f" ({lv.note})" if lv.note else "") for lv in m.levels
+            ) + "  ")  # fmt: skip
+        seeds = sorted({t.seed for t in m.trials})
+        L += [f"Seeds finished: {len(m.trials)} trial(s) of {len(s.seeds) * len(s.drops)} ({seeds}).", ""]
+        L += [
+            "| level | method | sparsity % | zero-shot | Δ zero-shot | recovered | Δ recovered | steps | stuck |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for k, lv in enumerate(m.levels):
+            trials = [t for t in m.trials if t.level == k]
+            if not trials:
+                continue
+            ft, zs = level_stats(m, k, "test"), level_stats(m, k, "zero_shot_test")
+            for method in [r.method for r in trials[0].methods]:
+                rows = [r for t in trials for r in t.methods if r.method == method]
+                sp = sum(r.sparsity for r in rows) / len(rows) * 100
+                steps = sum(r.steps for r in rows) // len(rows)
+                stuck = sum(not r.improved for r in rows)
+                name = f"**{method}**" if ft.get("best_baseline") == method else method
+                unmatched = "" if all(t.matched for t in trials) else " ✱"
+                L.append(
+                    f"| {lv.sparsity:.1%}{unmatched} | {name} | {sp:.2f} | {_ms(zs['methods'].get(method))} | "
+                    f"{_diff(zs['vs'].get(method))} | {_ms(ft['methods'].get(method))} | "
+                    f"{_diff(ft['vs'].get(method))} | {steps} | {stuck}/{len(rows)} |"
+                )
+            if "best_baseline" in ft:
+                verdict = "not worse" if ft["not_worse"] else "WORSE by more than one s.e."
+                L.append(f"| | *vs best ({ft['best_baseline']})* | | | | | {verdict} | | |")
+        a = auc_stats(m)
+        if a:
+            L += ["", "Area under recovered test accuracy vs sparsity over the levels (mean accuracy over the span):",
+                  "", "| method | AUC | Δ (M&M − method) |", "|---|---:|---:|"]  # fmt: skip
+            for method, v in a.items():
+                L.append(f"| {method} | {_ms(v)} | {_diff(v.get('mm_minus'))} |")
+        L.append("")
+    c = checks(results, s)
+    L += [
+        "## The issue's targets",
+        "",
+        f"- Not worse than the best baseline by more than one paired s.e. at every level: "
+        f"{c['models_not_worse']}/{c['complete_models']} complete model(s) "
+        f"({_yes_no(c['not_worse_everywhere'])}); target: all 5.",
+        f"- Strictly better than the best baseline at the highest level: {c['models_better_at_highest']}/"
+        f"{c['complete_models']} ({_yes_no(c['better_at_highest'])}); "
+        "target: at least 3 of 5.",
+        "",
+    ]
+    return "\n".join(L)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def from_dict(d: dict[str, Any]) -> ModelResult:
+    trials = [Trial(**{**t, "methods": [MethodResult(**r) for r in t["methods"]]}) for t in d["trials"]]
+    return ModelResult(**{
+        **d, "mag_curve": [MagPoint(**p) for p in d["mag_curve"]], "levels": [Level(**lv) for lv in d["levels"]],
+        "trials": trials,
+    })  # fmt: skip
+
+
+def previous(path: Path, s: Settings) -> dict[str, ModelResult]:
+    """Models of an earlier run in ``path`` with the same comparable settings (--resume)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    mine = json.loads(json.dumps(asdict(s)))
+    if doc.get("schema") != SCHEMA or any(doc["settings"].get(k) != mine[k] for k in COMPARABLE):
+        log(f"{path}: written with other settings; not resumed")
+        return {}
+    return {name: from_dict(m) for name, m in doc["models"].items()}
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def parse_settings(argv: list[str] | None) -> Settings:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smoke test: demo model and data, one seed, 2 levels")
+    p.add_argument("--models", default=None, help=f"comma-separated zoo names (default: {','.join(MODELS)})")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2)")
+    p.add_argument("--baselines", default=None, help=f"comma-separated (default: {','.join(BASELINE_METHODS)})")
+    p.add_argument("--finetune-epochs", type=int, default=None)
+    p.add_argument("--top", type=int, default=None, help="Mix-and-Match candidates recovered before the pick")
+    p.add_argument("--calib-size", type=int, default=None)
+    p.add_argument("--select-size", type=int, default=None)
+    p.add_argument("--test-size", type=int, default=None)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--resume", action="store_true", help="continue a run in --out with the same settings")
+    p.add_argument("--cluster", default=None, help="where recovery runs: local:N, ray://HOST:PORT, HOST:PORT, auto")
+    a = p.parse_args(argv)
+    s = Settings(threads=a.threads, out=a.out, quick=a.quick, resume=a.resume, cluster=a.cluster)
+    if a.quick:
+        s.models, s.seeds, s.signals, s.baselines = ("fmnist_resnet",), (0,), ("magnitude",), ("mag", "lamp")
+        s.data, s.calib_size, s.select_size, s.test_size, s.gradient_samples = "demo", 256, 200, 200, 64
+        s.drops, s.ladder, s.finetune_epochs, s.top = (1.0, 3.0), (0.5, 0.8, 0.95), 1, 2
+    if a.models:
+        s.models = tuple(x.strip() for x in a.models.split(",") if x.strip())
+    if a.seeds:
+        s.seeds = tuple(int(x) for x in a.seeds.split(","))
+    if a.baselines:
+        s.baselines = tuple(x.strip() for x in a.baselines.split(",") if x.strip())
+    for key in ("finetune_epochs", "top", "calib_size", "select_size", "test_size"):
+        if getattr(a, key) is not None:
+            setattr(s, key, getattr(a, key))
+    if s.cluster:
+        check_cluster_spec(s.cluster)
+    if s.top < 1 or s.finetune_epochs < 1:
+        raise EdgepruneError("--top and --finetune-epochs must be >= 1")
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        s = parse_settings(argv)
+        executor = executor_for(s.cluster)
+    except EdgepruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(s.threads)
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "paper_protocol_quick" if s.quick else "paper_protocol"
+    meta: dict[str, Any] = {"command": command_line("edgeprune.benchmarks.lab.paper_protocol", argv),
+                            "versions": versions(), "started": time.strftime("%Y-%m-%d %H:%M:%S")}  # fmt: skip
+    done = previous(out / f"{stem}.json", s) if s.resume else {}
+    results: dict[str, ModelResult] = dict(done)
+    t_start = time.perf_counter()
+    spent = sum(sum(m.seconds.values()) for m in done.values())
+
+    def save(m: ModelResult) -> None:
+        m.command = meta["command"]
+        results[m.model] = m
+        order = [x for x in s.models if x in results] + [x for x in results if x not in s.models]
+        meta["machine"] = machine()
+        meta["cpu_minutes"] = (spent + time.perf_counter() - t_start) / 60
+        ms = [results[x] for x in order]
+        write_atomic(out / f"{stem}.json", json.dumps(to_json(ms, s, meta), indent=1) + "\n")
+        write_atomic(out / f"{stem}.md", render_markdown(ms, s, meta))
+
+    try:
+        for name in s.models:
+            log(f"{name}: start")
+            save(run_model(name, s, executor, done.get(name), save))
+    except EdgepruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        executor.close()
+    log(f"done; wrote {out / stem}.json|md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
