@@ -1,0 +1,82 @@
+"""The protocol benchmark's decisions and statistics (benchmarks/lab/paper_protocol.py): pure parts only; the
+run itself is the benchmark (its --quick smoke takes minutes)."""
+
+import math
+
+import pytest
+from edgeprune.benchmarks.lab import paper_protocol as pp
+
+
+def test_level_interpolates_between_the_ladder_points_that_bracket_the_drop():
+    curve = [(0.5, -0.2), (0.8, 0.5), (0.9, 2.5), (0.95, 6.5)]
+    assert pp.level_for_drop(curve, 1.0) == (0.825, "")  # 0.8 + 0.1 * 0.5 / 2.0 = 0.825
+    assert pp.level_for_drop(curve, 3.0) == (0.905, "")  # 0.9 + 0.05 * 0.5 / 4 = 0.90625 -> 0.905
+    assert pp.level_for_drop(curve, 6.5) == (0.95, "")
+
+
+def test_level_follows_the_running_maximum_so_a_noisy_dip_cannot_move_it_back():
+    # 90 % lost 3.2 points, 93 % only 2.0 (noise): the 3-point level stays below 90 %, not after 93 %.
+    curve = [(0.8, 1.0), (0.9, 3.2), (0.93, 2.0), (0.95, 7.0)]
+    level, note = pp.level_for_drop(curve, 3.0)
+    assert 0.8 < level <= 0.9 and note == ""
+
+
+def test_level_outside_the_ladder_is_clamped_and_says_so():
+    curve = [(0.5, 2.0), (0.9, 4.0)]
+    level, note = pp.level_for_drop(curve, 1.0)
+    assert level == 0.5 and "first step" in note
+    level, note = pp.level_for_drop(curve, 5.0)
+    assert level == 0.9 and "only 4.00 points" in note
+    with pytest.raises(ValueError):
+        pp.level_for_drop([], 1.0)
+
+
+def test_mean_and_standard_error():
+    assert pp.mean_se([2.0]) == (2.0, None)
+    m, se = pp.mean_se([1.0, 2.0, 3.0])
+    assert m == 2.0 and se == pytest.approx(1.0 / math.sqrt(3))
+
+
+def test_auc_is_the_mean_accuracy_over_the_span():
+    assert pp.auc([0.8, 0.9, 1.0], [90.0, 80.0, 80.0]) == pytest.approx(82.5)
+    assert pp.auc([0.9, 0.8], [80.0, 90.0]) == pytest.approx(85.0)  # order does not matter
+    assert pp.auc([0.8, 0.8], [90.0, 80.0]) == pytest.approx(85.0)  # no span: the plain mean
+
+
+def _model(mm: list[list[float]], best: list[list[float]]) -> pp.ModelResult:
+    """Trials of two methods: mm[level][seed] and best[level][seed] recovered test accuracies (fractions)."""
+    m = pp.ModelResult("toy", 1, levels=[pp.Level(1.0, 0.8), pp.Level(3.0, 0.9)])
+    for k in range(2):
+        for seed in range(len(mm[k])):
+            rows = [
+                pp.MethodResult(pp.MM, "a/b", 0.8, 0.5, 0.5, 0.5, mm[k][seed]),
+                pp.MethodResult("lamp", "lamp", 0.8, 0.5, 0.5, 0.5, best[k][seed]),
+            ]
+            m.trials.append(pp.Trial(seed, k, 0.8, True, "", 0.9, 0.9, 1, 1, ["a/b"], rows, 1.0))
+    return m
+
+
+def test_paired_verdicts_use_one_paired_standard_error():
+    s = pp.Settings(seeds=(0, 1, 2), drops=(1.0, 3.0))
+    # level 0: M&M 0.1 points below LAMP on every seed (paired s.e. 0): worse. level 1: better by 1 point.
+    m = _model([[0.900, 0.910, 0.920], [0.81, 0.82, 0.83]], [[0.901, 0.911, 0.921], [0.80, 0.81, 0.82]])
+    st0, st1 = pp.level_stats(m, 0, "test"), pp.level_stats(m, 1, "test")
+    assert st0["vs"]["lamp"]["mean"] == pytest.approx(-0.1) and st0["not_worse"] is False
+    assert st1["best_baseline"] == "lamp" and st1["better"] is True and st1["not_worse"] is True
+    c = pp.checks([m], s)
+    assert c["not_worse_everywhere"] == {"toy": False} and c["better_at_highest"] == {"toy": True}
+    # Noisy per-seed differences that average slightly below zero stay within one s.e.: not worse.
+    noisy = _model([[0.90, 0.92, 0.88], [0.8, 0.8, 0.8]], [[0.91, 0.90, 0.90], [0.8, 0.8, 0.8]])
+    assert pp.level_stats(noisy, 0, "test")["not_worse"] is True
+
+
+def test_an_unfinished_model_is_not_counted_and_the_report_renders():
+    s = pp.Settings(seeds=(0, 1, 2), drops=(1.0, 3.0))
+    m = _model([[0.9], [0.8]], [[0.9], [0.7]])
+    assert pp.checks([m], s)["complete_models"] == 0
+    meta = {"command": "x", "versions": {"torch": "t"}, "cpu_minutes": 1.0,
+            "machine": {"platform": "p", "cpu": "c", "cores": 2, "load_average": [1.0]}}  # fmt: skip
+    text = pp.render_markdown([m], s, meta)
+    assert "| 90.0% | mix-and-match |" in text and "0/0 complete" in text
+    doc = pp.to_json([m], s, meta)
+    assert pp.from_dict(doc["models"]["toy"]) == m
