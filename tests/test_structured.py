@@ -336,6 +336,26 @@ def test_unsupported_layer_is_named_in_the_error():
     compact(model, x, {"conv2": list(range(8))})  # the other group does not touch the layer
 
 
+class _OwnBuffer(nn.Module):
+    """The per-channel buffer on the model itself (as PiT's pos_embed is): the failing line is what names it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.register_buffer("offset", torch.zeros(1, 16, 1, 1))
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((self.conv1(x) + self.offset).mean((2, 3)))
+
+
+def test_a_break_in_the_models_own_forward_names_the_line():
+    with pytest.raises(
+        UnsupportedModelError, match=r"model's own _OwnBuffer\.forward at `return self\.fc\(\(self\.conv1"
+    ):
+        compact(_OwnBuffer().eval(), torch.randn(1, 3, 8, 8), {"conv1": list(range(8))})
+
+
 def _prune_half(model: nn.Module, x: torch.Tensor, round_to: int, y: torch.Tensor | None = None):
     graph = GroupGraph(model, x[:1])
     scores = group_scores(graph, x, y, batch_size=16) if y is not None else group_scores(graph)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import linecache
 import traceback
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -134,10 +135,13 @@ def _innermost_module(model: nn.Module, exc: BaseException) -> str | None:
     """Name of the innermost module of ``model`` whose code was running when ``exc`` was raised."""
     names = {id(m): n for n, m in model.named_modules()}
     found = None
-    for frame, _ in traceback.walk_tb(exc.__traceback__):
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
         obj = frame.f_locals.get("self")
         if isinstance(obj, nn.Module) and id(obj) in names:
             found = f"{names[id(obj)] or '<model>'} ({type(obj).__name__})"
+            if not names[id(obj)]:  # the model's own forward: its name says nothing, the failing line does
+                line = linecache.getline(frame.f_code.co_filename, lineno).strip()
+                found = f"the model's own {type(obj).__name__}.{frame.f_code.co_name} at `{line[:80]}`"
     return found
 
 
