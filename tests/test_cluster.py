@@ -20,7 +20,7 @@ from edgeprune.cluster import ClusterError, InProcess, LocalRayCluster, RayExecu
 from edgeprune.halving import Halving
 from edgeprune.masking import layer_mask
 from edgeprune.models import load_model
-from edgeprune.recover import CompactBuild, Job, MaskBuild, ResultStore, Shared, pick, recover
+from edgeprune.recover import CompactBuild, Job, MaskBuild, ResultStore, Shared, pick, recover, torch_threads
 from edgeprune.recovery import RECIPES, teacher_logits
 from edgeprune.stages import Progress
 from edgeprune.structured import GroupGraph
@@ -81,6 +81,15 @@ def test_unreachable_head_is_one_line_naming_the_address():
 # -- against a real cluster ----------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """This process's torch work (compress's screening, the teacher) on one thread, as every recovery task
+    already is: two threads on 2 cores that the cluster's workers and other jobs also use wait on each other
+    (the demo's forward pass measured 3-5x slower, and 3-5x the CPU, than one thread at load 9)."""
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def problem(demo_data):
     """Six unstructured candidates of the demo model, and the shared inputs (one thread per task)."""
@@ -109,6 +118,17 @@ def cluster():
         yield c
 
 
+@pytest.fixture(scope="module")
+def executor(cluster):
+    """One driver connection (one Ray job) for the tests after the whole-compress one: Ray starts a job's
+    workers on first use and keeps them, so each node imports torch and timm (the demo model's class) once
+    for the module instead of once per test (~7 CPU-s a node; most of a test's time on 2 loaded cores).
+    The later runs reuse warm workers, as a real run's later rungs do; their results must still be equal."""
+    ex = RayExecutor(cluster.address)
+    yield ex
+    ex.close()
+
+
 def _same(a, b) -> None:
     assert [o.key for o in a] == [o.key for o in b]
     assert [[(r.epochs, r.steps, r.accuracy) for r in o.rungs] for o in a] == [
@@ -122,21 +142,40 @@ def _same(a, b) -> None:
 
 
 @pytest.mark.slow
-def test_recovery_on_the_cluster_equals_in_process(problem, reference, cluster):
+def test_compress_on_the_cluster_equals_compress_in_process(cluster, tmp_path):
+    """The whole `compress` on the demo, recovery through the 2-node cluster (``--cluster HOST:PORT``) and
+    in-process: the same candidates recovered to the same accuracies, the same pick, the same test accuracy.
+    First of the cluster tests: compress connects (and disconnects) itself, before `executor` connects."""
+    from edgeprune.pipeline import CompressConfig, compress
+
+    from .small_runs import SMALL
+
+    run = dict(SMALL, range_baselines=("mag",), finetune_epochs=1, finetune_top=3, export=False)
+    here = compress(CompressConfig(**run, out=str(tmp_path / "here")))
+    there = compress(CompressConfig(**run, cluster=cluster.address, out=str(tmp_path / "there")))
+
+    def recovered(report):
+        return [(c.name, c.finetuned_accuracy) for c in report.strategies if c.finetuned_accuracy is not None]
+
+    assert len(recovered(here)) == 3
+    assert recovered(there) == recovered(here)
+    assert there.selected.name == here.selected.name
+    assert there.selected.test_accuracy == here.selected.test_accuracy
+
+
+@pytest.mark.slow
+def test_recovery_on_the_cluster_equals_in_process(problem, reference, executor):
     jobs, shared, schedule = problem
-    ex = RayExecutor(cluster.address)
-    try:
-        assert "2 node(s), 2 CPU(s)" in ex.describe()
-        out = recover(jobs, shared, schedule, ex)
-    finally:
-        ex.close()
+    assert "2 node(s), 2 CPU(s)" in executor.describe()
+    before = executor.tasks_run
+    out = recover(jobs, shared, schedule, executor)
     _same(reference, out)
-    assert ex.tasks_run == 9  # 6 candidates, then the better 3
+    assert executor.tasks_run - before == 9  # 6 candidates, then the better 3
     assert all(r.node for o in out for r in o.rungs)  # every rung ran on a cluster node
 
 
 @pytest.mark.slow
-def test_the_studies_builders_recover_on_the_cluster_as_in_process(demo_data, cluster):
+def test_the_studies_builders_recover_on_the_cluster_as_in_process(demo_data, executor):
     """The lab studies' recoveries (`benchmarks.lab.common`): channels removed (`CompactBuild`) and a model
     that exists only as a model (`ModelBuild`, torch-pruning's output), with the studies' early-stopping
     hold-out; the same models on the cluster as here."""
@@ -152,12 +191,9 @@ def test_the_studies_builders_recover_on_the_cluster_as_in_process(demo_data, cl
     )  # fmt: skip
     assert len(shared.calib_x) + len(shared.select_x) == len(d.calib_x) and len(shared.select_x) == 20
     here = recover_models(builds, ["quarter", "half"], shared, 1, InProcess(), Progress())
-    ex = RayExecutor(cluster.address)
-    try:
-        there = recover_models(builds, ["quarter", "half"], shared, 1, ex, Progress())
-    finally:
-        ex.close()
-    assert ex.tasks_run == 2
+    before = executor.tasks_run
+    there = recover_models(builds, ["quarter", "half"], shared, 1, executor, Progress())
+    assert executor.tasks_run - before == 2
     for a, b in zip(here, there, strict=True):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -181,39 +217,15 @@ class _KillOnFirstResult:
 
 
 @pytest.mark.slow
-def test_compress_on_the_cluster_equals_compress_in_process(cluster, tmp_path):
-    """The whole `compress` on the demo, recovery through the 2-node cluster (``--cluster HOST:PORT``) and
-    in-process: the same candidates recovered to the same accuracies, the same pick, the same test accuracy."""
-    from edgeprune.pipeline import CompressConfig, compress
-
-    from .small_runs import SMALL
-
-    run = dict(SMALL, range_baselines=("mag",), finetune_epochs=1, finetune_top=3, export=False)
-    here = compress(CompressConfig(**run, out=str(tmp_path / "here")))
-    there = compress(CompressConfig(**run, cluster=cluster.address, out=str(tmp_path / "there")))
-
-    def recovered(report):
-        return [(c.name, c.finetuned_accuracy) for c in report.strategies if c.finetuned_accuracy is not None]
-
-    assert len(recovered(here)) == 3
-    assert recovered(there) == recovered(here)
-    assert there.selected.name == here.selected.name
-    assert there.selected.test_accuracy == here.selected.test_accuracy
-
-
-@pytest.mark.slow
-def test_a_node_killed_mid_recovery_still_completes_with_the_same_pick(problem, reference, cluster):
+def test_a_node_killed_mid_recovery_still_completes_with_the_same_pick(problem, reference, cluster, executor):
     jobs, shared, schedule = problem
-    ex = RayExecutor(cluster.address)
+    ex = executor
     hook = _KillOnFirstResult(cluster.raylet_pids[1])  # the second node's raylet: its workers die with it
-    try:
-        out = recover(jobs, shared, schedule, ex, progress=hook)
-        deadline = time.monotonic() + 60  # the head notices a dead raylet by missed health checks
-        while sum(n["Alive"] for n in ex.ray.nodes()) > 1 and time.monotonic() < deadline:
-            time.sleep(1)
-        alive = sum(n["Alive"] for n in ex.ray.nodes())
-    finally:
-        ex.close()
+    out = recover(jobs, shared, schedule, ex, progress=hook)
+    deadline = time.monotonic() + 60  # the head notices a dead raylet by missed health checks
+    while sum(n["Alive"] for n in ex.ray.nodes()) > 1 and time.monotonic() < deadline:
+        time.sleep(1)
+    alive = sum(n["Alive"] for n in ex.ray.nodes())
     assert hook.killed and alive == 1  # the node really went, and the run finished without it
     _same(reference, out)
 
@@ -232,20 +244,19 @@ class _KillHeadOnFirstResult(_KillOnFirstResult):
 
 
 @pytest.mark.slow
-def test_a_head_lost_mid_recovery_is_one_line_naming_it_and_keeps_whole_rungs(problem, cluster, tmp_path):
-    """Runs last: it ends the module's cluster. Left to Ray, the driver process itself would exit a minute
-    after the GCS went; the executor reports the lost head instead, and the store keeps only whole rungs."""
+def test_a_head_lost_mid_recovery_is_one_line_naming_it_and_keeps_whole_rungs(problem, cluster, executor, tmp_path):
+    """Runs last: it ends the module's cluster (and `executor`). Left to Ray, the driver process itself
+    would exit a minute after the GCS went; the executor reports the lost head instead, and the store keeps
+    only whole rungs."""
     jobs, shared, schedule = problem
-    ex = RayExecutor(cluster.address, head_lost_s=5)  # the default, 20 s, leaves a restarting GCS time
+    ex = executor
+    ex.head_lost_s = 5  # the default, 20 s, leaves a restarting GCS time
     hook = _KillHeadOnFirstResult(cluster)
     store = ResultStore(tmp_path / "store")
     t0 = time.perf_counter()
-    try:
-        with pytest.raises(ClusterError, match=rf"^lost the Ray head at {cluster.address} during the run") as e:
-            recover(jobs, shared, schedule, ex, progress=hook, store=store)
-        lost_s = time.perf_counter() - t0
-    finally:
-        ex.close()
+    with pytest.raises(ClusterError, match=rf"^lost the Ray head at {cluster.address} during the run") as e:
+        recover(jobs, shared, schedule, ex, progress=hook, store=store)
+    lost_s = time.perf_counter() - t0
     assert hook.killed and "\n" not in str(e.value) and "task(s) unfinished" in str(e.value)
     assert lost_s < 5 + 30
     saved = sorted((tmp_path / "store").iterdir())  # the first result at least; whole rungs only
