@@ -427,7 +427,18 @@ def export_onnx(
     except onnx.checker.ValidationError as exc:
         raise UnsupportedModelError(f"the exported ONNX graph is invalid: {str(exc).splitlines()[0]}") from exc
 
-    parity = parity_check(net, final, check, tol)
+    try:
+        parity = parity_check(net, final, check, tol, diagnose=final is exported)
+    except ParityError as exc:
+        if final is exported:
+            raise
+        # The simplifier rewrote the graph into one onnxruntime computes differently: the exporter's own graph
+        # may still be faithful (parity_check then returns) and ships instead; if not, its error names the
+        # diverging layer (module boundaries are the exporter's, before the simplifier moved constants).
+        parity = parity_check(net, exported, check, tol)
+        log.warning("%s changed the outputs (%s); keeping the unsimplified graph", used, exc)
+        final, used = exported, ""
+        zeros, total = onnx_weight_sparsity(final)
     # Metadata enters neither the weights digest nor the outputs, so it is written after the check, once: the
     # embedded reference allows the float noise parity passed on, when it did.
     set_metadata(final, _self_check_metadata(net, final, example, counted, metadata or {}, parity.float32_error))
@@ -487,9 +498,32 @@ def _self_check_metadata(
     return entries
 
 
-def parity_check(net: nn.Module, onnx_model: onnx.ModelProto, inputs: torch.Tensor, tol: float) -> OutputDiff:
-    """onnxruntime against PyTorch on ``inputs`` (rule: `OutputDiff`); raise unless every output is finite
-    and the max relative difference is at most ``tol``."""
+class ParityError(EdgepruneError):
+    """onnxruntime does not reproduce PyTorch's outputs."""
+
+
+def _diverging(net: nn.Module, graph: onnx.ModelProto, inputs: torch.Tensor, tol: float) -> str:
+    """``"; first diverging layer ..."`` for the message, or "" when none can be named."""
+    from .diverge import first_divergence
+
+    try:
+        found = first_divergence(net, graph, inputs, tol)
+    except Exception:  # noqa: BLE001 - a diagnosis must never hide the parity failure it explains
+        return ""
+    return f"; {found.describe()}" if found else ""
+
+
+def parity_check(
+    net: nn.Module,
+    onnx_model: onnx.ModelProto,
+    inputs: torch.Tensor,
+    tol: float,
+    diagnose: bool = True,
+) -> OutputDiff:
+    """onnxruntime against PyTorch on ``inputs`` (rule: `OutputDiff`); raise `ParityError` unless every
+    output is finite and the max relative difference is at most ``tol``. With ``diagnose`` the error names the
+    first module whose output diverges (`diverge.first_divergence`; meaningful on the exporter's own graph: a
+    simplifier moves constants across module boundaries, e.g. GELU's 0.5 into the next Conv)."""
     try:
         session = make_session(onnx_model)
     except Exception as exc:
@@ -502,8 +536,12 @@ def parity_check(net: nn.Module, onnx_model: onnx.ModelProto, inputs: torch.Tens
             f"ONNX parity check failed: {result.problem} on the check inputs; the model itself is not finite "
             "there, check its weights (or checkpoint) and the input normalization"
         )
+
+    def where() -> str:  # computed only on a failure: it runs the graph once more
+        return _diverging(net, onnx_model, inputs, tol) if diagnose else ""
+
     if result.problem:
-        raise EdgepruneError(f"ONNX parity check failed: {result.problem}; the export is not faithful")
+        raise ParityError(f"ONNX parity check failed: {result.problem}{where()}; the export is not faithful")
     if not result.within(tol):
         noise = result.float32_error
         floor = (
@@ -511,9 +549,9 @@ def parity_check(net: nn.Module, onnx_model: onnx.ModelProto, inputs: torch.Tens
             if noise is not None
             else ""
         )
-        raise EdgepruneError(
+        raise ParityError(
             f"ONNX {result.worst or 'output'} differs from PyTorch by {result.max_abs_diff:.3g} "
-            f"({result.max_rel_diff:.3g} relative to the output scale, > {tol:g} allowed{floor}); "
-            "the export is not faithful"
+            f"({result.max_rel_diff:.3g} relative to the output scale, > {tol:g} allowed{floor})"
+            f"{where()}; the export is not faithful"
         )
     return result

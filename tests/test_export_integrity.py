@@ -408,3 +408,64 @@ def test_pickle_payload_case_is_a_real_payload(tmp_path):
     assert not (tmp_path / PAYLOAD_FILE).exists()
     torch.load(ckpt, weights_only=False)  # what an unsafe loader would do: the payload runs
     assert (tmp_path / PAYLOAD_FILE).exists()
+
+
+# ------------------------------------------------------------------------------- where a parity failure starts
+
+
+def _conv_net() -> nn.Module:
+    """conv-BN-ReLU twice, pool, Linear: the exporter folds both BatchNorms into their Convs."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10),
+    )  # fmt: skip
+    with torch.no_grad():
+        for bn in (net[1], net[4]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+def test_a_failed_parity_names_the_first_diverging_layer(tmp_path):
+    from edgeprune.export.diverge import first_divergence, scope_module
+
+    assert scope_module("/layer2/layer2.0/downsample/downsample.1/Conv") == "layer2.0.downsample.1"
+    assert scope_module("/fc/Gemm") == "fc" and scope_module("Identity_0") is None
+    net, x = _conv_net(), torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    result = export_onnx(net, x[:1], tmp_path / "m.onnx", check_inputs=x, simplify=False)
+    graph = onnx.load(str(result.path))
+    # Faithful: nothing diverges, although the folded BatchNorms make each Conv's ONNX output differ from
+    # PyTorch's Conv output (those Convs are not compared; their ReLUs are).
+    assert first_divergence(_prepare(net), graph, x, 1e-4) is None
+    # The second Conv's weights (8x8x3x3) corrupted: the first diverging layer is its ReLU ("5"), not earlier.
+    init = next(i for i in graph.graph.initializer if numpy_helper.to_array(i).size == 576)
+    w = numpy_helper.to_array(init).copy()
+    w.flat[:20] += np.float32(0.5)
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    found = first_divergence(_prepare(net), graph, x, 1e-4)
+    assert found is not None and (found.module, found.kind) == ("5", "ReLU") and found.max_abs_diff > 0.01
+    with pytest.raises(EdgepruneError, match=r"first diverging layer 5 \(ReLU, ONNX node /5/Relu\).*not faithful"):
+        parity_check(_prepare(net), graph, x, 1e-4)
+
+
+def test_a_simplifier_that_changes_the_outputs_is_dropped_for_the_exporters_graph(tmp_path, monkeypatch, caplog):
+    """A simplified graph that keeps every zero but computes something else (a bias moved) is not shipped, and
+    does not fail a faithful export: the exporter's own graph passes parity and ships unsimplified."""
+    import edgeprune.export.onnx_export as ox
+
+    def wrong_simplifier(model: onnx.ModelProto) -> tuple[onnx.ModelProto, str]:
+        bad = onnx.ModelProto()
+        bad.CopyFrom(model)
+        init = next(i for i in bad.graph.initializer if numpy_helper.to_array(i).size == 10)  # the Linear's bias
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + np.float32(1.0), init.name))
+        return bad, "onnxsim"
+
+    monkeypatch.setattr(ox, "_simplify", wrong_simplifier)
+    net, x = _conv_net(), torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with caplog.at_level("WARNING"):
+        result = export_onnx(net, x[:1], tmp_path / "m.onnx", check_inputs=x)
+    assert not result.simplified and result.parity_max_rel_diff < 1e-4
+    assert "changed the outputs" in caplog.text and "keeping the unsimplified graph" in caplog.text
+    assert verify_artifact(result.path, model=net, inputs=x).ok
