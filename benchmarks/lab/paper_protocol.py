@@ -11,7 +11,8 @@ test images (disjoint, stratified, drawn by the seed):
 1. **Levels, by MAG alone, before Mix-and-Match runs** (seed 0): global magnitude pruning at every sparsity of
    ``--ladder``, each fine-tuned with the budget below, scored on the *selection* split. A level is the
    sparsity where MAG's fine-tuned drop (its running maximum over the ladder, so the curve is monotone) first
-   reaches 1, 3 and 5 points, interpolated linearly between ladder points and rounded to 0.5 % (`level_for_drop`).
+   reaches 1, 3 and 5 points, interpolated linearly between ladder points and rounded to 0.5 % (`level_for_drop`);
+   MAG is then measured at those sparsities too and the levels interpolated again on all points (`choose_levels`).
 2. **Per seed and level**, from the dense weights: Mix-and-Match's candidates (`Workspace.plans`: every signal's
    strategies scaled to the level, the baselines' own plans ranked by each signal) masked, BatchNorm re-
    calibrated and screened on the selection split (`screening.screen_candidates`: identical masks once, a
@@ -73,7 +74,7 @@ from edgeprune.report import versions
 from edgeprune.screening import screen_candidates
 
 SCHEMA = "edgeprune.paper-protocol/1"
-LADDER: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98)
+LADDER: tuple[float, ...] = (0.6, 0.75, 0.85, 0.9, 0.95, 0.98)
 DROPS: tuple[float, ...] = (1.0, 3.0, 5.0)  # MAG's fine-tuned drop (points) that defines each level
 TEST_REASON = "paper_protocol: the reported accuracy of every method, after the trial's decisions"
 
@@ -92,7 +93,7 @@ class Settings:
     test_size: int = 2000
     gradient_samples: int = 512
     finetune_epochs: int = 2
-    top: int = 3  # Mix-and-Match candidates recovered before its pick
+    top: int = 2  # Mix-and-Match candidates recovered before its pick (compress's --finetune-top default)
     threads: int = 2  # torch threads, also each recovery's (part of the result on a CPU)
     out: str = "benchmarks/results"
     quick: bool = False
@@ -237,16 +238,29 @@ def recover_all(ws: Workspace, jobs: list[Job], s: Settings, executor: Executor)
     return recover(jobs, ws.shared(), Top(k=len(jobs), epochs=s.finetune_epochs), executor)
 
 
-def mag_curve(ws: Workspace, s: Settings, executor: Executor) -> list[MagPoint]:
-    """MAG at every ladder sparsity, recovered, on the selection split."""
+def mag_curve(ws: Workspace, s: Settings, executor: Executor, targets: tuple[float, ...]) -> list[MagPoint]:
+    """MAG at each of ``targets``, recovered, on the selection split."""
     dense = ws.accuracy()
-    cps = [plans(ws, "mag", target)[0] for target in s.ladder]
-    jobs = [Job(f"mag@{t}", MaskBuild(build_masks(cp.scores, cp.plan))) for t, cp in zip(s.ladder, cps)]
+    cps = [plans(ws, "mag", target)[0] for target in targets]
+    jobs = [Job(f"mag@{t}", MaskBuild(build_masks(cp.scores, cp.plan))) for t, cp in zip(targets, cps)]
     out = []
-    for t, cp, o in zip(s.ladder, cps, recover_all(ws, jobs, s, executor), strict=True):
+    for t, cp, o in zip(targets, cps, recover_all(ws, jobs, s, executor), strict=True):
         ws.screen(cp)  # the exact sparsity of the plan
         out.append(MagPoint(t, cp.candidate.sparsity, o.accuracy, (dense - o.accuracy) * 100))
     return out
+
+
+def choose_levels(ws: Workspace, s: Settings, executor: Executor) -> tuple[list[MagPoint], list[Level]]:
+    """MAG on the ladder, then once more at each interpolated level (a drop that rises steeply between two
+    ladder points is not linear: 85 % -> 1.1, 90 % -> 13 points), and the levels interpolated again on every
+    point measured. Decided on the selection split, before Mix-and-Match runs."""
+    curve = mag_curve(ws, s, executor, s.ladder)
+    first = [level_for_drop([(p.sparsity, p.drop) for p in curve], dr)[0] for dr in s.drops]
+    refine = tuple(x for x in dict.fromkeys(first) if all(abs(x - p.target) > 1e-9 for p in curve))
+    if refine:
+        curve = sorted(curve + mag_curve(ws, s, executor, refine), key=lambda p: p.sparsity)
+    pts = [(p.sparsity, p.drop) for p in curve]
+    return curve, [Level(dr, *level_for_drop(pts, dr)) for dr in s.drops]
 
 
 def run_trial(ws: Workspace, s: Settings, level: int, target: float, executor: Executor) -> Trial:
@@ -329,9 +343,7 @@ def run_model(name: str, s: Settings, executor: Executor, done: ModelResult | No
         res.seconds["load"] = round(res.seconds.get("load", 0.0) + time.perf_counter() - t0, 1)
         if not res.levels:
             t0 = time.perf_counter()
-            res.mag_curve = mag_curve(ws, s, executor)
-            curve = [(p.sparsity, p.drop) for p in res.mag_curve]
-            res.levels = [Level(dr, *level_for_drop(curve, dr)) for dr in s.drops]
+            res.mag_curve, res.levels = choose_levels(ws, s, executor)
             res.seconds["levels"] = round(time.perf_counter() - t0, 1)
             log(f"{name}: MAG curve " + ", ".join(f"{p.sparsity:.0%} {p.drop:+.2f}" for p in res.mag_curve))
             log(f"{name}: levels " + ", ".join(f"{lv.drop:g} pt -> {lv.sparsity:.1%}" for lv in res.levels))
@@ -470,7 +482,8 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
         f"selection split; Mix-and-Match recovers its {s.top} best screened candidates at the level and keeps "
         "the best on the selection split.  ",
         f"Levels: where MAG's recovered selection-split drop reaches {', '.join(f'{d:g}' for d in s.drops)} "
-        f"points on the ladder {', '.join(f'{x:.0%}' for x in s.ladder)} (seed 0, before Mix-and-Match ran).  ",
+        f"points on the ladder {', '.join(f'{x:.0%}' for x in s.ladder)}, measured again at the interpolated levels "
+        "and interpolated on all points (seed 0, before Mix-and-Match ran).  ",
         f"CPU budget: {meta['cpu_minutes']:.0f} min of wall time on this machine for what is below.",
         "",
         "Accuracy in %, mean ± standard error over seeds; Δ = Mix-and-Match minus the method, paired by seed, "
@@ -570,6 +583,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
     p.add_argument("--models", default=None, help=f"comma-separated zoo names (default: {','.join(MODELS)})")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2)")
     p.add_argument("--baselines", default=None, help=f"comma-separated (default: {','.join(BASELINE_METHODS)})")
+    p.add_argument("--ladder", default=None, help="comma-separated MAG sparsities the levels are read from")
     p.add_argument("--finetune-epochs", type=int, default=None)
     p.add_argument("--top", type=int, default=None, help="Mix-and-Match candidates recovered before the pick")
     p.add_argument("--calib-size", type=int, default=None)
@@ -589,6 +603,8 @@ def parse_settings(argv: list[str] | None) -> Settings:
         s.models = tuple(x.strip() for x in a.models.split(",") if x.strip())
     if a.seeds:
         s.seeds = tuple(int(x) for x in a.seeds.split(","))
+    if a.ladder:
+        s.ladder = tuple(sorted(float(x) for x in a.ladder.split(",")))
     if a.baselines:
         s.baselines = tuple(x.strip() for x in a.baselines.split(",") if x.strip())
     for key in ("finetune_epochs", "top", "calib_size", "select_size", "test_size"):
