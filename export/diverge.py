@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import torch
 from torch import nn
 
@@ -86,8 +87,6 @@ def first_divergence(net: nn.Module, model: onnx.ModelProto, inputs: torch.Tenso
     """The first module (in the order PyTorch finishes them) whose output differs from its ONNX counterpart by
     more than ``tol`` relative to the output scale, or is not finite there; None when none can be compared or
     none differs (the divergence is then in an op outside any module, e.g. the model's own forward)."""
-    from .onnx_export import make_session  # a cycle otherwise: onnx_export calls this on a failed parity
-
     x = inputs[:MAX_IMAGES].detach().cpu().float()
     scopes = _module_outputs(model.graph)
     order: list[tuple[str, nn.Module, torch.Tensor]] = []
@@ -117,8 +116,8 @@ def first_divergence(net: nn.Module, model: onnx.ModelProto, inputs: torch.Tenso
     present = {o.name for o in probe.graph.output}
     wanted = list(dict.fromkeys(scopes[name][1] for name, _, _ in compared))
     probe.graph.output.extend(onnx.ValueInfoProto(name=t) for t in wanted if t not in present)
-    try:
-        session = make_session(probe)
+    try:  # its own session: the probe's extra outputs are all it differs in from the one parity ran
+        session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
     except Exception:  # noqa: BLE001 - a tensor onnxruntime cannot return (fused away): no diagnosis, no guess
         return None
     values = dict(
