@@ -29,10 +29,10 @@ applies it again (every step is idempotent) and so completes the new set before 
 It then removes staging folders left by killed runs (it holds the lock, so none of them belongs to a
 live run) and says so in one log line.
 
-Which files are ours: exactly the names `is_managed` accepts (``model``/``dense`` with optional ``.int8``
-as ``.onnx``/``.ort``/``.onnx.data``, ``report.json``, ``report.md``, ``pareto.png``). A run deletes such
-a file when it does not produce it again, so a stale ``model.int8.onnx`` never sits beside a new
-``model.onnx``; every other file in ``--out`` is never touched.
+Which files are ours: exactly `MANAGED_NAMES`, the names `is_managed` accepts (``model``/``dense`` with
+optional ``.int8`` as ``.onnx``/``.ort``/``.onnx.data``, ``report.json``, ``report.md``, ``pareto.png``).
+A run deletes such a file when it does not produce it again, so a stale ``model.int8.onnx`` never sits
+beside a new ``model.onnx``; every other file in ``--out`` is never touched.
 """
 
 from __future__ import annotations
@@ -55,8 +55,31 @@ from .errors import EdgepruneError
 STAGING_PREFIX = ".edgeprune-staging-"
 JOURNAL = ".edgeprune-publish.json"
 MANIFEST = ".edgeprune-manifest.json"
-# A new artifact name must be added here: publish refuses a staged file it would not know as ours later.
-_MANAGED = re.compile(r"(model|dense)(\.int8)?\.(onnx|ort|onnx\.data)|report\.(json|md)|pareto\.png")
+# Every file name edgeprune writes into --out, in one place: `export.ship` names its companions with
+# `int8_name` and `ort_name`, and `is_managed` accepts exactly the names below. A new artifact name must be
+# added here: publish refuses a staged file it would not know as ours later.
+ARTIFACT_STEMS = ("model", "dense")  # the selected model and the dense reference
+REPORT_FILES = ("report.json", "report.md", "pareto.png")
+
+
+def int8_name(onnx_name: str) -> str:
+    """The INT8 companion of an FP32 ONNX file: ``model.onnx`` -> ``model.int8.onnx``."""
+    return onnx_name.removesuffix(".onnx") + ".int8.onnx"
+
+
+def ort_name(onnx_name: str) -> str:
+    """The ORT-format twin of an ONNX file: ``model.onnx`` -> ``model.ort``, ``model.int8.onnx`` ->
+    ``model.int8.ort``."""
+    return onnx_name.removesuffix(".onnx") + ".ort"
+
+
+def artifact_files(stem: str) -> tuple[str, ...]:
+    """Every file one artifact may have: FP32 and INT8 ONNX, their ORT twins and ONNX external data."""
+    onnx_files = (f"{stem}.onnx", int8_name(f"{stem}.onnx"))
+    return (*onnx_files, *(ort_name(n) for n in onnx_files), *(f"{n}.data" for n in onnx_files))
+
+
+MANAGED_NAMES = frozenset([*(n for stem in ARTIFACT_STEMS for n in artifact_files(stem)), *REPORT_FILES])
 _STAGING_NAME = re.compile(re.escape(STAGING_PREFIX) + r"[A-Za-z0-9_]+")
 # Errors of the disk, not of the input: reported as one line, --out left as it was.
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO}
@@ -67,7 +90,7 @@ Log = Callable[[str], None]
 
 def is_managed(name: str) -> bool:
     """True for the file names edgeprune writes into ``--out`` (and may therefore replace or delete)."""
-    return _MANAGED.fullmatch(name) is not None
+    return name in MANAGED_NAMES
 
 
 @dataclass

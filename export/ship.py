@@ -5,8 +5,10 @@ One function, `ship_artifacts`, shared by ``edgeprune export`` and ``edgeprune c
 `quantize_int8`, `pack_sparse`, `to_ort_format`); the first failed check raises `EdgepruneError`.
 
 Names follow the FP32 file's stem: ``model.onnx`` -> ``model.int8.onnx``, ``model.ort``, ``model.int8.ort``
-(``dense.onnx`` -> ``dense.int8.onnx`` ...). With ``pack="sparse"`` the ONNX files themselves are rewritten
-with sparse initializers (after the ORT files, which onnxruntime stores its own way, were made).
+(``dense.onnx`` -> ``dense.int8.onnx`` ...), by `outdir.int8_name` and `outdir.ort_name`: the names
+``--out`` knows as edgeprune's (`outdir.MANAGED_NAMES`) come from the same two functions. With
+``pack="sparse"`` the ONNX files themselves are rewritten with sparse initializers (after the ORT files,
+which onnxruntime stores its own way, were made).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from edgeprune.errors import EdgepruneError
+from edgeprune.outdir import int8_name, ort_name
 from edgeprune.targets import Target, get_target
 
 from .metadata import PREFIX, file_sizes, load_artifact
@@ -100,7 +103,6 @@ def ship_artifacts(
         raise EdgepruneError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got '{quantize}'")
     if pack not in PACK_CHOICES:
         raise EdgepruneError(f"--pack must be one of {', '.join(PACK_CHOICES)}, got '{pack}'")
-    base = fp32_path.name.removesuffix(".onnx")
     folder = fp32_path.parent
     result = ShipResult(fp32=fp32_path, packing=pack)
     result.baseline_bytes = (Path(baseline) if baseline else fp32_path).stat().st_size
@@ -108,7 +110,7 @@ def ship_artifacts(
     if quantize == "int8":
         if calibration is None or len(calibration) == 0:
             raise EdgepruneError("INT8 quantization needs calibration images; pass --data or use --quantize none")
-        result.int8 = folder / f"{base}.int8.onnx"
+        result.int8 = folder / int8_name(fp32_path.name)
         result.quantize = quantize_int8(
             fp32_path,
             result.int8,
@@ -124,12 +126,10 @@ def ship_artifacts(
         if result.int8 is not None:
             result.int8_accuracy = onnx_accuracy(result.int8, x, y)
 
-    if ort_format:
-        result.ort.append(to_ort_format(fp32_path, folder / f"{base}.ort", arch=profile.arch))
-        if result.int8 is not None:
-            result.ort.append(to_ort_format(result.int8, folder / f"{base}.int8.ort", arch=profile.arch))
-
     onnx_files = [fp32_path] + ([result.int8] if result.int8 is not None else [])
+    if ort_format:
+        result.ort = [to_ort_format(p, folder / ort_name(p.name), arch=profile.arch) for p in onnx_files]
+
     floors = {p.name: floor_bytes(load_artifact(p)) for p in onnx_files}
     if pack == "sparse":
         for path in onnx_files:

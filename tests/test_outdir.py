@@ -13,7 +13,17 @@ from pathlib import Path
 import pytest
 
 from edgeprune.errors import EdgepruneError
-from edgeprune.outdir import JOURNAL, MANIFEST, claim_output_dir, is_managed, read_manifest
+from edgeprune.outdir import (
+    JOURNAL,
+    MANAGED_NAMES,
+    MANIFEST,
+    artifact_files,
+    claim_output_dir,
+    int8_name,
+    is_managed,
+    ort_name,
+    read_manifest,
+)
 from tests.hostile.outdir import (
     DEMO_JOB,
     finish,
@@ -67,6 +77,16 @@ def lock_is_free(folder: Path) -> bool:
 )  # fmt: skip
 def test_managed_names(name: str, ours: bool) -> None:
     assert is_managed(name) is ours
+
+
+def test_ship_names_come_from_the_managed_list() -> None:
+    """`export.ship` names its companions with `int8_name` / `ort_name`; the managed set is built from them."""
+    assert int8_name("model.onnx") == "model.int8.onnx" and int8_name("dense") == "dense.int8.onnx"
+    assert ort_name("model.onnx") == "model.ort" and ort_name("dense.int8.onnx") == "dense.int8.ort"
+    assert sorted(artifact_files("dense")) == [
+        "dense.int8.onnx", "dense.int8.onnx.data", "dense.int8.ort", "dense.onnx", "dense.onnx.data", "dense.ort"
+    ]  # fmt: skip
+    assert len(MANAGED_NAMES) == 2 * 6 + 3 and not is_managed(int8_name("model_v1.onnx"))
 
 
 def test_publish_replaces_the_whole_managed_set(tmp_path: Path) -> None:
