@@ -139,6 +139,9 @@ class InProcess:
     def __init__(self) -> None:
         self.tasks_run = 0
 
+    def describe(self) -> str:
+        return self.name
+
     def share(self, obj: Any) -> Any:
         return obj
 

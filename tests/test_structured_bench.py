@@ -175,6 +175,7 @@ def test_recovery_noise_recovers_both_models_once_per_seed(fmnist_idx_dir, monke
     r = json.loads((tmp_path / f"{stem}.json").read_text())
     mm, u, c = r["mix_and_match"], r["uniform"], r["comparison"]
     assert r["seeds"] == [0, 1] and r["held_out_test_images"] == 200
+    assert r["recovery_ran_on"] == "in-process" and "early stopping on 10 % of the calibration" in r["recovery"]
     for m in (mm, u):
         assert len(m["accuracy_per_seed"]) == 2 and all(0.0 <= a <= 1.0 for a in m["accuracy_per_seed"])
         assert m["accuracy_mean"] == pytest.approx(sum(m["accuracy_per_seed"]) / 2)

@@ -40,15 +40,7 @@ from edgeprune.halving import Top
 from edgeprune.models import load_model
 from edgeprune.pipeline import CompressConfig, Progress, Timings
 from edgeprune.recover import Builder, Job, Shared, recover, tensor_digest
-from edgeprune.recovery import (
-    DEVICES,
-    RECIPES,
-    Recipe,
-    finetune,
-    recalibrate_bn,
-    resolve_device,
-    teacher_logits_if_distilling,
-)
+from edgeprune.recovery import DEVICES, RECIPES, Recipe
 from edgeprune.structured import accumulate_gradients
 from edgeprune.structured.flow import ChannelSearch
 from edgeprune.structured.signals import channel_magnitude, channel_taylor, combine
@@ -155,52 +147,13 @@ def screened_search(cfg: CompressConfig, target, model: nn.Module, data: DataBun
     return search
 
 
-@dataclasses.dataclass
-class Recovery:
-    """The recovery budget, the same for every model compared: BN re-calibration, then fine-tuning with one
-    recipe (and, when it distills, the dense model's logits computed once)."""
-
-    data: DataBundle
-    epochs: int
-    lr: float
-    batch_size: int
-    seed: int
-    recipe: Recipe
-    teacher: torch.Tensor | None
-    device: torch.device | None = None  # where to train (the model comes back to the CPU)
-
-    def __call__(self, model: nn.Module) -> None:
-        d = self.data
-        recalibrate_bn(model, d.calib_x, self.batch_size, device=self.device)
-        finetune(
-            model,
-            {},
-            d.calib_x,
-            d.calib_y,
-            epochs=self.epochs,
-            lr=self.lr,
-            batch_size=self.batch_size,
-            seed=self.seed,
-            recipe=self.recipe,
-            teacher=self.teacher,
-            device=self.device,
-        )
-
-
 def add_recovery_arguments(p: argparse.ArgumentParser) -> None:
-    """The arguments ``make_recovery`` reads: the recovery budget and where it trains."""
+    """The recovery budget's arguments (epochs, rate, recipe) and the device it trains on: what a study passes
+    to `recovery_shared` and `recover_models`."""
     p.add_argument("--finetune-epochs", type=int, default=6)
     p.add_argument("--finetune-lr", type=float, default=3e-3)
     p.add_argument("--recovery", default="distill", choices=sorted(RECIPES), help="fine-tuning recipe")
     p.add_argument("--device", default="auto", choices=DEVICES, help="where recovery trains (auto: a CUDA GPU if seen)")
-
-
-def make_recovery(a: argparse.Namespace, data: DataBundle, model: nn.Module) -> Recovery:
-    """The benchmark's recovery budget from its arguments: the calibration data, the recipe, the dense
-    model's logits when it distills, on ``a.device``."""
-    device, recipe, batch = resolve_device(a.device), RECIPES[a.recovery], CompressConfig.batch_size
-    teacher = teacher_logits_if_distilling(recipe, model, data.calib_x, batch, device)
-    return Recovery(data, a.finetune_epochs, a.finetune_lr, batch, CompressConfig.seed, recipe, teacher, device)
 
 
 def add_cluster_argument(p: argparse.ArgumentParser) -> None:

@@ -13,15 +13,20 @@ model's latency: among its ``--signal`` candidates (BN re-calibrated, screened o
 run no slower than the uniform model (1 thread, interleaved, median of ``--repeats``), the most accurate.
 Every accuracy is measured on the held-out test images through onnxruntime.
 
+Recovery runs through the product's recover stage (`common.recover_models`: one rung of ``--finetune-epochs``
+for both models, one run per seed) on ``--cluster``'s executor, as in ``structured_speed``: in this process by
+default, ``local:N``, ``ray://HOST:PORT``, ``HOST:PORT`` or ``auto``. Each seed stops early on its own 10 % of
+the calibration images and trains on the rest (`common.recovery_shared`); with the same seeds and
+``--recover-threads`` the numbers are the same wherever it runs.
+
 Writes ``recovery_noise_<model>_uniform_<ratio>[_<pick>].json`` and ``.md`` into ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import dataclasses
 import math
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,12 +35,15 @@ import numpy as np
 from edgeprune.benchmarks.lab.common import (
     LATENCY_ORDER,
     Log,
+    ModelBuild,
+    add_cluster_argument,
     add_input_arguments,
     add_recovery_arguments,
     latency_order_note,
     load_inputs,
-    make_recovery,
     paired_se_points,
+    recover_models,
+    recovery_shared,
     screened_search,
     search_config,
     this_machine,
@@ -47,8 +55,11 @@ from edgeprune.export import export_onnx
 from edgeprune.export.quantize import onnx_hits
 from torch import nn
 
+from edgeprune.cluster import ClusterError, Executor, check_cluster_spec, executor_for
 from edgeprune.evaluation import params_and_macs
 from edgeprune.pipeline import CompressConfig
+from edgeprune.recover import CompactBuild
+from edgeprune.recovery import RECIPES, resolve_device, teacher_logits_if_distilling
 from edgeprune.report import versions
 from edgeprune.structured import compact
 from edgeprune.structured.flow import ChannelSearch
@@ -96,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pick", default=None, help="recover this candidate (e.g. magnitude/latency+), not the search's")
     p.add_argument("--seeds", default="0,1,2", help="one recovery of each model per seed")
     add_recovery_arguments(p)
+    add_cluster_argument(p)
     p.add_argument("--gradient-samples", type=int, default=1024)
     p.add_argument("--runs", type=int, default=300, help="timed runs per model and latency run")
     p.add_argument("--repeats", type=int, default=3, help="interleaved latency runs; the median is reported")
@@ -104,11 +116,32 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     if not seeds or a.repeats < 1 or not 0.0 < a.uniform_ratio < 1.0:
         p.error("--seeds needs at least one seed, --repeats >= 1, --uniform-ratio in (0, 1)")
+    if a.finetune_epochs < 1 or a.recover_threads < 1:
+        p.error("--finetune-epochs and --recover-threads must be >= 1")
+    if a.cluster:
+        try:
+            check_cluster_spec(a.cluster)  # a bad spec before any work; connecting comes before the search
+        except ClusterError as exc:
+            p.error(str(exc))
     with tempfile.TemporaryDirectory(prefix="edgeprune-recovery-noise-") as tmp:
-        return run(a, argv, seeds, Path(tmp))
+        try:
+            return run(a, argv, seeds, Path(tmp))
+        except ClusterError as exc:  # unreachable or lost head, a failed recovery: one line, nothing written
+            print(f"edgeprune: {exc}", file=sys.stderr)
+            return 2
 
 
 def run(a: argparse.Namespace, argv: list[str] | None, seeds: list[int], work: Path) -> int:
+    """The study, its intermediate files in ``work``; the executor connects first, so an unreachable head
+    fails before the search's minutes."""
+    executor = executor_for(a.cluster)
+    try:
+        return _run(a, argv, seeds, work, executor)
+    finally:
+        executor.close()
+
+
+def _run(a: argparse.Namespace, argv: list[str] | None, seeds: list[int], work: Path, executor: Executor) -> int:
     t_start = time.time()
     log = Log("recovery_noise")
     target = get_target(a.target)
@@ -131,17 +164,20 @@ def run(a: argparse.Namespace, argv: list[str] | None, seeds: list[int], work: P
     log.log(f"pick {pick.candidate.name}: {pick_ms:.4f} ms vs uniform {uniform_ms:.4f} ms")
     mm = compact(model, example, pick.remove)
 
-    recover = make_recovery(a, data, model)
+    recipe, batch = RECIPES[a.recovery], CompressConfig.batch_size
+    teacher = teacher_logits_if_distilling(recipe, model, data.calib_x, batch, resolve_device(a.device))
+    builds = [CompactBuild(pick.remove, example), ModelBuild(uniform)]  # the pick replays; uniform is a model
     hits: dict[str, list[np.ndarray]] = {"mix_and_match": [], "uniform": []}
-    for seed in seeds:
-        for key, pruned in (("mix_and_match", mm), ("uniform", uniform)):
-            m = copy.deepcopy(pruned)
-            log.start(f"recover {key} (seed {seed}, {a.finetune_epochs} epochs)")
-            dataclasses.replace(recover, seed=seed)(m)
+    for seed in seeds:  # one recover per seed: both models in it, so a cluster trains them side by side
+        shared = recovery_shared(
+            model, data.calib_x, data.calib_y, recipe, teacher, lr=a.finetune_lr, batch_size=batch, seed=seed,
+            threads=a.recover_threads, device=a.device,
+        )  # fmt: skip
+        names = [f"{key} (seed {seed})" for key in hits]
+        for key, m in zip(hits, recover_models(builds, names, shared, a.finetune_epochs, executor, log), strict=True):
             path = work / f"{key}_{seed}.onnx"
-            export_onnx(m.eval(), example, path, check_inputs=data.eval_x[:64])
+            export_onnx(m, example, path, check_inputs=data.eval_x[:64])
             hits[key].append(onnx_hits(path, held_x, held_y, threads=2))
-            log.finish()
             log.log(f"{key} seed {seed}: {hits[key][-1].mean() * 100:.2f} %")
 
     dense_path = work / "search" / "dense.onnx"
@@ -150,6 +186,8 @@ def run(a: argparse.Namespace, argv: list[str] | None, seeds: list[int], work: P
     lat = {th: median_p50(paths, sample, th, a.runs, a.repeats) for th in (1, 2)}
     dense_acc = float(onnx_hits(dense_path, held_x, held_y, threads=2).mean())
     result = summarize(a, argv, seeds, hits, lat, dense_acc, search, pick, mm, uniform, example)
+    result["recovery_ran_on"] = executor.describe()
+    result["threads_per_recovery"] = a.recover_threads
     result["wall_s"] = round(time.time() - t_start, 1)
     label = Path(a.checkpoint).stem if a.checkpoint else a.model
     stem = f"recovery_noise_{label}_uniform_{a.uniform_ratio:g}" + (f"_{a.pick.replace('/', '_')}" if a.pick else "")
@@ -192,7 +230,8 @@ def summarize(a, argv, seeds, hits, lat, dense_acc, search, pick, mm: nn.Module,
         "seeds": seeds,
         "latency_order": LATENCY_ORDER,
         "recovery": f"BN re-calibration, then {a.finetune_epochs} epochs of `{a.recovery}` at lr {a.finetune_lr}, "
-        f"batch {CompressConfig.batch_size}, best epoch kept; one run per seed (data order, shifts)",
+        f"batch {CompressConfig.batch_size}, best epoch kept (early stopping on 10 % of the calibration images, "
+        "the rest trains); one run per seed (data order, shifts, the hold-out)",
         "dense": {"accuracy": dense_acc, "macs": search.macs, "ms_1t": lat[1][0], "ms_2t": lat[2][0]},
         "mix_and_match": mm_r,
         "uniform": u_r,
@@ -225,7 +264,8 @@ def render(r: dict) -> str:
             f"Command: `{r['command']}`  ",
             f"Data: {r['data']}; accuracies on the {r['held_out_test_images']} held-out test images through "
             f"onnxruntime. Target `{r['target']}`, round_to {r['round_to']}. Recovery: {r['recovery']}; seeds "
-            f"{', '.join(map(str, r['seeds']))}. Latency: onnxruntime p50, batch 1, interleaved with dense"
+            f"{', '.join(map(str, r['seeds']))}; where it ran: {r['recovery_ran_on']}. Latency: onnxruntime p50, "
+            "batch 1, interleaved with dense"
             f"{latency_order_note(r)}, median of runs. Machine: {r['machine']['cpu']}, "
             f"{r['machine']['cpu_count']} cores; wall {r['wall_s']} s.",
             "",
