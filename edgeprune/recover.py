@@ -1,12 +1,13 @@
 """The recover stage, one for both granularities: candidates in, recovered weights and their rungs out.
 
-A candidate to recover is a `Job`: a key (its name in the report) and a *builder*, the picklable recipe that
+A candidate to recover is a `Job`: a key (its name in the report) and a `Builder`, the picklable recipe that
 materializes it from the dense model (`MaskBuild`: unstructured masks, enforced while training;
-`CompactBuild`: channels physically removed). `recover` trains the jobs on the calibration data as a
-schedule says (`halving.Top` or `halving.Halving`), ranks them by accuracy on the selection split after
-every rung and returns one `RecoveryOutcome` per job with its rungs and, for the last rung's survivors, the
-final weights. Work runs where the executor says (`cluster.InProcess` or `cluster.RayExecutor`); what every
-task reads (`Shared`: dense model, data, teacher logits, settings) is shared once per run.
+`CompactBuild`: channels physically removed; the lab studies add their own). `recover` trains the jobs on
+the calibration data as a schedule says (`halving.Top` or `halving.Halving`), ranks them by accuracy on the
+selection split after every rung and returns one `RecoveryOutcome` per job with its rungs and, for the last
+rung's survivors, the final weights. Work runs where the executor says (`cluster.InProcess` or
+`cluster.RayExecutor`); what every task reads (`Shared`: dense model, data, teacher logits, settings) is
+shared once per run.
 
 Same results everywhere: a rung's training depends only on the job, `Shared` and the rungs before it
 (torch's intra-op thread count is part of `Shared`, since it changes float sums; on the CPU), and halving is
@@ -28,7 +29,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -41,6 +42,25 @@ from .recovery import Recipe, finetune, has_batchnorm, recalibrate_bn, resolve_d
 from .report import Candidate, RecoveryRung
 
 # -- builders: how a candidate is materialized -------------------------------------------------------------
+
+
+@runtime_checkable
+class Builder(Protocol):
+    """How a candidate is materialized in a recovery task. Picklable (it travels to Ray workers with each
+    call), and a pure function of its content and the dense model: the same builder gives the same model
+    wherever it runs."""
+
+    def build(self, dense: nn.Module) -> nn.Module:
+        """The candidate, a new model (``dense`` stays as it is)."""
+        ...
+
+    def train_masks(self) -> Masks:
+        """The masks held while it trains (empty: nothing masked)."""
+        ...
+
+    def digest(self) -> str:
+        """A hash of everything that decides `build` (the resume key's candidate part)."""
+        ...
 
 
 def _digest(*parts: bytes | str) -> str:
@@ -96,9 +116,6 @@ class CompactBuild:
     def digest(self) -> str:
         units = json.dumps({k: sorted(v) for k, v in sorted(self.remove.items())})
         return _digest("compact", units, str(tuple(self.example.shape[1:])))
-
-
-Builder = MaskBuild | CompactBuild
 
 
 @dataclass(frozen=True)

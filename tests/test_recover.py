@@ -3,6 +3,7 @@ resume, errors naming the candidate."""
 
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ from edgeprune.evaluation import accuracy
 from edgeprune.halving import Halving, Top
 from edgeprune.masking import layer_mask
 from edgeprune.models import load_model
-from edgeprune.recover import CompactBuild, Job, MaskBuild, ResultStore, Shared, pick, recover
+from edgeprune.recover import Builder, CompactBuild, Job, MaskBuild, ResultStore, Shared, pick, recover
 from edgeprune.recovery import RECIPES, teacher_logits
 from edgeprune.structured import GroupGraph
 
@@ -82,6 +83,24 @@ def test_channel_candidates_are_compacted_and_trained_without_masks(shared):
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in shared.dense.parameters())
     model.load_state_dict(out[0].state)  # the weights fit the compacted architecture
     assert accuracy(model, shared.select_x, shared.select_y) == pytest.approx(out[0].accuracy)
+
+
+def test_every_builder_is_a_builder_and_travels_unchanged(shared):
+    """The unstructured, the structured and the lab studies' builders: the one `Builder` that `recover`
+    takes; pickled (as for a Ray task) each has the same digest and builds the same new model."""
+    from edgeprune.benchmarks.lab.common import ModelBuild
+
+    dense, example = shared.dense, shared.calib_x[:1]
+    half = {g.name: list(range(g.units // 2)) for g in GroupGraph(dense, example).groups}
+    builds = [magnitude_jobs(dense, (0.5,))[0].build, CompactBuild(half, example), ModelBuild(dense)]
+    for b in builds:
+        assert isinstance(b, Builder), type(b).__name__
+        again = pickle.loads(pickle.dumps(b))
+        assert again.digest() == b.digest()
+        one, two = b.build(dense), again.build(dense)
+        assert one is not dense and one.state_dict().keys() == two.state_dict().keys()
+        assert all(torch.equal(v, two.state_dict()[k]) for k, v in one.state_dict().items())
+    assert len({b.digest() for b in builds}) == 3 and not isinstance(object(), Builder)
 
 
 @pytest.mark.slow

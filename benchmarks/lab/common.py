@@ -214,9 +214,9 @@ def recovery_shared(
 
 @dataclasses.dataclass(frozen=True)
 class ModelBuild:
-    """A candidate that exists only as a model (torch-pruning's uniform pruning cannot be replayed from the
-    dense weights by a `CompactBuild`): built by copying it; nothing masked while it trains. It travels to
-    each task with the call (a small pruned model), not through the shared object."""
+    """A `recover.Builder` for a candidate that exists only as a model (torch-pruning's uniform pruning cannot
+    be replayed from the dense weights by a `CompactBuild`): built by copying it; nothing masked while it
+    trains. It travels to each task with the call (a small pruned model), not through the shared object."""
 
     model: nn.Module
 
@@ -241,7 +241,7 @@ def unique_keys(names: list[str]) -> list[str]:
 
 
 def recover_models(
-    builds: list[Builder | ModelBuild],
+    builds: list[Builder],
     names: list[str],
     shared: Shared,
     epochs: int,
