@@ -10,9 +10,10 @@ import copy
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,7 +41,16 @@ from .report import (
     render_markdown,
     versions,
 )
-from .screening import image_rungs, race, screen_candidates, screening_estimate, screening_warning
+from .screening import (
+    Race,
+    image_rungs,
+    race,
+    right_answers,
+    screen_candidates,
+    screening_estimate,
+    screening_warning,
+    share_results,
+)
 from .selection import Point, pareto_mask, select_index
 from .sensitivity import SIGNALS, compute_sensitivity, signal_scores
 from .stages import FINAL_EVALUATION, Progress, Timings, config_dict  # noqa: F401 - re-exported for benchmarks
@@ -52,6 +62,8 @@ GRANULARITIES: tuple[str, ...] = ("unstructured", "channel")
 RECOVER_STORE = ".edgeprune-recover"  # --resume: finished recovery rungs, under --out
 BN_RECAL_BATCHES = 8  # recovery.recalibrate_bn's default max_batches
 SCREEN_PROBE = 3  # a signal whose first 3 candidates collapse after BN re-calibration is not screened further
+GLANCE_RECAL = 64  # calibration images of a candidate's first, quick BN re-calibration (`Workspace.glance`)
+GLANCE_IMAGES = 256  # selection images its glance answers (image_rungs' first rung)
 
 
 @dataclass
@@ -355,30 +367,63 @@ class Workspace:
                 c.accuracy = c.zero_shot_accuracy
         return c
 
-    def screen_raced(self, cp: CandidatePlan, masks: Masks, rungs: list[int], bar: float) -> Candidate:
-        """`screen` as `compress` runs it: the re-calibrated accuracy evaluated rung by rung (`screening.race`)
-        stops once even every unseen selection image right would leave the candidate below ``bar``, so it
-        cannot be picked (``screened_images`` then says on how many images it was estimated); no zero-shot
-        pass before re-calibration."""
+    def glance(self, cp: CandidatePlan, masks: Masks) -> np.ndarray:
+        """A candidate's first, cheap look (`compress`'s screening): masked, BN re-calibrated on the first
+        ``GLANCE_RECAL`` calibration images only, its per-image answers on the first ``GLANCE_IMAGES``
+        selection images (`screening.right_answers`). Fills its sparsity and, until `screen_raced` settles
+        it, the glance's accuracy on ``screened_images`` images."""
         c = cp.candidate
-        x, y, bs = self.data.eval_x, self.data.eval_y, self.cfg.batch_size
-
-        def count_correct(_: int, start: int, stop: int) -> int:
-            return round(accuracy(self.model, x[start:stop], y[start:stop], bs) * (stop - start))
-
+        n = min(GLANCE_IMAGES, len(self.data.eval_x))
         with on_device(self.model, self.device):
             self.materialize(cp, recalibrate=False, masks=masks)
             c.sparsity = weight_sparsity(self.model, self.prunable)[0].sparsity
             if self.use_bn:
-                recalibrate_bn(self.model, self.data.calib_x, self.cfg.batch_size)
-            (r,) = race(1, rungs, count_correct, keep=0, floor=bar)
-        c.accuracy = r.accuracy
-        c.screened_images = None if r.complete else r.seen
-        # Before BN re-calibration the masked model keeps the dense model's statistics: that accuracy decides
-        # nothing, and a full pass for it cost a third of screening (`screen` still measures it, for studies).
-        # Without BatchNorm the raced accuracy is the zero-shot one.
+                recalibrate_bn(self.model, self.data.calib_x[:GLANCE_RECAL], self.cfg.batch_size)
+            right = right_answers(self.model, self.data.eval_x[:n], self.data.eval_y[:n], self.cfg.batch_size)
+        c.accuracy, c.screened_images = float(right.mean()), n
         c.zero_shot_accuracy = None if self.use_bn else c.accuracy
-        return c
+        return right
+
+    def screen_raced(
+        self, cplans: list[CandidatePlan], looks: list[np.ndarray], bar: ScreeningBar, advance=lambda: None
+    ) -> list[Race]:
+        """Settle the glanced candidates as `compress` does (`screening.race`): the most promising glances
+        first, so the bar rises early; a candidate whose glance is below the bar by `screening.Z_STOP`
+        standard errors keeps the glance's estimate; every other one gets the full BN re-calibration and is
+        evaluated rung by rung, stopping once even every unseen selection image right would leave it below
+        the bar (its accuracy, when complete, is exactly a full screening's). ``screened_images`` says on how
+        many images a stopped one was estimated. No zero-shot pass before re-calibration: the masked model
+        with the dense statistics decides nothing, and it cost a third of screening (`screen` still
+        measures it, for studies); without BatchNorm the raced accuracy is the zero-shot one."""
+        x, y, bs = self.data.eval_x, self.data.eval_y, self.cfg.batch_size
+        cands = [cp.candidate for cp in cplans]
+        contends = [bar.contends(c) for c in cands]
+        order = sorted(range(len(cands)), key=lambda i: (not contends[i], -float(looks[i].mean()), i))
+
+        def count_correct(i: int, start: int, stop: int) -> int:
+            if start == 0:  # its turn: rebuilt from the dense weights, re-calibrated on every calibration image
+                advance()
+                self.materialize(cplans[i], recalibrate=False, masks=build_masks(cplans[i].scores, cplans[i].plan))
+                if self.use_bn:
+                    recalibrate_bn(self.model, self.data.calib_x, bs)
+            return round(accuracy(self.model, x[start:stop], y[start:stop], bs) * (stop - start))
+
+        with on_device(self.model, self.device):
+            races = race(
+                len(cands),
+                image_rungs(len(x)),
+                count_correct,
+                keep=bar.keep,
+                floor=bar.floor,
+                contends=contends,
+                order=order,
+                looks=looks,
+            )
+        for c, r in zip(cands, races):
+            c.accuracy = r.accuracy
+            c.screened_images = None if r.complete else r.seen
+            c.zero_shot_accuracy = None if self.use_bn else c.accuracy
+        return races
 
     def shared(self) -> Shared:
         """What every recovery task reads: a copy of the dense model (``self.model`` is masked in place),
@@ -484,14 +529,13 @@ class ScreeningBar:
     the candidates at the sparsity target (with ``--max-drop`` every one).
 
     A candidate stopped below the bar can be neither recovered (``Top`` ranks by screening accuracy and takes
-    the ``keep`` best, which stay exact) nor picked: the top ``keep`` and everyone at or above ``floor`` are
-    exactly those of a full evaluation. Halving recovers every candidate, so only 1 (the pick without
-    recovery) is kept exact there, which recovery does not use."""
+    the ``keep`` best, which run to the end) nor picked: its estimate stays under the bar. Stopped by the
+    bound, provably; by the glance, at `screening.Z_STOP` standard errors. Halving recovers every candidate,
+    so only 1 (the pick without recovery) is kept there, which recovery does not use."""
 
     keep: int
     floor: float
     target: float | None  # None: every candidate contends (--max-drop)
-    best: list[float] = field(default_factory=list)  # completed contenders' accuracies, highest first
 
     @classmethod
     def for_run(cls, cfg: CompressConfig, dense_accuracy: float, schedule: Top | Halving | None) -> ScreeningBar:
@@ -499,15 +543,9 @@ class ScreeningBar:
         floor = dense_accuracy - cfg.max_drop / 100 if cfg.max_drop is not None else 0.0
         return cls(max(1, keep), max(0.0, floor), None if cfg.max_drop is not None else cfg.sparsity)
 
-    @property
-    def value(self) -> float:
-        kth = self.best[self.keep - 1] if len(self.best) >= self.keep else 0.0
-        return max(self.floor, kth)
-
-    def add(self, c: Candidate) -> Candidate:
-        if c.screened_images is None and (self.target is None or c.sparsity >= self.target - 1e-6):
-            self.best = sorted([*self.best, c.accuracy], reverse=True)
-        return c
+    def contends(self, c: Candidate) -> bool:
+        """Whether a screened candidate raises the bar: it is at the sparsity target (any with --max-drop)."""
+        return self.target is None or c.sparsity >= self.target - 1e-6
 
 
 def _compress(
@@ -561,25 +599,37 @@ def _compress(
     schedule = recovery_schedule(cfg)
     # this machine's rate on the dense evaluation: how long screening will take, said before it starts
     rate = macs * len(data.eval_x) / max(eval_s, 1e-9) / 1e9
-    recal = min(len(data.calib_x), cfg.batch_size * BN_RECAL_BATCHES) if ws.use_bn else 0
-    estimate = screening_estimate(macs, len(cplans), len(data.eval_x), recal, rate, 2 if ws.use_bn else 1)
+    # at most: the glance, then the full re-calibration and evaluation (no candidate stopped)
+    recal = min(len(data.calib_x), cfg.batch_size * BN_RECAL_BATCHES) + GLANCE_RECAL if ws.use_bn else 0
+    estimate = screening_estimate(macs, len(cplans), len(data.eval_x) + GLANCE_IMAGES, recal, rate, 1)
     warning = screening_warning(estimate, len(cplans))
     if warning:
         progress.log(f"note: {warning}")
     with t("screening"):
-        what = "mask + BN re-calibration" if ws.use_bn else "mask"
-        progress.start(f"screen {len(cplans)} candidates ({what})", total=len(cplans))
-        bar = ScreeningBar.for_run(cfg, dense_acc, schedule)
-        rungs = image_rungs(len(data.eval_x))
+        # a glance at every candidate (masks, BN on GLANCE_RECAL images, GLANCE_IMAGES answers), then the full
+        # re-calibration and evaluation for those the glance does not put clearly below the bar
+        glance = f"BN on {GLANCE_RECAL} images, " if ws.use_bn else ""
+        progress.start(f"screen {len(cplans)} candidates: a glance ({glance}{GLANCE_IMAGES} images)", len(cplans))
+        looks: dict[int, np.ndarray] = {}
         kept, screening = screen_candidates(
             [cp.candidate for cp in cplans],
             masks_of=lambda i: build_masks(cplans[i].scores, cplans[i].plan),
-            evaluate=lambda i, masks: bar.add(ws.screen_raced(cplans[i], masks, rungs, bar.value)),
+            evaluate=lambda i, masks: looks.__setitem__(i, ws.glance(cplans[i], masks)),
             num_classes=data.num_classes,
             dense_accuracy=dense_acc,
             probe=SCREEN_PROBE if cfg.method == "mix-and-match" else 0,
             advance=progress.advance,
         )
+        progress.finish()
+        looked = sorted(looks)
+        progress.start(f"screen {len(looked)} distinct candidates: the race over the selection split")
+        races = ws.screen_raced(
+            [cplans[i] for i in looked],
+            [looks[i] for i in looked],
+            ScreeningBar.for_run(cfg, dense_acc, schedule),
+        )
+        screening.stopped = {cplans[i].candidate.name: r.stop for i, r in zip(looked, races) if r.stop}
+        share_results([cp.candidate for cp in cplans], screening.duplicates)
         progress.finish()
     cplans = [cplans[i] for i in kept]
     for signal, why in screening.skipped_signals.items():

@@ -73,19 +73,13 @@ def test_screening_bar_keeps_the_recovered_few_and_the_max_drop_floor_exact():
     from edgeprune.pipeline import ScreeningBar
     from edgeprune.report import Candidate
 
-    def cand(acc, sparsity, seen=None):
-        c = Candidate("x", "magnitude", "s", "mix-and-match", sparsity=sparsity, accuracy=acc)
-        c.screened_images = seen
-        return c
+    def cand(sparsity):
+        return Candidate("x", "magnitude", "s", "mix-and-match", sparsity=sparsity, accuracy=0.9)
 
     cfg = CompressConfig(sparsity=0.8, finetune_top=2)
     bar = ScreeningBar.for_run(cfg, 0.95, Top(k=2, epochs=3))
-    assert bar.value == 0.0
-    for c in (cand(0.90, 0.8), cand(0.99, 0.7), cand(0.50, 0.8, seen=256)):  # below target; stopped early
-        bar.add(c)
-    assert bar.value == 0.0  # one contender so far: the two best recovered are not known yet
-    bar.add(cand(0.85, 0.8))
-    assert bar.value == 0.85  # the 2nd best at the target: a candidate that cannot reach it is not recovered
+    assert (bar.keep, bar.floor) == (2, 0.0)  # the 2nd best at the target: the two the recover stage takes
+    assert bar.contends(cand(0.8)) and not bar.contends(cand(0.7))  # below the target raises no bar
     assert ScreeningBar.for_run(cfg, 0.95, Halving(1, 3, 2, keep=2)).keep == 1  # halving recovers every one
     drop = ScreeningBar.for_run(CompressConfig(max_drop=2.0), 0.95, None)
-    assert drop.value == pytest.approx(0.93) and drop.add(cand(0.97, 0.1)) and drop.value == 0.97
+    assert drop.floor == pytest.approx(0.93) and drop.contends(cand(0.1))  # --max-drop: every sparsity

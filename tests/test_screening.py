@@ -8,9 +8,13 @@ import torch
 
 from edgeprune.report import Candidate
 from edgeprune.screening import (
+    Z_STOP,
+    below_bar,
+    binomial_z,
     collapsed,
     image_rungs,
     mask_key,
+    mcnemar_z,
     race,
     screen_candidates,
     screening_estimate,
@@ -46,7 +50,7 @@ def test_identical_masks_are_screened_once_and_share_the_result() -> None:
 
 
 def test_a_collapsed_signal_stops_after_its_probe() -> None:
-    names = [f"gradient/s{i}" for i in range(5)] + [f"magnitude/s{i}" for i in range(5)]
+    names = [f"magnitude/s{i}" for i in range(5)] + [f"gradient/s{i}" for i in range(5)]
     cands = _cands(*names)
 
     def evaluate(i: int, built: dict) -> None:
@@ -54,12 +58,31 @@ def test_a_collapsed_signal_stops_after_its_probe() -> None:
 
     masks = [{"l": torch.tensor([b == "1" for b in f"{i:04b}"])} for i in range(10)]
     kept, summary = screen_candidates(cands, lambda i: masks[i], evaluate, num_classes=10, dense_accuracy=0.9, probe=3)
-    assert [cands[i].name for i in kept] == names[:3] + names[5:]
-    assert list(summary.skipped_signals) == ["gradient"] and summary.skipped == names[3:5]
+    assert [cands[i].name for i in kept] == names[:5] + names[5:8]
+    assert list(summary.skipped_signals) == ["gradient"] and summary.skipped == names[8:]
+    assert "< 45%" in summary.skipped_signals["gradient"]  # half of the best candidate's (80 %) margin
     assert summary.evaluated == 8
     # probe=0 (baselines, or asked for): everything is screened
     kept, summary = screen_candidates(cands, lambda i: masks[i], evaluate, num_classes=10, dense_accuracy=0.9, probe=0)
     assert len(kept) == 10 and not summary.skipped_signals
+
+
+def test_a_signal_is_dropped_against_the_best_screened_not_dense() -> None:
+    """MobileNetV3 at 80 % before fine-tuning: every candidate under half of dense's margin (92 % dense, 8-58 %
+    screened); magnitude, whose best candidate comes 4th, is screened to its end, pure gradient is dropped."""
+    names = [f"magnitude/s{i}" for i in range(4)] + [f"gradient/{s}" for s in "abcd"]
+    acc = [0.47, 0.42, 0.23, 0.58, 0.12, 0.11, 0.13, 0.12]
+    cands = _cands(*names)
+
+    def evaluate(i: int, built: dict) -> None:
+        cands[i].accuracy = acc[i]
+
+    masks = [{"l": torch.tensor([b == "1" for b in f"{i:03b}"])} for i in range(8)]
+    kept, summary = screen_candidates(cands, lambda i: masks[i], evaluate, num_classes=10, dense_accuracy=0.92)
+    assert all(collapsed(a, 10, 0.92) for a in acc[:3])  # against dense, magnitude would have been dropped
+    assert (
+        kept == list(range(7)) and summary.skipped == ["gradient/d"] and list(summary.skipped_signals) == ["gradient"]
+    )
 
 
 def test_one_good_candidate_keeps_the_signal() -> None:
@@ -134,6 +157,73 @@ def test_race_runs_ties_to_the_end_and_respects_floor_and_contenders() -> None:
     assert races[0].seen == 1 and races[3].accuracy == 1.0
 
 
+def test_mcnemar_counts_only_the_images_the_two_disagree_on() -> None:
+    holder = np.array([True] * 90 + [False] * 10)
+    worse = holder.copy()
+    worse[:10] = False  # the holder alone right on 10 images, both wrong on 10
+    assert mcnemar_z(worse, holder) == pytest.approx(10 / np.sqrt(10))
+    better = holder.copy()
+    better[90:93] = True
+    assert mcnemar_z(better, holder) == pytest.approx(-3 / np.sqrt(3)) and mcnemar_z(holder, holder) == 0.0
+    # paired is tighter: 10 points down on 100 images is 3.2 SE paired, 2.0 SE between two binomial estimates
+    unpaired = (holder.mean() - worse.mean()) / np.sqrt((0.9 * 0.1 + 0.8 * 0.2) / 100)
+    assert mcnemar_z(worse, holder) > Z_STOP > unpaired == pytest.approx(2.0)
+    assert below_bar(worse, 0.9, holder)
+    assert not below_bar(better, 0.9, holder) and not below_bar(holder, 0.9, holder)
+    # the glance's own accuracy at or over the bar never stops, however far below the holder's glance
+    assert not below_bar(worse, 0.8, holder)
+    with pytest.raises(ValueError):
+        mcnemar_z(worse[:50], holder)
+
+
+def test_binomial_stop_against_a_floor() -> None:
+    assert binomial_z(80, 100, 0.9) == pytest.approx(0.1 / np.sqrt(0.09 / 100))
+    assert below_bar(np.array([True] * 80 + [False] * 20), 0.9, None)  # 3.33 SE under a 90 % floor
+    assert not below_bar(np.array([True] * 85 + [False] * 15), 0.9, None)  # 1.67 SE: runs on
+    assert binomial_z(0, 0, 0.9) == 0.0 and binomial_z(5, 10, 0.0) == 0.0
+
+
+def test_a_candidate_as_good_as_the_bar_is_rarely_stopped() -> None:
+    """Z_STOP's promise: paired glances of two equally accurate candidates (81 %, 256 images, correlated as
+    pruned variants of one model are) stop the challenger about once in 740, never near one in 50."""
+    rng = np.random.default_rng(1)
+    shared = rng.random((4000, 256)) < 0.9  # the images both get right or wrong alike
+    flip_a, flip_b = rng.random((2, 4000, 256)) < 0.1  # each one's own errors, the same rate
+    a, b = shared ^ (flip_a & shared), shared ^ (flip_b & shared)
+    stops = np.mean([mcnemar_z(a[t], b[t]) > Z_STOP for t in range(4000)])
+    assert stops < 0.005
+
+
+def test_race_glance_stops_the_clearly_worse_and_keeps_the_top_exact() -> None:
+    """Glances from a slightly different model (a few answers flipped, as a quick BN re-calibration does):
+    the clearly worse stop before being built at all; the top ``keep`` and the pick are those of a full
+    evaluation, completed candidates' accuracies exact."""
+    rng = np.random.default_rng(0)
+    saved, stops = [], {"glance": 0, "bound": 0}
+    for _ in range(30):
+        n, images, glance, keep = 20, 1000, 256, 2
+        acc = np.concatenate([rng.uniform(0.85, 0.92, 5), rng.uniform(0.4, 0.85, n - 5)])
+        right = rng.random((n, images)) < acc[:, None]
+        looks = [r[:glance] ^ (rng.random(glance) < 0.02) for r in right]
+        full = right.mean(1)
+        calls: list = []
+        order = sorted(range(n), key=lambda i: -looks[i].mean())
+        races = race(n, image_rungs(images), _counter(right, calls), keep=keep, order=order, looks=looks)
+        top = sorted(range(n), key=lambda i: -full[i])[:keep]
+        assert all(races[i].complete and races[i].accuracy == full[i] for i in top)
+        kth = full[top[-1]]
+        for i, r in enumerate(races):
+            if r.stop == "glance":
+                assert (r.correct, r.seen) == (looks[i].sum(), glance) and r.accuracy < kth
+                assert not any(j == i for j, _, _ in calls)  # never built: no count asked for
+            stops[r.stop or "none"] = stops.get(r.stop or "none", 0) + 1
+        saved.append(1 - sum(b - a for _, a, b in calls) / (n * images))
+    assert stops["glance"] > stops["bound"] and np.mean(saved) > 0.5  # measured: ~0.6 of the images saved
+    # without glances the same race stops only by the bound
+    races = race(n, image_rungs(images), _counter(right, []), keep=keep, order=order)
+    assert {r.stop for r in races} <= {None, "bound"}
+
+
 def test_screening_estimate_and_warning() -> None:
     # 30 candidates x (1024 BN + 2 x 2000 eval) images x 32 MMAC at 13 GMAC/s: ~371 s
     s = screening_estimate(32e6, 30, 2000, 1024, 13.0)
@@ -142,3 +232,36 @@ def test_screening_estimate_and_warning() -> None:
     big = screening_estimate(32e6 * 12.25, 30, 2000, 1024, 13.0)  # the same model at 224 px
     line = screening_warning(big, 30)
     assert line and "76 minutes" in line and "--eval-size" in line and "--device cuda" in line and "--cluster" in line
+
+
+def test_glance_then_race_on_the_demo_hands_on_what_full_screening_does() -> None:
+    """The product's screening (`Workspace.glance`, then `Workspace.screen_raced`) on the demo model: every
+    completed candidate's accuracy is exactly `Workspace.screen`'s (the full BN re-calibration, every image),
+    the top-2 at the target and the pick are the same, and a stopped one reports its estimate and images
+    (seconds at no load; the demo's 200 selection images are all in the glance)."""
+    from edgeprune.halving import Top
+    from edgeprune.masking import build_masks
+    from edgeprune.pipeline import GLANCE_IMAGES, CompressConfig, ScreeningBar, Workspace, load_workspace_inputs
+
+    from .small_runs import SMALL
+
+    cfg = CompressConfig(**SMALL, range_baselines=("mag", "snip"))
+    model, data = load_workspace_inputs(cfg)
+    ws = Workspace(cfg, model, data, with_hessian=False)
+    every = ws.plans("mix-and-match", 0.8)
+    cplans = [*every[:4], next(cp for cp in every if cp.candidate.name == "snip/baseline:snip")]  # 69 %, others ~90
+    full = [ws.screen(cp).accuracy for cp in cplans]
+    looks = [ws.glance(cp, build_masks(cp.scores, cp.plan)) for cp in cplans]
+    assert all(len(look) == min(GLANCE_IMAGES, len(data.eval_x)) for look in looks)
+    races = ws.screen_raced(cplans, looks, ScreeningBar.for_run(cfg, 0.9, Top(k=2)))
+    cands = [cp.candidate for cp in cplans]
+    for c, r, exact in zip(cands, races, full, strict=True):
+        if r.complete:
+            assert c.accuracy == exact and c.screened_images is None
+        else:
+            assert c.screened_images == r.seen and c.accuracy == r.accuracy
+    at = [i for i, c in enumerate(cands) if c.sparsity >= 0.8 - 1e-6]
+    top = sorted(at, key=lambda i: (-full[i], i))[:2]
+    assert sorted(at, key=lambda i: (-cands[i].accuracy, i))[:2] == top
+    assert all(races[i].complete for i in top)
+    assert races[-1].stop == "glance" and cands[-1].screened_images == len(looks[-1])  # SNIP's plan: clearly worse
