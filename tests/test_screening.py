@@ -234,11 +234,12 @@ def test_screening_estimate_and_warning() -> None:
     assert line and "76 minutes" in line and "--eval-size" in line and "--device cuda" in line and "--cluster" in line
 
 
+@pytest.mark.slow
 def test_glance_then_race_on_the_demo_hands_on_what_full_screening_does() -> None:
     """The product's screening (`Workspace.glance`, then `Workspace.screen_raced`) on the demo model: every
     completed candidate's accuracy is exactly `Workspace.screen`'s (the full BN re-calibration, every image),
     the top-2 at the target and the pick are the same, and a stopped one reports its estimate and images
-    (seconds at no load; the demo's 200 selection images are all in the glance)."""
+    (84 s on the loaded 2-core VM; the demo's 200 selection images are all in the glance)."""
     from edgeprune.halving import Top
     from edgeprune.masking import build_masks
     from edgeprune.pipeline import GLANCE_IMAGES, CompressConfig, ScreeningBar, Workspace, load_workspace_inputs
