@@ -80,3 +80,13 @@ def test_an_unfinished_model_is_not_counted_and_the_report_renders():
     assert "| 90.0% | mix-and-match |" in text and "0/0 complete" in text
     doc = pp.to_json([m], s, meta)
     assert pp.from_dict(doc["models"]["toy"]) == m
+
+
+def test_refinement_measures_where_a_level_still_sits_between_distant_points():
+    p = lambda s, d: pp.MagPoint(s, s, 0.9 - d / 100, d)  # noqa: E731
+    curve = [p(0.8, 0.2), p(0.85, 1.1), p(0.9, 13.1), p(0.95, 71.4)]
+    # 1 point lies between 80 and 85 % (5 apart), 3 and 5 points between 85 and 90 %: all three refined
+    assert pp.to_refine(curve, (1.0, 3.0, 5.0)) == (0.845, 0.86, 0.865)
+    # once the points around a level are within 1 %, or the level was measured, it is settled
+    settled = curve + [p(0.845, 0.95), p(0.85 + 0.005, 1.5), p(0.86, 2.0), p(0.865, 3.5), p(0.87, 5.5)]
+    assert pp.to_refine(settled, (1.0, 3.0, 5.0)) == ()

@@ -238,9 +238,15 @@ def recover_all(ws: Workspace, jobs: list[Job], s: Settings, executor: Executor)
     return recover(jobs, ws.shared(), Top(k=len(jobs), epochs=s.finetune_epochs), executor)
 
 
+def dense_accuracy(ws: Workspace) -> float:
+    """The dense model's selection accuracy; ``ws.model`` holds whatever was screened or recovered last."""
+    _dense(ws)
+    return ws.accuracy()
+
+
 def mag_curve(ws: Workspace, s: Settings, executor: Executor, targets: tuple[float, ...]) -> list[MagPoint]:
     """MAG at each of ``targets``, recovered, on the selection split."""
-    dense = ws.accuracy()
+    dense = dense_accuracy(ws)
     cps = [plans(ws, "mag", target)[0] for target in targets]
     jobs = [Job(f"mag@{t}", MaskBuild(build_masks(cp.scores, cp.plan))) for t, cp in zip(targets, cps)]
     out = []
@@ -250,15 +256,42 @@ def mag_curve(ws: Workspace, s: Settings, executor: Executor, targets: tuple[flo
     return out
 
 
-def choose_levels(ws: Workspace, s: Settings, executor: Executor) -> tuple[list[MagPoint], list[Level]]:
-    """MAG on the ladder, then once more at each interpolated level (a drop that rises steeply between two
-    ladder points is not linear: 85 % -> 1.1, 90 % -> 13 points), and the levels interpolated again on every
-    point measured. Decided on the selection split, before Mix-and-Match runs."""
-    curve = mag_curve(ws, s, executor, s.ladder)
-    first = [level_for_drop([(p.sparsity, p.drop) for p in curve], dr)[0] for dr in s.drops]
-    refine = tuple(x for x in dict.fromkeys(first) if all(abs(x - p.target) > 1e-9 for p in curve))
-    if refine:
-        curve = sorted(curve + mag_curve(ws, s, executor, refine), key=lambda p: p.sparsity)
+REFINE_ROUNDS = 3  # at most this many extra MAG measurements per level
+REFINE_WIDTH = 0.01  # a level is settled once the ladder points around it are this close in sparsity
+
+
+def to_refine(curve: list[MagPoint], drops: tuple[float, ...]) -> tuple[float, ...]:
+    """The interpolated level of every drop whose bracketing points are still more than `REFINE_WIDTH` apart
+    (and not measured yet): where MAG is measured next."""
+    pts = sorted((p.sparsity, p.drop) for p in curve)
+    out = []
+    for dr in drops:
+        level, note = level_for_drop(pts, dr)
+        below = [sp for sp, d in pts if sp < level - 1e-9]
+        above = [sp for sp, d in pts if sp > level + 1e-9]
+        wide = not note and below and above and above[0] - below[-1] > REFINE_WIDTH
+        if wide and all(abs(level - p.target) > 1e-9 for p in curve):
+            out.append(level)
+    return tuple(dict.fromkeys(out))
+
+
+def choose_levels(
+    ws: Workspace, s: Settings, executor: Executor, known: list[MagPoint] | None = None
+) -> tuple[list[MagPoint], list[Level]]:
+    """MAG on the ladder, then at each interpolated level, again and again (`REFINE_ROUNDS`) until the points
+    around every level are within `REFINE_WIDTH`: the drop rises steeply and not linearly between ladder
+    points (VGG: 85 % -> 1.1, 90 % -> 13 points). Decided on the selection split, before Mix-and-Match runs;
+    ``known`` points (a resumed run's) are not measured again."""
+    curve = list(known or [])
+    missing = tuple(x for x in s.ladder if all(abs(x - p.target) > 1e-9 for p in curve))
+    if missing:
+        curve += mag_curve(ws, s, executor, missing)
+    for _ in range(REFINE_ROUNDS):
+        refine = to_refine(curve, s.drops)
+        if not refine:
+            break
+        curve += mag_curve(ws, s, executor, refine)
+    curve.sort(key=lambda p: p.sparsity)
     pts = [(p.sparsity, p.drop) for p in curve]
     return curve, [Level(dr, *level_for_drop(pts, dr)) for dr in s.drops]
 
@@ -266,7 +299,7 @@ def choose_levels(ws: Workspace, s: Settings, executor: Executor) -> tuple[list[
 def run_trial(ws: Workspace, s: Settings, level: int, target: float, executor: Executor) -> Trial:
     t0 = time.perf_counter()
     d = ws.data
-    dense_select = ws.accuracy()
+    dense_select = dense_accuracy(ws)
     cps = plans(ws, MM, target)
     kept, summary = screen_candidates(
         [cp.candidate for cp in cps],
@@ -343,7 +376,7 @@ def run_model(name: str, s: Settings, executor: Executor, done: ModelResult | No
         res.seconds["load"] = round(res.seconds.get("load", 0.0) + time.perf_counter() - t0, 1)
         if not res.levels:
             t0 = time.perf_counter()
-            res.mag_curve, res.levels = choose_levels(ws, s, executor)
+            res.mag_curve, res.levels = choose_levels(ws, s, executor, res.mag_curve)
             res.seconds["levels"] = round(time.perf_counter() - t0, 1)
             log(f"{name}: MAG curve " + ", ".join(f"{p.sparsity:.0%} {p.drop:+.2f}" for p in res.mag_curve))
             log(f"{name}: levels " + ", ".join(f"{lv.drop:g} pt -> {lv.sparsity:.1%}" for lv in res.levels))
