@@ -370,15 +370,17 @@ class Workspace:
     def glance(self, cp: CandidatePlan, masks: Masks) -> np.ndarray:
         """A candidate's first, cheap look (`compress`'s screening): masked, BN re-calibrated on the first
         ``GLANCE_RECAL`` calibration images only, its per-image answers on the first ``GLANCE_IMAGES``
-        selection images (`screening.right_answers`). Fills its sparsity and, until `screen_raced` settles
-        it, the glance's accuracy on ``screened_images`` images."""
+        selection images (`screening.right_answers`); at most a third of each split. Fills its sparsity
+        and, until `screen_raced` settles it, the glance's accuracy on ``screened_images`` images."""
         c = cp.candidate
-        n = min(GLANCE_IMAGES, len(self.data.eval_x))
+        # at most a third of each split: on small ones a full-size glance would cost nearly a full screening
+        n = min(GLANCE_IMAGES, max(1, len(self.data.eval_x) // 3))
+        recal = min(GLANCE_RECAL, max(2, len(self.data.calib_x) // 3))
         with on_device(self.model, self.device):
             self.materialize(cp, recalibrate=False, masks=masks)
             c.sparsity = weight_sparsity(self.model, self.prunable)[0].sparsity
             if self.use_bn:
-                recalibrate_bn(self.model, self.data.calib_x[:GLANCE_RECAL], self.cfg.batch_size)
+                recalibrate_bn(self.model, self.data.calib_x[:recal], self.cfg.batch_size)
             right = right_answers(self.model, self.data.eval_x[:n], self.data.eval_y[:n], self.cfg.batch_size)
         c.accuracy, c.screened_images = float(right.mean()), n
         c.zero_shot_accuracy = None if self.use_bn else c.accuracy
