@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .outdir import int8_name, is_int8_name
 from .report import DenseSummary, SelectedSummary, ShippedArtifact
 from .stages import Progress, Timings
 from .targets import Target
@@ -114,7 +115,7 @@ class Delivery:
         """The summaries' ONNX fields from the rows (``model.onnx``/``dense.onnx`` and their INT8 files)."""
         dense.onnx_bytes = self.dense_onnx_bytes
         for summary, stem in ((dense, "dense"), (selected, "model")):
-            fp32, int8 = self.row(f"{stem}.onnx"), self.row(f"{stem}.int8.onnx")
+            fp32, int8 = self.row(f"{stem}.onnx"), self.row(int8_name(f"{stem}.onnx"))
             summary.latency_ms, summary.onnx_accuracy = fp32.latency_ms, fp32.accuracy
             if int8 is not None:
                 summary.int8_latency_ms, summary.int8_accuracy = int8.latency_ms, int8.accuracy
@@ -234,7 +235,7 @@ def _files(ship) -> list[Path]:
 
 def _format(path: Path) -> str:
     """``fp32`` | ``int8`` | ``fp32-ort`` | ``int8-ort``, from the names `ship_artifacts` gives."""
-    precision = "int8" if ".int8." in path.name else "fp32"
+    precision = "int8" if is_int8_name(path.name) else "fp32"
     return f"{precision}-ort" if path.suffix == ".ort" else precision
 
 

@@ -67,6 +67,11 @@ def int8_name(onnx_name: str) -> str:
     return onnx_name.removesuffix(".onnx") + ".int8.onnx"
 
 
+def is_int8_name(name: str) -> bool:
+    """Whether ``name`` is an INT8 companion (``model.int8.onnx``, ``model.int8.ort``)."""
+    return ".int8." in name
+
+
 def ort_name(onnx_name: str) -> str:
     """The ORT-format twin of an ONNX file: ``model.onnx`` -> ``model.ort``, ``model.int8.onnx`` ->
     ``model.int8.ort``."""

@@ -378,7 +378,7 @@ def _produce(args: argparse.Namespace, argv: list[str] | None, work: Path, execu
                 else ""
             )
             + " and every distinct uniform-ratio model",
-            "ran_on": executor.describe() if hasattr(executor, "describe") else executor.name,
+            "ran_on": executor.describe(),
             "threads_per_recovery": args.recover_threads,
         },
         "dense": {"macs": report.dense.macs, "onnx": "dense.onnx", "onnx_bytes": report.dense.onnx_bytes},

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..errors import EdgepruneError
+from ..outdir import is_int8_name
 from ._app import CheckpointOpt, InChansOpt, ModelOpt, NumClassesOpt, PretrainedOpt, TargetOpt, app
 
 
@@ -162,7 +163,7 @@ def _print_export(s: dict, console: Console) -> None:
     for col in ("artifact", "bytes", "gzip", "of dense", "floor", "accuracy"):
         table.add_column(col, justify="left" if col == "artifact" else "right")
     for name, size in s["sizes"].items():
-        acc = s["int8_accuracy"] if ".int8." in name else s["fp32_accuracy"]
+        acc = s["int8_accuracy"] if is_int8_name(name) else s["fp32_accuracy"]
         table.add_row(
             name,
             f"{size['bytes']:,}",
