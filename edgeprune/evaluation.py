@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -13,7 +14,14 @@ from .inventory import Layer
 def accuracy(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256, channels_last: bool | None = None
 ) -> float:
-    """Top-1 accuracy in eval mode, on the device the model's parameters are on.
+    """Top-1 accuracy in eval mode, on the device the model's parameters are on (`right_answers`' mean)."""
+    return float(right_answers(model, x, y, batch_size, channels_last).mean()) if len(x) else 0.0
+
+
+def right_answers(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 256, channels_last: bool | None = None
+) -> np.ndarray:
+    """Per image, whether the model's top-1 answer is right (a bool array; screening pairs candidates on it).
 
     For conv nets the channels-last layout (oneDNN's native one: no reorder around every convolution)
     and batches of 256: ~2.1x on a 4 M-parameter MobileNetV3 at 64 px on 2 CPU cores, same counts.
@@ -30,20 +38,18 @@ def accuracy(
     was_contiguous = bool(convs) and convs[0].is_contiguous()
     try:
         if not use_cl:
-            correct = _count_correct(model, x, y, batch_size, torch.contiguous_format)
-        else:
-            model.to(memory_format=torch.channels_last)
-            try:
-                correct = _count_correct(model, x, y, batch_size, torch.channels_last)
-            except RuntimeError:
-                # e.g. ``.view`` on a conv output needs contiguous strides: this model runs in its own layout
-                model.to(memory_format=torch.contiguous_format)
-                correct = _count_correct(model, x, y, batch_size, torch.contiguous_format)
+            return _answers(model, x, y, batch_size, torch.contiguous_format)
+        model.to(memory_format=torch.channels_last)
+        try:
+            return _answers(model, x, y, batch_size, torch.channels_last)
+        except RuntimeError:
+            # e.g. ``.view`` on a conv output needs contiguous strides: this model runs in its own layout
+            model.to(memory_format=torch.contiguous_format)
+            return _answers(model, x, y, batch_size, torch.contiguous_format)
     finally:
         if use_cl and was_contiguous:
             model.to(memory_format=torch.contiguous_format)
         model.train(was_training)
-    return correct / max(1, len(x))
 
 
 def _wants_channels_last(model: nn.Module, x: torch.Tensor) -> bool:
@@ -51,15 +57,15 @@ def _wants_channels_last(model: nn.Module, x: torch.Tensor) -> bool:
 
 
 @torch.no_grad()
-def _count_correct(
+def _answers(
     model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int, layout: torch.memory_format
-) -> int:
+) -> np.ndarray:
     device = next(model.parameters(), torch.empty(0)).device
-    correct = 0
+    out = []
     for i in range(0, len(x), batch_size):
         xb = x[i : i + batch_size].to(device).contiguous(memory_format=layout)
-        correct += int((model(xb).argmax(1) == y[i : i + batch_size].to(device)).sum().item())
-    return correct
+        out.append((model(xb).argmax(1) == y[i : i + batch_size].to(device)).cpu().numpy())
+    return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
 
 @dataclass

@@ -22,7 +22,7 @@ from .cluster import Executor, InProcess, check_cluster_spec, executor_for
 from .data import check_image_size, load_data
 from .deliver import BenchDevice, deliver, dense_copy
 from .errors import DataError, EdgepruneError
-from .evaluation import accuracy, params_and_macs, weight_sparsity
+from .evaluation import accuracy, params_and_macs, right_answers, weight_sparsity
 from .halving import SCHEDULES, Halving, Top
 from .inventory import build_inventory
 from .masking import Masks, apply_masks_, build_masks
@@ -45,7 +45,6 @@ from .screening import (
     Race,
     image_rungs,
     race,
-    right_answers,
     screen_candidates,
     screening_estimate,
     screening_warning,
@@ -370,7 +369,7 @@ class Workspace:
     def glance(self, cp: CandidatePlan, masks: Masks) -> np.ndarray:
         """A candidate's first, cheap look (`compress`'s screening): masked, BN re-calibrated on the first
         ``GLANCE_RECAL`` calibration images only, its per-image answers on the first ``GLANCE_IMAGES``
-        selection images (`screening.right_answers`); at most a third of each split. Fills its sparsity
+        selection images (`evaluation.right_answers`); at most a third of each split. Fills its sparsity
         and, until `screen_raced` settles it, the glance's accuracy on ``screened_images`` images."""
         c = cp.candidate
         # at most a third of each split: on small ones a full-size glance would cost nearly a full screening

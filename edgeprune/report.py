@@ -60,8 +60,8 @@ class Candidate:
     # accuracy, zero_shot_accuracy, finetuned_accuracy: the selection split. test_accuracy: the test split,
     # measured after the pick for the pick and the baselines only (None for the others)
     test_accuracy: float | None = None
-    # screening stopped early (it provably could not be recovered or picked): accuracy is on this many
-    # selection images, not all; None: all of them
+    # screening stopped early (its glance was 3 standard errors below the bar, or even every unseen image
+    # right could not lift it there): accuracy is on this many selection images, not all; None: all of them
     screened_images: int | None = None
     recovery: list[RecoveryRung] = field(default_factory=list)  # its rungs when the recover stage trained it
     improved: bool | None = None  # None: not recovered; False: the start weights stayed the most accurate
@@ -427,7 +427,9 @@ def render_markdown(report: Report) -> str:
         "## Candidates",
         "",
         "Selection-split accuracies (the search's); test: the pick and the baselines only. `~N (n)`: screening "
-        "stopped after n images, once the candidate provably could be neither recovered nor picked.",
+        "stopped after n images, once the candidate could be neither recovered nor picked: its glance (BN "
+        "re-calibrated on a few images) was 3 standard errors below the bar, or even every unseen image right "
+        "could not lift it there (which rule: `report.json` screening.stopped).",
         "",
         "| name | signal | sparsity % | zero-shot % | + BN recal % | fine-tuned % | test % | Pareto |",
         "|---|---|---:|---:|---:|---:|---:|:-:|",

@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from torch import nn
 
 from .masking import Masks
 from .report import Candidate
@@ -53,34 +52,6 @@ def mask_key(masks: Masks) -> str:
 
 
 @torch.no_grad()
-def right_answers(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> np.ndarray:
-    """Per image, whether the model's top-1 answer is right (eval mode, on the model's device): what
-    `below_bar` pairs image by image. Channels-last for conv nets, as `evaluation.accuracy` (~2x on CPU)."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters(), torch.empty(0)).device
-    conv = x.dim() == 4 and any(isinstance(m, nn.Conv2d) for m in model.modules())
-    layout = torch.channels_last if conv else torch.contiguous_format
-
-    def answers(fmt: torch.memory_format) -> np.ndarray:
-        out = []
-        for i in range(0, len(x), batch_size):
-            xb = x[i : i + batch_size].to(device).contiguous(memory_format=fmt)
-            out.append((model(xb).argmax(1).cpu() == y[i : i + batch_size]).numpy())
-        return np.concatenate(out) if out else np.zeros(0, dtype=bool)
-
-    try:
-        model.to(memory_format=layout)
-        try:
-            return answers(layout)
-        except RuntimeError:  # a forward that cannot take channels-last (a ``view`` of a conv output)
-            model.to(memory_format=torch.contiguous_format)
-            return answers(torch.contiguous_format)
-    finally:
-        model.to(memory_format=torch.contiguous_format)
-        model.train(was_training)
-
-
 def share_results(candidates: Sequence[Candidate], duplicates: dict[str, str]) -> None:
     """Each duplicate (name -> the candidate it shares masks with) takes that candidate's screening results."""
     by_name = {c.name: c for c in candidates}
