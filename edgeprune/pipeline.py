@@ -43,6 +43,7 @@ from .report import (
 )
 from .screening import (
     Race,
+    ScreeningSummary,
     image_rungs,
     race,
     screen_candidates,
@@ -385,9 +386,7 @@ class Workspace:
         c.zero_shot_accuracy = None if self.use_bn else c.accuracy
         return right
 
-    def screen_raced(
-        self, cplans: list[CandidatePlan], looks: list[np.ndarray], bar: ScreeningBar, advance=lambda: None
-    ) -> list[Race]:
+    def screen_raced(self, cplans: list[CandidatePlan], looks: list[np.ndarray], bar: ScreeningBar) -> list[Race]:
         """Settle the glanced candidates as `compress` does (`screening.race`): the most promising glances
         first, so the bar rises early; a candidate whose glance is below the bar by `screening.Z_STOP`
         standard errors keeps the glance's estimate; every other one gets the full BN re-calibration and is
@@ -403,7 +402,6 @@ class Workspace:
 
         def count_correct(i: int, start: int, stop: int) -> int:
             if start == 0:  # its turn: rebuilt from the dense weights, re-calibrated on every calibration image
-                advance()
                 self.materialize(cplans[i], recalibrate=False, masks=build_masks(cplans[i].scores, cplans[i].plan))
                 if self.use_bn:
                     recalibrate_bn(self.model, self.data.calib_x, bs)
@@ -425,6 +423,40 @@ class Workspace:
             c.screened_images = None if r.complete else r.seen
             c.zero_shot_accuracy = None if self.use_bn else c.accuracy
         return races
+
+    def screen_all(
+        self,
+        cplans: list[CandidatePlan],
+        dense_accuracy: float,
+        bar: ScreeningBar,
+        probe: int,
+        progress: Progress | None = None,
+    ) -> tuple[list[int], ScreeningSummary]:
+        """`compress`'s screening of ``cplans``: a glance at every candidate (masks, BN on `GLANCE_RECAL`
+        images, `GLANCE_IMAGES` answers; identical masks once, a collapsed signal stopped after ``probe``), then
+        the full re-calibration and evaluation, raced, for those the glance does not put clearly below the bar
+        (`screen_raced`). Returns the indices kept and the summary, ``stopped`` filled (which rule)."""
+        progress = progress or Progress()
+        glance = f"BN on {GLANCE_RECAL} images, " if self.use_bn else ""
+        progress.start(f"screen {len(cplans)} candidates: a glance ({glance}{GLANCE_IMAGES} images)", len(cplans))
+        looks: dict[int, np.ndarray] = {}
+        kept, summary = screen_candidates(
+            [cp.candidate for cp in cplans],
+            masks_of=lambda i: build_masks(cplans[i].scores, cplans[i].plan),
+            evaluate=lambda i, masks: looks.__setitem__(i, self.glance(cplans[i], masks)),
+            num_classes=self.data.num_classes,
+            dense_accuracy=dense_accuracy,
+            probe=probe,
+            advance=progress.advance,
+        )
+        progress.finish()
+        looked = sorted(looks)
+        progress.start(f"screen {len(looked)} distinct candidates: the race over the selection split")
+        races = self.screen_raced([cplans[i] for i in looked], [looks[i] for i in looked], bar)
+        summary.stopped = {cplans[i].candidate.name: r.stop for i, r in zip(looked, races) if r.stop}
+        share_results([cp.candidate for cp in cplans], summary.duplicates)
+        progress.finish()
+        return kept, summary
 
     def shared(self) -> Shared:
         """What every recovery task reads: a copy of the dense model (``self.model`` is masked in place),
@@ -607,31 +639,9 @@ def _compress(
     if warning:
         progress.log(f"note: {warning}")
     with t("screening"):
-        # a glance at every candidate (masks, BN on GLANCE_RECAL images, GLANCE_IMAGES answers), then the full
-        # re-calibration and evaluation for those the glance does not put clearly below the bar
-        glance = f"BN on {GLANCE_RECAL} images, " if ws.use_bn else ""
-        progress.start(f"screen {len(cplans)} candidates: a glance ({glance}{GLANCE_IMAGES} images)", len(cplans))
-        looks: dict[int, np.ndarray] = {}
-        kept, screening = screen_candidates(
-            [cp.candidate for cp in cplans],
-            masks_of=lambda i: build_masks(cplans[i].scores, cplans[i].plan),
-            evaluate=lambda i, masks: looks.__setitem__(i, ws.glance(cplans[i], masks)),
-            num_classes=data.num_classes,
-            dense_accuracy=dense_acc,
-            probe=SCREEN_PROBE if cfg.method == "mix-and-match" else 0,
-            advance=progress.advance,
-        )
-        progress.finish()
-        looked = sorted(looks)
-        progress.start(f"screen {len(looked)} distinct candidates: the race over the selection split")
-        races = ws.screen_raced(
-            [cplans[i] for i in looked],
-            [looks[i] for i in looked],
-            ScreeningBar.for_run(cfg, dense_acc, schedule),
-        )
-        screening.stopped = {cplans[i].candidate.name: r.stop for i, r in zip(looked, races) if r.stop}
-        share_results([cp.candidate for cp in cplans], screening.duplicates)
-        progress.finish()
+        bar = ScreeningBar.for_run(cfg, dense_acc, schedule)
+        probe = SCREEN_PROBE if cfg.method == "mix-and-match" else 0
+        kept, screening = ws.screen_all(cplans, dense_acc, bar, probe, progress)
     cplans = [cplans[i] for i in kept]
     for signal, why in screening.skipped_signals.items():
         n = sum(1 for name in screening.skipped if name.startswith(f"{signal}/"))

@@ -28,17 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from edgeprune.benchmarks.lab import RESULTS
 from edgeprune.benchmarks.machine import command_line, machine_info, write_results
 
 from edgeprune.evaluation import accuracy
 from edgeprune.halving import Top
-from edgeprune.masking import build_masks
 from edgeprune.pipeline import SCREEN_PROBE, CompressConfig, ScreeningBar, Workspace, load_workspace_inputs
 from edgeprune.recover import recovery_schedule
-from edgeprune.screening import screen_candidates, share_results
 
 VARIANTS = ("product", "plain")  # the product first: a failure in it shows before the long plain arm
 
@@ -49,27 +46,16 @@ def _plain(ws: Workspace, cplans: list) -> list[tuple[float, float | None]]:
 
 
 def _product(ws: Workspace, cplans: list, dense_acc: float) -> tuple[list[tuple[float, float | None]], dict]:
-    """As `compress` screens: (sparsity, accuracy) of each candidate, accuracy None when the glance, the bound
-    or the probe stopped it (it is neither recovered nor picked); and how many each rule stopped."""
-    cfg, d = ws.cfg, ws.data
+    """As `compress` screens (`Workspace.screen_all`): (sparsity, accuracy) of each candidate, accuracy None
+    when the glance, the bound or the probe stopped it (it is neither recovered nor picked); and how many each
+    rule stopped."""
+    cfg = ws.cfg
     cands = [cp.candidate for cp in cplans]
-    looks: dict[int, np.ndarray] = {}
-    kept, summary = screen_candidates(
-        cands,
-        masks_of=lambda i: build_masks(cplans[i].scores, cplans[i].plan),
-        evaluate=lambda i, masks: looks.__setitem__(i, ws.glance(cplans[i], masks)),
-        num_classes=d.num_classes,
-        dense_accuracy=dense_acc,
-        probe=SCREEN_PROBE,
-    )
-    looked = sorted(looks)
     bar = ScreeningBar.for_run(cfg, dense_acc, recovery_schedule(cfg))
-    races = ws.screen_raced([cplans[i] for i in looked], [looks[i] for i in looked], bar)
-    share_results(cands, summary.duplicates)
+    kept, summary = ws.screen_all(cplans, dense_acc, bar, SCREEN_PROBE)
     stops = {"glance": 0, "bound": 0, "probe": len(summary.skipped), "duplicates": len(summary.duplicates)}
-    for r in races:
-        if r.stop:
-            stops[r.stop] += 1
+    for rule in summary.stopped.values():
+        stops[rule] += 1
     kept_set = set(kept)
     scores = [
         (c.sparsity, c.accuracy if i in kept_set and c.screened_images is None else None) for i, c in enumerate(cands)
