@@ -24,7 +24,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from .masking import Masks
 from .report import Candidate
@@ -51,14 +50,16 @@ def mask_key(masks: Masks) -> str:
     return h.hexdigest()
 
 
-@torch.no_grad()
+def _take_result(c: Candidate, src: Candidate) -> None:
+    c.sparsity, c.zero_shot_accuracy, c.accuracy = src.sparsity, src.zero_shot_accuracy, src.accuracy
+    c.screened_images = src.screened_images
+
+
 def share_results(candidates: Sequence[Candidate], duplicates: dict[str, str]) -> None:
     """Each duplicate (name -> the candidate it shares masks with) takes that candidate's screening results."""
     by_name = {c.name: c for c in candidates}
     for name, src_name in duplicates.items():
-        c, src = by_name[name], by_name[src_name]
-        c.sparsity, c.zero_shot_accuracy, c.accuracy = src.sparsity, src.zero_shot_accuracy, src.accuracy
-        c.screened_images = src.screened_images
+        _take_result(by_name[name], by_name[src_name])
 
 
 def collapse_floor(num_classes: int, reference: float) -> float:
@@ -101,8 +102,9 @@ def screen_candidates(
         masks = masks_of(i)
         key = mask_key(masks)
         if key in first_with:
-            summary.duplicates[c.name] = candidates[first_with[key]].name
-            share_results(candidates, {c.name: summary.duplicates[c.name]})
+            src = candidates[first_with[key]]
+            summary.duplicates[c.name] = src.name
+            _take_result(c, src)
             kept.append(i)
             continue
         first_with[key] = i
