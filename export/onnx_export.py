@@ -26,6 +26,7 @@ from torch.nn.utils import parametrize
 
 from edgeprune.errors import EdgepruneError, UnsupportedModelError
 
+from .diverge import first_divergence
 from .metadata import (
     FLOAT_NOISE_FACTOR,
     PREFIX,
@@ -422,11 +423,7 @@ def export_onnx(
     del final.metadata_props[:]
     final.metadata_props.extend(kept)
 
-    try:
-        onnx.checker.check_model(final)
-    except onnx.checker.ValidationError as exc:
-        raise UnsupportedModelError(f"the exported ONNX graph is invalid: {str(exc).splitlines()[0]}") from exc
-
+    _check_valid(final)
     try:
         parity = parity_check(net, final, check, tol, diagnose=final is exported)
     except ParityError as exc:
@@ -435,6 +432,7 @@ def export_onnx(
         # The simplifier rewrote the graph into one onnxruntime computes differently: the exporter's own graph
         # may still be faithful (parity_check then returns) and ships instead; if not, its error names the
         # diverging layer (module boundaries are the exporter's, before the simplifier moved constants).
+        _check_valid(exported)
         parity = parity_check(net, exported, check, tol)
         log.warning("%s changed the outputs (%s); keeping the unsimplified graph", used, exc)
         final, used = exported, ""
@@ -498,14 +496,20 @@ def _self_check_metadata(
     return entries
 
 
+def _check_valid(graph: onnx.ModelProto) -> None:
+    """``onnx.checker`` on the graph that will ship; an invalid one is an unsupported model, in one line."""
+    try:
+        onnx.checker.check_model(graph)
+    except onnx.checker.ValidationError as exc:
+        raise UnsupportedModelError(f"the exported ONNX graph is invalid: {str(exc).splitlines()[0]}") from exc
+
+
 class ParityError(EdgepruneError):
     """onnxruntime does not reproduce PyTorch's outputs."""
 
 
 def _diverging(net: nn.Module, graph: onnx.ModelProto, inputs: torch.Tensor, tol: float) -> str:
     """``"; first diverging layer ..."`` for the message, or "" when none can be named."""
-    from .diverge import first_divergence
-
     try:
         found = first_divergence(net, graph, inputs, tol)
     except Exception:  # noqa: BLE001 - a diagnosis must never hide the parity failure it explains
