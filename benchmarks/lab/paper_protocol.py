@@ -65,7 +65,7 @@ from edgeprune.benchmarks.machine import command_line
 
 from edgeprune.cluster import Executor, check_cluster_spec, executor_for
 from edgeprune.errors import EdgepruneError
-from edgeprune.evaluation import accuracy
+from edgeprune.evaluation import accuracy, weight_sparsity
 from edgeprune.halving import Top
 from edgeprune.masking import build_masks
 from edgeprune.pipeline import SCREEN_PROBE, CompressConfig, Workspace, load_workspace_inputs
@@ -251,8 +251,9 @@ def mag_curve(ws: Workspace, s: Settings, executor: Executor, targets: tuple[flo
     jobs = [Job(f"mag@{t}", MaskBuild(build_masks(cp.scores, cp.plan))) for t, cp in zip(targets, cps)]
     out = []
     for t, cp, o in zip(targets, cps, recover_all(ws, jobs, s, executor), strict=True):
-        ws.screen(cp)  # the exact sparsity of the plan
-        out.append(MagPoint(t, cp.candidate.sparsity, o.accuracy, (dense - o.accuracy) * 100))
+        ws.materialize(cp, recalibrate=False)  # the plan's exact sparsity
+        sparsity = weight_sparsity(ws.model, ws.prunable)[0].sparsity
+        out.append(MagPoint(t, sparsity, o.accuracy, (dense - o.accuracy) * 100))
     return out
 
 
@@ -323,7 +324,7 @@ def run_trial(ws: Workspace, s: Settings, level: int, target: float, executor: E
         c = cp.candidate
         return MethodResult(method, c.name, c.sparsity, c.accuracy, accuracy(ws.model, *test, ws.cfg.batch_size))
 
-    ws.screen(cps[pool[0]])
+    ws.materialize(cps[pool[0]])  # screened already: only its re-calibrated model is needed again
     mm_zero = zero_shot(MM, cps[pool[0]])
     for b, cp in zip(s.baselines, base):
         ws.screen(cp)
