@@ -25,7 +25,7 @@ from edgeprune.benchmarks.runner import median_p50
 from edgeprune.export import export_onnx
 from torch import nn
 
-from edgeprune.cluster import Executor
+from edgeprune.cluster import ClusterError, Executor, check_cluster_spec
 from edgeprune.data import (
     FMNIST_CLASSES,
     FMNIST_MEAN,
@@ -170,6 +170,15 @@ def add_cluster_argument(p: argparse.ArgumentParser) -> None:
         default=1,
         help="torch threads per recovery (part of the result on a CPU, so the same in-process and on a cluster)",
     )
+
+
+def check_cluster_argument(p: argparse.ArgumentParser, spec: str | None) -> None:
+    """A bad ``--cluster`` spec is a usage error before any work (connecting comes later, with the recovery)."""
+    if spec:
+        try:
+            check_cluster_spec(spec)
+        except ClusterError as exc:
+            p.error(str(exc))
 
 
 def recovery_shared(

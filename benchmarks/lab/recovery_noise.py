@@ -39,6 +39,7 @@ from edgeprune.benchmarks.lab.common import (
     add_cluster_argument,
     add_input_arguments,
     add_recovery_arguments,
+    check_cluster_argument,
     latency_order_note,
     load_inputs,
     paired_se_points,
@@ -55,7 +56,7 @@ from edgeprune.export import export_onnx
 from edgeprune.export.quantize import onnx_hits
 from torch import nn
 
-from edgeprune.cluster import ClusterError, Executor, check_cluster_spec, executor_for
+from edgeprune.cluster import ClusterError, Executor, executor_for
 from edgeprune.evaluation import params_and_macs
 from edgeprune.pipeline import CompressConfig
 from edgeprune.recover import CompactBuild
@@ -118,11 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--seeds needs at least one seed, --repeats >= 1, --uniform-ratio in (0, 1)")
     if a.finetune_epochs < 1 or a.recover_threads < 1:
         p.error("--finetune-epochs and --recover-threads must be >= 1")
-    if a.cluster:
-        try:
-            check_cluster_spec(a.cluster)  # a bad spec before any work; connecting comes before the search
-        except ClusterError as exc:
-            p.error(str(exc))
+    check_cluster_argument(p, a.cluster)
     with tempfile.TemporaryDirectory(prefix="edgeprune-recovery-noise-") as tmp:
         try:
             return run(a, argv, seeds, Path(tmp))

@@ -63,6 +63,7 @@ from edgeprune.benchmarks.lab.common import (
     add_cluster_argument,
     add_input_arguments,
     add_recovery_arguments,
+    check_cluster_argument,
     latency_order_note,
     load_inputs,
     paired_se_points,
@@ -79,7 +80,7 @@ from edgeprune.export import export_onnx
 from edgeprune.export.quantize import onnx_hits
 from torch import nn
 
-from edgeprune.cluster import ClusterError, Executor, check_cluster_spec, executor_for
+from edgeprune.cluster import ClusterError, Executor, executor_for
 from edgeprune.evaluation import accuracy, params_and_macs
 from edgeprune.pipeline import CompressConfig, Timings
 from edgeprune.recover import CompactBuild
@@ -186,11 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--workers is gone: recoveries use Ray's workers, e.g. --cluster local:{args.workers}")
     if args.repeats < 1 or args.finetune_epochs < 1 or args.recover_threads < 1:
         p.error("--repeats, --finetune-epochs and --recover-threads must be >= 1")
-    if args.cluster:
-        try:
-            check_cluster_spec(args.cluster)  # a bad spec before any work; connecting comes with the recovery
-        except ClusterError as exc:
-            p.error(str(exc))
+    check_cluster_argument(p, args.cluster)
     with tempfile.TemporaryDirectory(prefix="edgeprune-structured-bench-") as tmp:  # every candidate's ONNX
         try:
             return run(args, argv, Path(tmp))
