@@ -391,27 +391,29 @@ class Workspace:
         first, so the bar rises early; a candidate whose glance is below the bar by `screening.Z_STOP`
         standard errors keeps the glance's estimate; every other one gets the full BN re-calibration and is
         evaluated rung by rung, stopping once even every unseen selection image right would leave it below
-        the bar (its accuracy, when complete, is exactly a full screening's). ``screened_images`` says on how
-        many images a stopped one was estimated. No zero-shot pass before re-calibration: the masked model
-        with the dense statistics decides nothing, and it cost a third of screening (`screen` still
-        measures it, for studies); without BatchNorm the raced accuracy is the zero-shot one."""
+        the bar, or once its answers so far are below the bar-holder's on the same images by `Z_STOP`
+        paired standard errors (its accuracy, when complete, is exactly a full screening's).
+        ``screened_images`` says on how many images a stopped one was estimated. No zero-shot pass before
+        re-calibration: the masked model with the dense statistics decides nothing, and it cost a third of
+        screening (`screen` still measures it, for studies); without BatchNorm the raced accuracy is the
+        zero-shot one."""
         x, y, bs = self.data.eval_x, self.data.eval_y, self.cfg.batch_size
         cands = [cp.candidate for cp in cplans]
         contends = [bar.contends(c) for c in cands]
         order = sorted(range(len(cands)), key=lambda i: (not contends[i], -float(looks[i].mean()), i))
 
-        def count_correct(i: int, start: int, stop: int) -> int:
+        def answers(i: int, start: int, stop: int) -> np.ndarray:
             if start == 0:  # its turn: rebuilt from the dense weights, re-calibrated on every calibration image
                 self.materialize(cplans[i], recalibrate=False, masks=build_masks(cplans[i].scores, cplans[i].plan))
                 if self.use_bn:
                     recalibrate_bn(self.model, self.data.calib_x, bs)
-            return round(accuracy(self.model, x[start:stop], y[start:stop], bs) * (stop - start))
+            return right_answers(self.model, x[start:stop], y[start:stop], bs)
 
         with on_device(self.model, self.device):
             races = race(
                 len(cands),
                 image_rungs(len(x)),
-                count_correct,
+                answers,
                 keep=bar.keep,
                 floor=bar.floor,
                 contends=contends,

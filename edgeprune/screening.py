@@ -13,7 +13,8 @@ Two savings, both reported, neither changes which candidates can win:
 Then the race over selection images (`race`): each candidate first gets a glance (a quick BN re-calibration on
 a few calibration images, its answers on the first selection images); one that the glance shows below the bar
 by more than ``Z_STOP`` standard errors stops there, the others get the full re-calibration and are evaluated
-rung by rung, stopping once they provably cannot be picked.
+rung by rung, stopping once they provably cannot be picked, or once their answers so far put them as clearly
+below the bar as a glance would (the same paired test, now on the fully re-calibrated model).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class ScreeningSummary:
     duplicates: dict[str, str] = field(default_factory=dict)  # candidate -> the candidate it shares masks with
     skipped_signals: dict[str, str] = field(default_factory=dict)  # signal -> why its other candidates were skipped
     skipped: list[str] = field(default_factory=list)
-    stopped: dict[str, str] = field(default_factory=dict)  # candidate -> `Race.stop` ("glance" | "bound")
+    stopped: dict[str, str] = field(default_factory=dict)  # candidate -> `Race.stop` ("glance" | "rung" | "bound")
 
 
 def mask_key(masks: Masks) -> str:
@@ -184,8 +185,9 @@ class Race:
     """One candidate's staged evaluation: ``correct`` of the first ``seen`` of ``total`` images.
 
     ``stop``: why it stopped before the end: "glance" (statistically below the bar: ``correct`` / ``seen``
-    are its glance's, from the quick BN re-calibration), "bound" (provably below: every unseen image right
-    would not reach the bar), None when complete."""
+    are its glance's, from the quick BN re-calibration), "rung" (statistically below on the images seen so
+    far by the fully re-calibrated model), "bound" (provably below: every unseen image right would not reach
+    the bar), None when complete."""
 
     correct: int = 0
     seen: int = 0
@@ -211,7 +213,7 @@ class Race:
 def race(
     n_candidates: int,
     rungs: Sequence[int],
-    count_correct: Callable[[int, int, int], int],
+    answers: Callable[[int, int, int], np.ndarray],
     *,
     keep: int = 1,
     floor: float = 0.0,
@@ -222,7 +224,7 @@ def race(
 ) -> list[Race]:
     """Evaluate candidates rung by rung, each stopping as soon as it cannot be picked.
 
-    ``count_correct(i, start, stop)``: how many of images ``[start, stop)`` candidate ``i`` gets right. One
+    ``answers(i, start, stop)``: candidate ``i``'s per-image right/wrong on images ``[start, stop)``. One
     candidate is run to its end before the next starts (``order``, default 0..n-1: likely winners first make
     the bar rise sooner), with increasing ranges, so the caller builds (masks, BN re-calibration) each
     candidate once, when ``start == 0``.
@@ -231,15 +233,17 @@ def race(
     completed contenders (``keep``: 1 picks the most accurate; the fine-tune pool size when the best few
     are fine-tuned; 0 for none), and at least ``floor`` (``--max-drop``: dense minus the allowed drop).
 
-    Two stops. ``looks[i]`` (optional): candidate i's glance, its per-image right/wrong on the first images
+    Three stops. ``looks[i]`` (optional): candidate i's glance, its per-image right/wrong on the first images
     from a cheaper model (a quick BN re-calibration); before it is built at all, a candidate whose glance is
     `below_bar` (``z`` standard errors, paired against the glance of the candidate holding the bar) stops
-    with its glance as estimate. Then the exact bound: a candidate stops when even all its unseen images
-    right would leave it strictly below the bar. With the bound alone, the top ``keep`` contenders by
-    full-set accuracy, and every candidate at or above ``floor``, are exactly those of a full evaluation
-    (ties run to the end); a glance stop trades that proof for a ``z``-sigma test. ``contends[i]`` False
-    (e.g. below the sparsity target, so not pickable while any candidate reaches it) raises no bar; with no
-    contender at all, every candidate contends.
+    with its glance as estimate. At each rung before the last: "rung", the same `below_bar` test on its own
+    answers so far against the bar-holder's on the same images, and "bound", the
+    exact one: even all its unseen images right would leave it strictly below the bar. With the bound alone,
+    the top ``keep`` contenders by full-set accuracy, and every candidate at or above ``floor``, are exactly
+    those of a full evaluation (ties run to the end); the glance and rung stops trade that proof for a
+    ``z``-sigma test each (one per look: a candidate exactly at the bar is stopped about once in 740 per
+    look; ``z=math.inf``: the bound alone). ``contends[i]`` False (e.g. below the sparsity target, so not
+    pickable while any candidate reaches it) raises no bar; with no contender at all, every candidate contends.
     """
     if not rungs or any(b <= a for a, b in zip(rungs, rungs[1:])):
         raise ValueError("rungs must be increasing image counts")
@@ -248,24 +252,33 @@ def race(
     if not any(contends):
         contends = [True] * n_candidates
     best: list[tuple[float, int]] = []  # completed contenders (accuracy, index), most accurate first
+    right: dict[int, np.ndarray] = {}  # completed contenders' answers on every image: the paired rung test
     races = [Race(total=total) for _ in range(n_candidates)]
     for i in order if order is not None else range(n_candidates):
         r = races[i]
         kth = best[keep - 1] if keep and len(best) >= keep else None
         bar = max(floor, kth[0] if kth else 0.0)
-        if looks is not None:
-            holder = looks[kth[1]] if kth and kth[0] >= floor else None
-            if below_bar(looks[i], bar, holder, z):
-                r.correct, r.seen, r.stop = int(looks[i].sum()), len(looks[i]), "glance"
-                continue
+        holder = kth[1] if kth and kth[0] >= floor else None
+        if looks is not None and below_bar(looks[i], bar, None if holder is None else looks[holder], z):
+            r.correct, r.seen, r.stop = int(looks[i].sum()), len(looks[i]), "glance"
+            continue
+        mine: list[np.ndarray] = []
         for stop in rungs:  # the bar holds still while one candidate runs: only a completed one raises it
-            r.correct += count_correct(i, r.seen, stop)
+            mine.append(np.asarray(answers(i, r.seen, stop), dtype=bool))
+            r.correct += int(mine[-1].sum())
             r.seen = stop
-            if not r.complete and r.upper < bar:
+            if r.complete:
+                break
+            if r.upper < bar:
                 r.stop = "bound"
+                break
+            seen = np.concatenate(mine)
+            if below_bar(seen, bar, None if holder is None else right[holder][: r.seen], z):
+                r.stop = "rung"
                 break
         if r.complete and contends[i]:
             best = sorted([*best, (r.accuracy, i)], key=lambda a: (-a[0], a[1]))
+            right[i] = np.concatenate(mine)
     return races
 
 

@@ -12,11 +12,12 @@ screened two ways in one process (the ratio is what matters on a shared machine)
 - ``product``: `screening.screen_candidates` with `Workspace.glance`, then `Workspace.screen_raced`, as
   `compress` runs them: a quick BN re-calibration (64 images) and 256 images for every candidate; one the
   glance puts below the bar by `screening.Z_STOP` standard errors (paired against the bar-holder) stops
-  there ("glance"); the others get the full re-calibration and the exact race ("bound" stops).
+  there ("glance"); the others get the full re-calibration and the race: at each rung before the last, the
+  same paired test on the images seen so far ("rung") and the exact bound ("bound").
 
 "Same pick" compares what screening hands on: the most accurate candidate at the target and the top-k the
 recover stage takes (k = the default `--finetune-top`). The bound stop keeps them exact by construction;
-the glance stop is a 3-sigma test, so the column is the check.
+the glance and rung stops are 3-sigma tests, so the column is the check.
 Results: ``benchmarks/results/screening_speed.{json,md}`` with machine, versions and the command.
 """
 
@@ -37,6 +38,7 @@ from edgeprune.halving import Top
 from edgeprune.pipeline import SCREEN_PROBE, CompressConfig, ScreeningBar, Workspace, load_workspace_inputs
 from edgeprune.recover import recovery_schedule
 
+STOPS = ("glance", "rung", "bound", "probe", "duplicates")  # the table's columns, in this order
 VARIANTS = ("product", "plain")  # the product first: a failure in it shows before the long plain arm
 
 
@@ -47,13 +49,13 @@ def _plain(ws: Workspace, cplans: list) -> list[tuple[float, float | None]]:
 
 def _product(ws: Workspace, cplans: list, dense_acc: float) -> tuple[list[tuple[float, float | None]], dict]:
     """As `compress` screens (`Workspace.screen_all`): (sparsity, accuracy) of each candidate, accuracy None
-    when the glance, the bound or the probe stopped it (it is neither recovered nor picked); and how many each
+    when the glance, a rung, the bound or the probe stopped it (it is neither recovered nor picked); and how many each
     rule stopped."""
     cfg = ws.cfg
     cands = [cp.candidate for cp in cplans]
     bar = ScreeningBar.for_run(cfg, dense_acc, recovery_schedule(cfg))
     kept, summary = ws.screen_all(cplans, dense_acc, bar, SCREEN_PROBE)
-    stops = {"glance": 0, "bound": 0, "probe": len(summary.skipped), "duplicates": len(summary.duplicates)}
+    stops = {"glance": 0, "rung": 0, "bound": 0, "probe": len(summary.skipped), "duplicates": len(summary.duplicates)}
     for rule in summary.stopped.values():
         stops[rule] += 1
     kept_set = set(kept)
@@ -130,7 +132,7 @@ def markdown(rows: list[dict], info: dict) -> str:
         "speed-up (plain / product wall time) is the figure to read.",
         "",
         "| model | dense % | candidates | variant | screening s | load | speed-up | fully evaluated "
-        "| stopped: glance / bound / probe / shared | pick | same pick and top-k | exact where complete |",
+        "| stopped: glance / rung / bound / probe / shared | pick | same pick and top-k | exact where complete |",
         "|---|---:|---:|---|---:|---|---:|---:|---|---|---|---|",
     ]
     for r in rows:
@@ -140,7 +142,7 @@ def markdown(rows: list[dict], info: dict) -> str:
             same = "" if "same_pick" not in v else ("yes" if v["same_pick"] else "**no**")
             exact = "" if "exact_where_complete" not in v else ("yes" if v["exact_where_complete"] else "**no**")
             st = v.get("stopped")
-            stopped = f"{st['glance']} / {st['bound']} / {st['probe']} / {st['duplicates']}" if st else ""
+            stopped = " / ".join(str(st.get(k, 0)) for k in STOPS) if st else ""
             lines.append(
                 f"| {r['model']} | {100 * r['dense_accuracy']:.2f} | {r['candidates']} | {variant} | {v['wall_s']} "
                 f"| {v['load_1m_start']:.1f}-{v['load_1m_end']:.1f} | {speed} | {v['evaluated_fully']} | {stopped} "
@@ -151,8 +153,9 @@ def markdown(rows: list[dict], info: dict) -> str:
         f"Selection split: {rows[0]['eval_images']} images; calibration: {rows[0]['calib_images']} images (BN "
         "re-calibration uses up to 1024). Top-k: the candidates the default recover stage (`--recover top`) takes "
         "by screening accuracy. Stopped: glance (the glance, 64-image BN re-calibration and 256 images, below "
-        "the bar-holder's glance by more than 3 McNemar standard errors, and below the bar), bound (after the "
-        "full re-calibration, every unseen image right would not reach the bar), probe (a signal whose first 3 "
+        "the bar-holder's glance by more than 3 McNemar standard errors, and below the bar), rung (after the full "
+        "re-calibration, the same test on the images seen so far at 256 or 512 images, against the bar-holder's "
+        "answers on them), bound (every unseen image right would not reach the bar), probe (a signal whose first 3 "
         "candidates collapsed), shared (identical masks, screened once). Exact where complete: every candidate "
         "the product evaluates to the end scores exactly its plain accuracy.",
     ]
