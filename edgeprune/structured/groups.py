@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch_pruning.dependency import graph as tp_graph
 
 from ..errors import EdgepruneError, UnsupportedModelError
 from ..inventory import NORM_TYPES, build_inventory
@@ -158,6 +159,54 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+class _Unbounded(Exception):
+    """torch-pruning's traversal of one group grew past what any group of this graph can hold."""
+
+    def __init__(self, root: object):
+        super().__init__(root)
+        self.root = root
+
+
+@contextlib.contextmanager
+def _bounded_traversal(dg: tp.DependencyGraph, model: nn.Module) -> Iterator[None]:
+    """Stop torch-pruning's group traversal once it cannot be a real group any more.
+
+    On some graphs (timm's EfficientViT-M, LeViT-conv, EfficientFormerV2: a reshape between conv features and
+    attention tokens inside a cycle) ``get_pruning_group`` never terminates: every lap maps the indices
+    through the reshape again, so they multiply and never repeat (known upstream, e.g. Torch-Pruning #397 and
+    #532). It ate 23 GB in 15 minutes here before the kernel killed it. A real group holds each dependency a
+    few times at most (measured: at most 1/3 of the graph's dependencies on 10 timm families) and never more
+    indices than the widest layer has channels, so a traversal past twice either bound is stopped and raised
+    as `_Unbounded`, naming its root. The graph module looks ``Group`` up at call time, so the bounded class is
+    swapped in for the duration only."""
+    deps = sum(len(node.dependencies) for node in dg.module2node.values())
+    widths = [
+        w
+        for m in model.modules()
+        for w in (
+            (m.in_features, m.out_features)
+            if isinstance(m, nn.Linear)
+            else (m.in_channels, m.out_channels)
+            if isinstance(m, nn.modules.conv._ConvNd)
+            else ()
+        )
+    ]
+    max_items, max_idxs = 2 * deps + 100, 2 * max(widths, default=1)
+    plain = tp_graph.Group
+
+    class Bounded(plain):
+        def add_dep(self, dep, idxs):
+            super().add_dep(dep, idxs)
+            if len(self) > max_items or len(idxs) > max_idxs:
+                raise _Unbounded(self[0].dep.target.module)
+
+    tp_graph.Group = Bounded
+    try:
+        yield
+    finally:
+        tp_graph.Group = plain
+
+
 def check_forward(model: nn.Module, example: torch.Tensor) -> None:
     """Run a pruned ``model`` once; a failure becomes an UnsupportedModelError naming the layer that broke."""
     try:
@@ -211,8 +260,15 @@ class GroupGraph:
         order = {m: i for i, m in enumerate(self.model.modules())}
         classifier = [m for n, m in self.model.named_modules() if self.roles.get(n) == "classifier"]
         found: list[tuple[int, ChannelGroup]] = []
-        with _quiet():
-            all_groups = list(dg.get_all_groups(ignored_layers=classifier, root_module_types=ROOT_TYPES))
+        try:
+            with _quiet(), _bounded_traversal(dg, self.model):
+                all_groups = list(dg.get_all_groups(ignored_layers=classifier, root_module_types=ROOT_TYPES))
+        except _Unbounded as exc:
+            where = self._names.get(exc.root, type(exc.root).__name__)
+            raise UnsupportedModelError(
+                f"the dependency graph does not terminate on the group of layer {where} (torch-pruning's index "
+                "mapping grows without end on this graph); use --granularity unstructured for this model"
+            ) from None
         for group in all_groups:
             root = group[0].dep.target.module
             out_layers = [
@@ -302,9 +358,9 @@ class GroupGraph:
             root = self._roots[name]
             channels = [c for u in idxs for c in g.unit_channels(u)]
             try:
-                with _quiet():
+                with _quiet(), _bounded_traversal(self.dg, self.model):
                     self.dg.get_pruning_group(root.module, root.fn, channels).prune()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - _Unbounded too: the same one-line stop
                 raise UnsupportedModelError(
                     f"the dependency graph cannot prune group {name} (layers {', '.join(g.layers[:4])}): "
                     f"{_one_line(exc)}; use --granularity unstructured for this model"
