@@ -248,12 +248,13 @@ def pass_counts(rows: list[Row]) -> dict[str, tuple[int, ...]]:
 
 def merge(parts: list[dict]) -> tuple[list[Row], list[dict]]:
     """Rows of several result files in the built-in order (MODELS x GRANULARITIES, then any others); a later
-    part's row for the same (model, granularity) replaces an earlier one; a built-in pair no part ran is a
-    "not run" row, so the table always shows the whole list. Returns (rows, each part's machine)."""
+    part's row for the same (model, granularity) replaces an earlier one (a part may be a merge itself); a
+    built-in pair no part ran is a "not run" row, so the table always shows the whole list. Returns (rows,
+    each run's machine)."""
     by_key: dict[tuple[str, str], Row] = {}
     runs = []
     for part in parts:
-        runs.append(part["machine"])
+        runs.extend(part["runs"] if "runs" in part else [part["machine"]])  # a merged file merges again
         for d in part["rows"]:
             row = Row(**d)
             by_key[(row.model, row.granularity)] = row
