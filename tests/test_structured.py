@@ -538,6 +538,47 @@ def test_next_goal_round_follows_the_drop_curve():
 
 
 @pytest.mark.slow
+def test_next_speed_round_corrects_the_line_by_its_miss():
+    """Pure placement of a faster goal round: the latency line shifted by its error at the fastest candidate."""
+    from edgeprune.structured.flow import next_speed_macs
+
+    line = LatencyLine(dense_ms=10.0, dense_macs=100_000_000, floor_ms=2.0, floor_macs=10_000_000)
+    # measured 6 ms where the line says 4.67 ms: 1.33 ms slower, so 5 ms needs the line's 3.67 ms
+    assert next_speed_macs(line, 5.0, 6.0, 40_000_000) == pytest.approx(10e6 + (3.0 - 4.0 / 3.0) / 8.0 * 90e6)
+    assert next_speed_macs(line, 2.5, 6.0, 40_000_000) == 10_000_000  # below the floor: the narrowest
+    assert next_speed_macs(line, 5.0, 4.0, 40_000_000) == 40_000_000  # a faster round is never wider
+
+
+def test_speedup_goal_drives_faster_rounds(tmp_path):
+    """``--speedup``: a further (faster, narrower) goal round runs only while no measured candidate meets the
+    goal, at most three; the pick meets it when any does, else the notes say how far the rounds got."""
+    from edgeprune.pipeline import CompressConfig, compress
+    from edgeprune.structured.flow import GOAL_ROUNDS
+
+    from .small_runs import CHANNEL
+
+    report = compress(CompressConfig(**CHANNEL, speedup=1.6, quantize="none", out=str(tmp_path / "out")))
+
+    def round_of(c):
+        last = c.strategy.rsplit("/", 1)[-1]
+        return int(last.removeprefix("fast")) if last.startswith("fast") else 0
+
+    dense_ms = report.structured.screening_dense_ms
+
+    def fast_enough(c):
+        return dense_ms / c.latency_ms >= 1.6 - 1e-9
+
+    rounds = sorted({round_of(c) for c in report.strategies})
+    assert rounds == list(range(len(rounds))) and 1 <= len(rounds) <= GOAL_ROUNDS
+    for k in rounds[1:]:  # a further round ran only because no earlier candidate met the goal
+        assert not any(fast_enough(c) for c in report.strategies if round_of(c) < k)
+    sel = next(c for c in report.strategies if c.selected)
+    met = [c for c in report.strategies if fast_enough(c)]
+    assert (not met) or fast_enough(sel) or "timed alone" in report.selected.why
+    if len(rounds) > 1:
+        assert any("goal rounds" in n for n in report.notes)
+
+
 def test_max_drop_places_goal_rounds_by_the_measured_drops(tmp_path):
     """``--max-drop``: another goal round runs only while some earlier round missed the drop, at most three;
     the pick is the fastest within the drop, or (none within it) the most accurate, said in the notes."""

@@ -77,7 +77,7 @@ CHECK_IMAGES = 64  # evaluation images every exported candidate is compared on (
 TAYLOR_BATCH = 32  # images per mini-batch of the Taylor (gradient) signal
 # Latency-aware candidates: the goal's saving, scaled (the lattice of widths rounds it either way)
 LATENCY_LEVELS: dict[str, float] = {"latency-": 0.85, "latency": 1.0, "latency+": 1.15}
-GOAL_ROUNDS = 3  # --max-drop: at most this many Phase-1 plans (see next_goal_ratio)
+GOAL_ROUNDS = 3  # --max-drop / a latency goal: at most this many Phase-1 plans (next_goal_ratio, next_speed_macs)
 # Prior exponent of drop ~ a * ratio**p while only one round is measured: accuracy loss grows faster than
 # linearly with the share of channels removed; the next round re-fits p from two measured rounds.
 DROP_EXPONENT = 3.0
@@ -96,7 +96,7 @@ class ChannelCandidate:
     onnx: Path | None = None
     parity: float | None = None
     params: int = 0
-    round: int = 0  # the goal round that planned it (0: the first; later ones are lighter, see ChannelSearch.lighter)
+    round: int = 0  # the goal round that planned it (0: the first; see ChannelSearch.lighter / .faster)
 
     @property
     def shape_key(self) -> tuple[tuple[str, int], ...]:
@@ -306,6 +306,7 @@ class ChannelSearch:
         self.measure()
         self.finetune()
         self.lighter()
+        self.faster()
         self.select()
         self.export_selected()
         return self.report()
@@ -438,7 +439,8 @@ class ChannelSearch:
 
     def plan(self, ratio: float | None = None, round_: int = 0) -> None:
         """Phase 1 ranges around ``ratio`` (default: the goal's, `target_ratio`) and Phase 2's candidates in
-        ``self.cands``; ``round_`` > 0 (a lighter goal round) suffixes the names: ``signal/strategy/light1``."""
+        ``self.cands``; ``round_`` > 0 (a later goal round) suffixes the names: ``signal/strategy/light1`` for a
+        lighter one (``--max-drop``), ``.../fast1`` for a faster one (a latency goal)."""
         groups, round_to = self.groups, self.round_to
         with self.t("ranges"):
             r = self.goal_ratio = self.target_ratio() if ratio is None else ratio
@@ -459,7 +461,8 @@ class ChannelSearch:
             }
             plans = make_all_plans(stats)
             self.cands = []
-            suffix = f"/light{round_}" if round_ else ""
+            tag = "fast" if latency_goal_ms(self.cfg, self.line) is not None else "light"
+            suffix = f"/{tag}{round_}" if round_ else ""
             for signal in self.cfg.signals:
                 for strategy in STRATEGY_NAMES:
                     widths = widths_for(groups, plans[strategy], round_to)
@@ -512,6 +515,12 @@ class ChannelSearch:
                 "candidates go as far as the rules allow"
             )
             goal_macs = self.line.floor_macs
+        ratio = self._ratio_for_macs(goal_macs)
+        self.progress.log(f"latency goal {goal_ms:.3f} ms ~ {goal_macs / 1e6:.2f} MMACs ~ {ratio:.0%} of the channels")
+        return ratio
+
+    def _ratio_for_macs(self, goal_macs: float) -> float:
+        """The channel fraction at which the magnitude plan (rules, rounding) lands on ``goal_macs`` (bisection)."""
         lo, hi = 0.0, 0.95
         for _ in range(7):
             mid = (lo + hi) / 2
@@ -519,7 +528,6 @@ class ChannelSearch:
                 lo = mid
             else:
                 hi = mid
-        self.progress.log(f"latency goal {goal_ms:.3f} ms ~ {goal_macs / 1e6:.2f} MMACs ~ {hi:.0%} of the channels")
         return hi
 
     def _plan_macs(self, ratio: float) -> int:
@@ -671,6 +679,48 @@ class ChannelSearch:
                 f"no candidate is within {self.cfg.max_drop:g} points of dense after {len(self.ratios)} round(s) "
                 f"({rounds}); the most accurate one ships"
             )
+
+    def faster(self) -> None:
+        """A latency goal (``--speedup`` / ``--latency-budget``) no measured candidate meets: up to
+        ``GOAL_ROUNDS`` faster rounds, each aimed where the latency line, corrected by how far the fastest
+        candidate so far missed it (`next_speed_macs`), reaches the goal; stops once one is met or the plan
+        cannot get narrower. Every round's candidates compete in one selection, timed together in one run."""
+        cfg = self.cfg
+        if latency_goal_ms(cfg, self.line) is None:
+            return
+        while len(self.ratios) < GOAL_ROUNDS:
+            plain = [cc.candidate for cc in self.cands]
+            if eligible(plain, cfg, self.dense_ms)[1]:
+                break
+            goal_ms = self._measured_goal_ms()
+            fastest = min(plain, key=lambda c: c.latency_ms)
+            scale = self.line.dense_ms / self.dense_ms  # this run's milliseconds in the probe's (the VM drifts)
+            macs = next_speed_macs(self.line, goal_ms * scale, fastest.latency_ms * scale, fastest.macs)
+            ratio = self._ratio_for_macs(macs)
+            if ratio <= self.ratios[-1] + 0.01:  # at the rules' narrowest: a further round would repeat it
+                break
+            self.progress.log(
+                f"fastest candidate {fastest.latency_ms:.3f} ms, goal {goal_ms:.3f} ms; next goal round at "
+                f"{ratio:.0%} of the channels (round {len(self.ratios) + 1} of {GOAL_ROUNDS})"
+            )
+            start, earlier = len(self.cands), self.cands
+            self.plan(ratio, round_=len(self.ratios))
+            self.cands = earlier + self.cands
+            self.screen(start)
+            self.measure()
+            self.finetune(start)
+        if len(self.ratios) > 1:
+            fastest = min(cc.candidate.latency_ms for cc in self.cands)
+            self.notes.append(
+                f"latency goal {self._measured_goal_ms():.3f} ms: {len(self.ratios)} goal rounds (channel fractions "
+                f"{', '.join(f'{r:.0%}' for r in self.ratios)}; fastest candidate {fastest:.3f} ms)"
+            )
+
+    def _measured_goal_ms(self) -> float:
+        """The latency goal as selection reads it: against dense as timed with the candidates (``measure``),
+        not the probe's dense."""
+        cfg = self.cfg
+        return cfg.latency_budget_ms if cfg.latency_budget_ms is not None else self.dense_ms / cfg.speedup
 
     def select(self) -> None:
         plain = [cc.candidate for cc in self.cands]
@@ -883,3 +933,13 @@ def next_goal_ratio(rounds: Sequence[tuple[float, float]], max_drop: float) -> f
     r, d = missed[0]
     p = _exponent(missed[0], missed[1]) if len(missed) > 1 else DROP_EXPONENT
     return max(r * (aim / d) ** (1 / p), r / 4)
+
+
+def next_speed_macs(line: LatencyLine, goal_ms: float, fastest_ms: float, fastest_macs: float) -> float:
+    """The MACs the next faster goal round aims at: where the latency line, shifted by its error at the
+    fastest candidate measured so far (measured minus the line's prediction at its MACs), reaches
+    ``goal_ms``; the narrowest model's MACs when even that is below the line's floor. Never above the
+    fastest candidate's MACs (a faster round is a narrower one)."""
+    error = fastest_ms - line.ms_for(fastest_macs)
+    macs = line.macs_for(goal_ms - error)
+    return min(fastest_macs, line.floor_macs if macs is None else macs)
