@@ -167,8 +167,32 @@ class _Unbounded(Exception):
         self.root = root
 
 
+@dataclass(frozen=True)
+class _TraversalBounds:
+    """What no real group of one graph exceeds (see `_bounded_traversal`): items and indices per item."""
+
+    items: int
+    idxs: int
+
+    @classmethod
+    def of(cls, dg: tp.DependencyGraph, model: nn.Module) -> _TraversalBounds:
+        deps = sum(len(node.dependencies) for node in dg.module2node.values())
+        widths = [
+            w
+            for m in model.modules()
+            for w in (
+                (m.in_features, m.out_features)
+                if isinstance(m, nn.Linear)
+                else (m.in_channels, m.out_channels)
+                if isinstance(m, nn.modules.conv._ConvNd)
+                else ()
+            )
+        ]
+        return cls(items=2 * deps + 100, idxs=2 * max(widths, default=1))
+
+
 @contextlib.contextmanager
-def _bounded_traversal(dg: tp.DependencyGraph, model: nn.Module) -> Iterator[None]:
+def _bounded_traversal(bounds: _TraversalBounds) -> Iterator[None]:
     """Stop torch-pruning's group traversal once it cannot be a real group any more.
 
     On some graphs (timm's EfficientViT-M, LeViT-conv, EfficientFormerV2: a reshape between conv features and
@@ -176,28 +200,15 @@ def _bounded_traversal(dg: tp.DependencyGraph, model: nn.Module) -> Iterator[Non
     through the reshape again, so they multiply and never repeat (known upstream, e.g. Torch-Pruning #397 and
     #532). It ate 23 GB in 15 minutes here before the kernel killed it. A real group holds each dependency a
     few times at most (measured: at most 1/3 of the graph's dependencies on 10 timm families) and never more
-    indices than the widest layer has channels, so a traversal past twice either bound is stopped and raised
-    as `_Unbounded`, naming its root. The graph module looks ``Group`` up at call time, so the bounded class is
-    swapped in for the duration only."""
-    deps = sum(len(node.dependencies) for node in dg.module2node.values())
-    widths = [
-        w
-        for m in model.modules()
-        for w in (
-            (m.in_features, m.out_features)
-            if isinstance(m, nn.Linear)
-            else (m.in_channels, m.out_channels)
-            if isinstance(m, nn.modules.conv._ConvNd)
-            else ()
-        )
-    ]
-    max_items, max_idxs = 2 * deps + 100, 2 * max(widths, default=1)
+    indices than the widest layer has channels, so a traversal past twice either bound (``bounds``, from the
+    unpruned model: pruning only narrows it) is stopped and raised as `_Unbounded`, naming its root. The graph
+    module looks ``Group`` up at call time, so the bounded class is swapped in for the duration only."""
     plain = tp_graph.Group
 
     class Bounded(plain):
         def add_dep(self, dep, idxs):
             super().add_dep(dep, idxs)
-            if len(self) > max_items or len(idxs) > max_idxs:
+            if len(self) > bounds.items or len(idxs) > bounds.idxs:
                 raise _Unbounded(self[0].dep.target.module)
 
     tp_graph.Group = Bounded
@@ -247,6 +258,7 @@ class GroupGraph:
             ) from exc
         finally:
             model.train(was_training)
+        self._bounds = _TraversalBounds.of(self.dg, model)
         self._names = {m: n for n, m in model.named_modules()}
         self.roles = {layer.name: layer.role for layer in build_inventory(model)}
         self._custom = tuple(customized_pruners())
@@ -261,7 +273,7 @@ class GroupGraph:
         classifier = [m for n, m in self.model.named_modules() if self.roles.get(n) == "classifier"]
         found: list[tuple[int, ChannelGroup]] = []
         try:
-            with _quiet(), _bounded_traversal(dg, self.model):
+            with _quiet(), _bounded_traversal(self._bounds):
                 all_groups = list(dg.get_all_groups(ignored_layers=classifier, root_module_types=ROOT_TYPES))
         except _Unbounded as exc:
             where = self._names.get(exc.root, type(exc.root).__name__)
@@ -358,7 +370,7 @@ class GroupGraph:
             root = self._roots[name]
             channels = [c for u in idxs for c in g.unit_channels(u)]
             try:
-                with _quiet(), _bounded_traversal(self.dg, self.model):
+                with _quiet(), _bounded_traversal(self._bounds):
                     self.dg.get_pruning_group(root.module, root.fn, channels).prune()
             except Exception as exc:  # noqa: BLE001 - _Unbounded too: the same one-line stop
                 raise UnsupportedModelError(
