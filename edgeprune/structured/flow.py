@@ -192,12 +192,13 @@ class LatencyLine:
         return self.floor_ms + w * (self.dense_ms - self.floor_ms)
 
 
-def latency_goal_ms(cfg, line: LatencyLine | None) -> float | None:
-    """The latency the user asked for: ``--latency-budget``, or dense / ``--speedup``; None if neither."""
+def latency_goal_ms(cfg, line: LatencyLine | None, dense_ms: float | None = None) -> float | None:
+    """The latency the user asked for: ``--latency-budget``, or dense / ``--speedup``; None if neither.
+    ``dense_ms``: dense as timed with the candidates, as selection reads the goal (default: the line's)."""
     if cfg.latency_budget_ms is not None:
         return cfg.latency_budget_ms
     if cfg.speedup is not None and line is not None:
-        return line.dense_ms / cfg.speedup
+        return (line.dense_ms if dense_ms is None else dense_ms) / cfg.speedup
     return None
 
 
@@ -656,18 +657,12 @@ class ChannelSearch:
             ratio = next_goal_ratio(drops, self.cfg.max_drop)
             if ratio is None:
                 break
-            start = len(self.cands)
             best = min(d for _, d in drops)
             self.progress.log(
                 f"best candidate {best:.2f} points below dense (--max-drop {self.cfg.max_drop:g}); next goal "
                 f"round at {ratio:.0%} of the channels (round {len(self.ratios) + 1} of {GOAL_ROUNDS})"
             )
-            earlier = self.cands
-            self.plan(ratio, round_=len(self.ratios))
-            self.cands = earlier + self.cands
-            self.screen(start)
-            self.measure()  # every round's architectures again, in one run: their latencies compare
-            self.finetune(start)
+            self._goal_round(ratio)
         rounds = ", ".join(f"{r:.0%}: {d:.2f}" for r, d in self.round_drops())
         if len(self.ratios) > 1:
             self.notes.append(
@@ -679,6 +674,16 @@ class ChannelSearch:
                 f"no candidate is within {self.cfg.max_drop:g} points of dense after {len(self.ratios)} round(s) "
                 f"({rounds}); the most accurate one ships"
             )
+
+    def _goal_round(self, ratio: float) -> None:
+        """One more goal round at ``ratio``: its candidates planned beside the earlier rounds', screened,
+        every round's architectures timed again in one run (their latencies compare), its own recovered."""
+        start, earlier = len(self.cands), self.cands
+        self.plan(ratio, round_=len(self.ratios))
+        self.cands = earlier + self.cands
+        self.screen(start)
+        self.measure()
+        self.finetune(start)
 
     def faster(self) -> None:
         """A latency goal (``--speedup`` / ``--latency-budget``) no measured candidate meets: up to
@@ -692,7 +697,7 @@ class ChannelSearch:
             plain = [cc.candidate for cc in self.cands]
             if eligible(plain, cfg, self.dense_ms)[1]:
                 break
-            goal_ms = self._measured_goal_ms()
+            goal_ms = latency_goal_ms(cfg, self.line, self.dense_ms)
             fastest = min(plain, key=lambda c: c.latency_ms)
             scale = self.line.dense_ms / self.dense_ms  # this run's milliseconds in the probe's (the VM drifts)
             macs = next_speed_macs(self.line, goal_ms * scale, fastest.latency_ms * scale, fastest.macs)
@@ -703,24 +708,14 @@ class ChannelSearch:
                 f"fastest candidate {fastest.latency_ms:.3f} ms, goal {goal_ms:.3f} ms; next goal round at "
                 f"{ratio:.0%} of the channels (round {len(self.ratios) + 1} of {GOAL_ROUNDS})"
             )
-            start, earlier = len(self.cands), self.cands
-            self.plan(ratio, round_=len(self.ratios))
-            self.cands = earlier + self.cands
-            self.screen(start)
-            self.measure()
-            self.finetune(start)
+            self._goal_round(ratio)
         if len(self.ratios) > 1:
             fastest = min(cc.candidate.latency_ms for cc in self.cands)
+            goal_ms = latency_goal_ms(cfg, self.line, self.dense_ms)
             self.notes.append(
-                f"latency goal {self._measured_goal_ms():.3f} ms: {len(self.ratios)} goal rounds (channel fractions "
+                f"latency goal {goal_ms:.3f} ms: {len(self.ratios)} goal rounds (channel fractions "
                 f"{', '.join(f'{r:.0%}' for r in self.ratios)}; fastest candidate {fastest:.3f} ms)"
             )
-
-    def _measured_goal_ms(self) -> float:
-        """The latency goal as selection reads it: against dense as timed with the candidates (``measure``),
-        not the probe's dense."""
-        cfg = self.cfg
-        return cfg.latency_budget_ms if cfg.latency_budget_ms is not None else self.dense_ms / cfg.speedup
 
     def select(self) -> None:
         plain = [cc.candidate for cc in self.cands]
