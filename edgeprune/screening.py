@@ -237,8 +237,8 @@ def race(
     from a cheaper model (a quick BN re-calibration); before it is built at all, a candidate whose glance is
     `below_bar` (``z`` standard errors, paired against the glance of the candidate holding the bar) stops
     with its glance as estimate. At each rung before the last: "rung", the same `below_bar` test on its own
-    answers so far against the bar-holder's on the same images, and "bound", the
-    exact one: even all its unseen images right would leave it strictly below the bar. With the bound alone,
+    answers so far against the bar-holder's on the same images, and "bound", the exact one: even all its
+    unseen images right would leave it strictly below the bar. With the bound alone,
     the top ``keep`` contenders by full-set accuracy, and every candidate at or above ``floor``, are exactly
     those of a full evaluation (ties run to the end); the glance and rung stops trade that proof for a
     ``z``-sigma test each (one per look: a candidate exactly at the bar is stopped about once in 740 per

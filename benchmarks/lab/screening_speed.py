@@ -49,13 +49,13 @@ def _plain(ws: Workspace, cplans: list) -> list[tuple[float, float | None]]:
 
 def _product(ws: Workspace, cplans: list, dense_acc: float) -> tuple[list[tuple[float, float | None]], dict]:
     """As `compress` screens (`Workspace.screen_all`): (sparsity, accuracy) of each candidate, accuracy None
-    when the glance, a rung, the bound or the probe stopped it (it is neither recovered nor picked); and how many each
-    rule stopped."""
+    when the glance, a rung, the bound or the probe stopped it (it is neither recovered nor picked); and how
+    many each rule stopped."""
     cfg = ws.cfg
     cands = [cp.candidate for cp in cplans]
     bar = ScreeningBar.for_run(cfg, dense_acc, recovery_schedule(cfg))
     kept, summary = ws.screen_all(cplans, dense_acc, bar, SCREEN_PROBE)
-    stops = {"glance": 0, "rung": 0, "bound": 0, "probe": len(summary.skipped), "duplicates": len(summary.duplicates)}
+    stops = dict.fromkeys(STOPS, 0) | {"probe": len(summary.skipped), "duplicates": len(summary.duplicates)}
     for rule in summary.stopped.values():
         stops[rule] += 1
     kept_set = set(kept)
