@@ -102,6 +102,11 @@ class Baseline:
     # A Mix-and-Match candidate with this baseline's plan and that signal is the baseline run itself.
     ranks_like: str | None = None
 
+    def own_ranking(self, signals: tuple[str, ...]) -> str:
+        """The ranking under which a Mix-and-Match candidate with this baseline's plan is this baseline's own run
+        (``<ranking>/baseline:<name>``): the signal that ranks as it does when the search has it, else its own."""
+        return self.ranks_like if self.ranks_like in signals else self.name
+
     def plan(self, layers: list[Layer], sens: Sensitivity | None, sparsity: float, seed: int = 0) -> Plan:
         if self.allocate == "global":
             return global_threshold_plan(self.scores(layers, sens, seed), sparsity)

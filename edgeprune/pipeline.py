@@ -337,7 +337,7 @@ class Workspace:
             b = BASELINES[name]
             plan = b.plan(self.prunable, self.sens, sparsity, self.cfg.seed)
             rankings = dict(signal)
-            if b.ranks_like not in rankings:
+            if b.own_ranking(self.cfg.signals) not in rankings:
                 rankings[b.name] = b.scores(self.prunable, self.sens, self.cfg.seed)
             for rank, scores in rankings.items():
                 out.append(CandidatePlan(Candidate.mix_and_match(rank, f"baseline:{b.name}"), scores, plan))
@@ -556,6 +556,16 @@ def compress(cfg: CompressConfig, progress: Progress | None = None) -> Report:
         executor.close()
 
 
+def own_runs(cfg: CompressConfig, duplicates: dict[str, str]) -> set[str]:
+    """The candidates that are Mix-and-Match's range baselines' own runs (``magnitude/baseline:mag`` is MAG):
+    recovered whatever they screen (`recover.Job.entrant`), so the search contains its baselines after recovery
+    too. A run sharing another candidate's masks is that candidate (screening kept only the first)."""
+    if cfg.method != "mix-and-match":
+        return set()
+    names = [f"{BASELINES[b].own_ranking(cfg.signals)}/baseline:{b}" for b in cfg.range_baselines]
+    return {duplicates.get(n, n) for n in names}
+
+
 @dataclass
 class ScreeningBar:
     """The accuracy a candidate must still be able to reach to matter (`screening.race`'s bar): the ``keep``-th
@@ -661,13 +671,22 @@ def _compress(
                 and c.name not in screening.duplicates
             ]
             pool = pool or [i for i, c in enumerate(cands) if c.name not in screening.duplicates]
+            entrants = own_runs(cfg, screening.duplicates)
             jobs = [
-                Job(cands[i].name, MaskBuild(build_masks(cplans[i].scores, cplans[i].plan)), cands[i].accuracy)
+                Job(
+                    cands[i].name,
+                    MaskBuild(build_masks(cplans[i].scores, cplans[i].plan)),
+                    cands[i].accuracy,
+                    entrant=cands[i].name in entrants,
+                )
                 for i in pool
             ]
+            n_in = sum(j.entrant for j in jobs)
+            which = f"{len(jobs)} candidate(s)"
+            if isinstance(schedule, Top) and n_in:
+                which = f"the {schedule.k} best screened and the range baselines' own plans ({n_in}) of {which}"
             progress.log(
-                f"recover ({cfg.recover}, up to {cfg.finetune_epochs} epochs, {cfg.recovery}, on {ws.device}): "
-                f"{len(jobs)} candidate(s)"
+                f"recover ({cfg.recover}, up to {cfg.finetune_epochs} epochs, {cfg.recovery}, on {ws.device}): {which}"
             )
             outcomes = recover(jobs, ws.shared(), schedule, executor, progress, store)
             for i, o in zip(pool, outcomes, strict=True):

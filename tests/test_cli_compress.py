@@ -81,6 +81,16 @@ def test_compress_mix_and_match_end_to_end(tmp_path, capsys):
             assert 0.8 - 1e-6 <= c["sparsity"] <= 0.805, c["name"]
     assert sum(c["selected"] for c in cands) == 1
     assert any(c["pareto"] for c in cands)
+    # recovery takes the --finetune-top 1 best screened plus each range baseline's own run, whatever it
+    # screened (a baseline that recovers best must reach the final comparison); the pick is one of them
+    own = {"magnitude/baseline:mag", "snip/baseline:snip", "grasp/baseline:grasp", "lamp/baseline:lamp",
+           "magnitude/baseline:erk"}  # fmt: skip
+    own = {screening["duplicates"].get(n, n) for n in own}
+    recovered = {c["name"] for c in cands if c["finetuned_accuracy"] is not None}
+    best = max((c for c in cands if c["name"] not in own and c["sparsity"] >= 0.8 - 1e-6 and c["name"] not in
+                screening["duplicates"]), key=lambda c: c["accuracy"])  # fmt: skip
+    assert own <= recovered and recovered - own <= {best["name"]}
+    assert next(c for c in cands if c["selected"])["name"] in recovered
     sel = report["selected"]
     assert sel["sparsity"] >= 0.8  # the baseline candidates reach any target, whatever the rules cap
     assert report["dense"]["accuracy"] > 0.9  # the bundled demo model is trained

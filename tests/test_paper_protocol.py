@@ -90,3 +90,39 @@ def test_refinement_measures_where_a_level_still_sits_between_distant_points():
     # once the points around a level are within 1 %, or the level was measured, it is settled
     settled = curve + [p(0.845, 0.95), p(0.85 + 0.005, 1.5), p(0.86, 2.0), p(0.865, 3.5), p(0.87, 5.5)]
     assert pp.to_refine(settled, (1.0, 3.0, 5.0)) == ()
+
+
+def _trial(mm_select: float, rows: dict[str, tuple[float, float]]) -> pp.Trial:
+    """One trial: Mix-and-Match's confirmed top candidate (selection, test 0.90) and baselines (selection, test)."""
+    methods = [pp.MethodResult(pp.MM, "magnitude/s1", 0.8, 0.85, 0.84, mm_select, 0.90, steps=30)]
+    methods += [pp.MethodResult(b, b, 0.8, 0.8, 0.8, sel, test, steps=30) for b, (sel, test) in rows.items()]
+    return pp.Trial(0, 0, 0.8, True, "", 0.95, 0.95, 10, 10, ["magnitude/s1"], methods, 1.0)
+
+
+def test_contain_picks_a_range_baseline_that_recovers_better_on_the_selection_split():
+    # MAG recovers best on the selection split: Mix-and-Match's model is MAG's run; uniform is not mixed
+    t = pp.contain(_trial(0.91, {"mag": (0.92, 0.93), "lamp": (0.90, 0.95), "uniform": (0.99, 0.99)}), ("mag", "lamp"))
+    mm = t.methods[0]
+    assert (mm.method, mm.select, mm.test) == (pp.MM, 0.92, 0.93)
+    assert mm.candidate == "baseline:mag (screening: magnitude/s1)" and mm.zero_shot_test == 0.84  # screening's
+    assert t.contained and pp.contain(t, ("mag", "lamp")) is t  # once
+    # a tie keeps Mix-and-Match's own candidate; the test split never decides
+    t = pp.contain(_trial(0.92, {"mag": (0.92, 0.99)}), ("mag",))
+    assert t.methods[0].candidate == "magnitude/s1" and t.methods[0].test == 0.90
+
+
+def test_a_grown_ladder_moves_only_the_levels_it_changes_and_drops_their_trials():
+    before = [pp.Level(1.0, 0.6, "clamped"), pp.Level(3.0, 0.6, "clamped"), pp.Level(5.0, 0.615)]
+    after = [pp.Level(1.0, 0.5), pp.Level(3.0, 0.57), pp.Level(5.0, 0.615)]
+    assert pp.moved_levels(before, after) == {0, 1}
+    assert pp.moved_levels([], after) == {0, 1, 2}
+
+
+def test_degradation_cut_is_against_mags_drop_at_the_highest_level():
+    m = pp.ModelResult("toy", 1, levels=[pp.Level(1.0, 0.8)])
+    # dense 0.95; Mix-and-Match 0.93 (2 points), MAG 0.90 (5 points): 60 % less degradation
+    m.trials.append(_trial(0.9, {"mag": (0.9, 0.90)}))
+    m.trials[0].methods[0].test = 0.93
+    assert pp.degradation_cut(m) == pytest.approx(0.6)
+    m.trials[0].methods[1].test = 0.96  # MAG above dense: nothing to cut
+    assert pp.degradation_cut(m) is None

@@ -74,6 +74,17 @@ def test_top_recovers_the_k_best_by_screening_accuracy(shared):
     assert out[0].accuracy is None
 
 
+def test_an_entrant_is_recovered_whatever_it_screens_and_exactly_as_alone(shared):
+    # p80 screens worst and would not make Top(k=1); as an entrant it trains beside p50, the same as on its own
+    jobs = magnitude_jobs(shared.dense, (0.8, 0.5, 0.7))
+    jobs[0] = Job(jobs[0].key, jobs[0].build, jobs[0].screen_accuracy, entrant=True)
+    out = recover(jobs, shared, Top(k=1, epochs=1))
+    assert [len(o.rungs) for o in out] == [1, 1, 0] and out[0].survived and out[1].survived
+    alone = recover(jobs[:1], shared, Top(k=1, epochs=1))[0]
+    assert alone.accuracy == out[0].accuracy
+    assert all(torch.equal(alone.state[k], out[0].state[k]) for k in alone.state)
+
+
 def test_channel_candidates_are_compacted_and_trained_without_masks(shared):
     example = shared.calib_x[:1]
     graph = GroupGraph(load_model("demo"), example)

@@ -11,7 +11,7 @@ import torch
 from edgeprune.baselines import BASELINES, RANGE_BASELINES
 from edgeprune.errors import EdgepruneError
 from edgeprune.masking import build_masks
-from edgeprune.pipeline import CompressConfig, Workspace, load_workspace_inputs
+from edgeprune.pipeline import CompressConfig, Workspace, load_workspace_inputs, own_runs
 from edgeprune.strategies import TOLERANCE, UNSCALED, reachable
 
 SMALL = dict(model="demo", data="demo", calib_size=64, eval_size=64, gradient_samples=64, batch_size=64)
@@ -39,10 +39,13 @@ def by_name(cps) -> dict:
 
 def test_baseline_candidates_reproduce_the_baseline_runs_exactly(ws: Workspace) -> None:
     cands = by_name(ws.plans("mix-and-match", 0.8))
+    own = own_runs(ws.cfg, {})  # what the recover stage takes whatever it screens
+    assert len(own) == len(RANGE_BASELINES) and own <= set(cands)
     for b in RANGE_BASELINES:
         base = ws.plans(b, 0.8)[0]
         rank = BASELINES[b].ranks_like or b
         mine = cands[f"{rank}/baseline:{b}"]
+        assert mine.candidate.name in own
         assert mine.plan == base.plan, b
         ours, theirs = build_masks(mine.scores, mine.plan), build_masks(base.scores, base.plan)
         assert all(torch.equal(ours[n], theirs[n]) for n in theirs), b
