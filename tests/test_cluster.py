@@ -20,10 +20,10 @@ from edgeprune.cluster import ClusterError, InProcess, LocalRayCluster, RayExecu
 from edgeprune.halving import Halving
 from edgeprune.masking import layer_mask
 from edgeprune.models import load_model
-from edgeprune.recover import CompactBuild, Job, MaskBuild, ResultStore, Shared, pick, recover, torch_threads
+from edgeprune.recover import Job, MaskBuild, ResultStore, Shared, pick, recover, torch_threads
 from edgeprune.recovery import RECIPES, teacher_logits
 from edgeprune.stages import Progress
-from edgeprune.structured import GroupGraph
+from edgeprune.structured import CompactBuild, GroupGraph
 
 
 def test_cluster_specs_parse_without_connecting(monkeypatch):
@@ -157,7 +157,8 @@ def test_compress_on_the_cluster_equals_compress_in_process(cluster, tmp_path):
     def recovered(report):
         return [(c.name, c.finetuned_accuracy) for c in report.strategies if c.finetuned_accuracy is not None]
 
-    assert len(recovered(here)) == 3
+    # the 3 best screened, and MAG's own run whatever it screened (an entrant; or among the 3)
+    assert len(recovered(here)) in (3, 4) and "magnitude/baseline:mag" in dict(recovered(here))
     assert recovered(there) == recovered(here)
     assert there.selected.name == here.selected.name
     assert there.selected.test_accuracy == here.selected.test_accuracy
