@@ -20,9 +20,10 @@ from torch import nn
 from .baselines import BASELINES, RANGE_BASELINES, Plan, Scores
 from .cluster import Executor, InProcess, check_cluster_spec, executor_for
 from .data import check_image_size, load_data
-from .deliver import BenchDevice, deliver, dense_copy
+from .deliver import dense_copy
 from .errors import DataError, EdgepruneError
 from .evaluation import accuracy, params_and_macs, right_answers, weight_sparsity
+from .granularity import Found, Search, SearchInputs, finish
 from .halving import SCHEDULES, Halving, Top
 from .inventory import build_inventory
 from .masking import Masks, apply_masks_, build_masks
@@ -36,10 +37,6 @@ from .report import (
     DenseSummary,
     LayerReport,
     Report,
-    SelectedSummary,
-    plot_pareto,
-    render_markdown,
-    versions,
 )
 from .screening import (
     Race,
@@ -58,7 +55,7 @@ from .strategies import LayerStats, reachable, search_plans
 from .targets import Target, bench_threads, get_target
 
 METHODS: tuple[str, ...] = ("mix-and-match", *BASELINES)
-GRANULARITIES: tuple[str, ...] = ("unstructured", "channel")
+GRANULARITIES: tuple[str, ...] = ("unstructured", "channel")  # `SEARCHES`, at the end, has one search for each
 RECOVER_STORE = ".edgeprune-recover"  # --resume: finished recovery rungs, under --out
 BN_RECAL_BATCHES = 8  # recovery.recalibrate_bn's default max_batches
 SCREEN_PROBE = 3  # a signal whose first 3 candidates collapse after BN re-calibration is not screened further
@@ -593,6 +590,14 @@ class ScreeningBar:
         return self.target is None or c.sparsity >= self.target - 1e-6
 
 
+def search_channels(inp: SearchInputs) -> Found:
+    """Channel mode's search (`structured.flow.search_channels`), imported on use: torch-pruning's dependency
+    graph stays off the unstructured path."""
+    from .structured.flow import search_channels as search
+
+    return search(inp)
+
+
 def _compress(
     cfg: CompressConfig,
     target: Target,
@@ -601,19 +606,25 @@ def _compress(
     executor: Executor | None = None,
     store: ResultStore | None = None,
 ) -> Report:
+    """One flow for both granularities: load, the granularity's search (`SEARCHES`), the shared end."""
     torch.manual_seed(cfg.seed)
     t = Timings()
-    threads = bench_threads(cfg.threads, target)
-
     with t("load"):
         progress.start("load model and data")
         model, data = load_workspace_inputs(cfg)
         progress.finish()
-    if cfg.granularity == "channel":
-        from .structured import compress_channels
+    threads = bench_threads(cfg.threads, target)
+    inp = SearchInputs(cfg, target, model, data, staging, progress, t, executor or InProcess(), store, threads)
+    return finish(inp, SEARCHES[cfg.granularity](inp))
 
-        return compress_channels(cfg, target, model, data, staging, progress, t, executor or InProcess(), store)
 
+def search_unstructured(inp: SearchInputs) -> Found:
+    """Unstructured mode's search: a candidate is a set of weight masks on the dense model.
+
+    dense eval → sensitivity → ranges (Phase 1) → strategies (Phase 2) → screening (masks + BN
+    re-calibration, raced) → recovery of the best few and of the range baselines' own runs (Phase 3) →
+    selection (`selection.select_index`)."""
+    cfg, model, data, progress, t = inp.cfg, inp.model, inp.data, inp.progress, inp.t
     with t("dense_eval"):
         progress.start("evaluate dense model")
         t0 = time.perf_counter()
@@ -688,7 +699,7 @@ def _compress(
             progress.log(
                 f"recover ({cfg.recover}, up to {cfg.finetune_epochs} epochs, {cfg.recovery}, on {ws.device}): {which}"
             )
-            outcomes = recover(jobs, ws.shared(), schedule, executor, progress, store)
+            outcomes = recover(jobs, ws.shared(), schedule, inp.executor, progress, inp.store)
             for i, o in zip(pool, outcomes, strict=True):
                 record_recovery(cands[i], o)
                 if o.survived:
@@ -702,51 +713,25 @@ def _compress(
         [points[i] for i in among], sparsity=cfg.sparsity, max_drop=cfg.max_drop, dense_accuracy=dense_acc
     )
     idx = among[pick]
-    chosen = cands[idx]
-    chosen.selected = True
 
-    # The pick is made: open the sealed test split, once, for the reported figures only.
-    test = data.test_split(FINAL_EVALUATION)
-    dense_model = dense_copy(model, ws.original)
-    dense_test = accuracy(dense_model, *test, cfg.batch_size)
-    for i in [i for i, c in enumerate(cands) if c.strategy.startswith("baseline") and i != idx] + [idx]:
+    def build(i: int) -> nn.Module:  # candidate i in ws.model (one module: weights zeroed in place)
         if i in finetuned:
             model.load_state_dict(finetuned[i])
         else:
             ws.materialize(cplans[i])
-        cands[i].test_accuracy = accuracy(model, *test, cfg.batch_size)
-    model.eval()  # holds the pick: it was evaluated last
-    _, per_layer = weight_sparsity(model, ws.prunable)
+        return model
 
-    selected = SelectedSummary.of(chosen, why, dense_acc, dense_test)
-    dense = DenseSummary(accuracy=dense_acc, params=params, macs=macs, test_accuracy=dense_test)
-
-    delivery = None
-    if cfg.export:
-        metadata = {
-            "source_model": cfg.model,
-            "strategy": chosen.strategy,
-            "signal": chosen.signal,
-            "global_sparsity": f"{chosen.sparsity:.6f}",
-            "target": target.name,
-            "calibration_size": str(len(data.calib_x)),
-            "layer_sparsity": json.dumps({k: round(v, 6) for k, v in per_layer.items()}),
-        }
-        delivery = deliver(
-            cfg,
-            target,
-            data,
-            staging,
-            model,
-            metadata,
-            device=BenchDevice.from_config(cfg, threads),
-            test=test,
-            dense=dense_model,
-            t=t,
-            progress=progress,
-        )
-        delivery.fill(dense, selected)
-
+    _, per_layer = weight_sparsity(build(idx), ws.prunable)
+    chosen = cands[idx]
+    metadata = {
+        "source_model": cfg.model,
+        "strategy": chosen.strategy,
+        "signal": chosen.signal,
+        "global_sparsity": f"{chosen.sparsity:.6f}",
+        "target": inp.target.name,
+        "calibration_size": str(len(data.calib_x)),
+        "layer_sparsity": json.dumps({k: round(v, 6) for k, v in per_layer.items()}),
+    }
     layer_reports = []
     for layer in ws.layers:
         r, removed = ranges[layer.name], per_layer.get(layer.name, 0.0)
@@ -765,27 +750,22 @@ def _compress(
                 rules=r.rules + [f"conflict: {c}" for c in [r.conflict] if c],
             )
         )
-    report = Report(
-        model=cfg.model,
-        data=data.name,
-        target=target.name,
-        granularity=cfg.granularity,
-        method=cfg.method,
-        sparsity_target=cfg.sparsity,
-        dense=dense,
-        strategies=cands,
-        selected=selected,
+    baselines = [i for i, c in enumerate(cands) if c.strategy.startswith("baseline")]
+    return Found(
+        dense=DenseSummary(accuracy=dense_acc, params=params, macs=macs),
+        dense_model=dense_copy(model, ws.original),
+        dense_exported=False,
+        candidates=cands,
+        chosen=idx,
+        why=why,
+        ship=lambda: build(idx),
+        metadata=metadata,
         layers=layer_reports,
-        timings={k: round(v, 3) for k, v in t.seconds.items()},
-        versions=versions(),
-        config=config_dict(cfg, threads=threads),
-        bench=delivery.bench if delivery else None,
+        on_test=[(i, lambda i=i: build(i)) for i in baselines],
         screening=asdict(screening),
-        shipped=delivery.artifacts if delivery else [],
-        notes=delivery.notes if delivery else [],
-        splits=[asdict(s) for s in data.splits()],
+        config=config_dict(cfg, threads=inp.threads),
     )
-    report.timings["total"] = round(sum(t.seconds.values()), 3)
-    (staging / "report.md").write_text(render_markdown(report))
-    plot_pareto(report, staging / "pareto.png")
-    return report
+
+
+# One place per granularity: its search, from the loaded model and data to the pick (`granularity.Found`).
+SEARCHES: dict[str, Search] = {"unstructured": search_unstructured, "channel": search_channels}

@@ -2,7 +2,8 @@
 
 A candidate to recover is a `Job`: a key (its name in the report) and a `Builder`, the picklable recipe that
 materializes it from the dense model (`MaskBuild`: unstructured masks, enforced while training;
-`CompactBuild`: channels physically removed; the lab studies add their own). `recover` trains the jobs on
+`structured.CompactBuild`: channels physically removed, next to the compaction it replays; the lab studies
+add their own). `recover` trains the jobs on
 the calibration data as a schedule says (`halving.Top` or `halving.Halving`), ranks them by accuracy on the
 selection split after every rung and returns one `RecoveryOutcome` per job with its rungs and, for the last
 rung's survivors, the final weights. Work runs where the executor says (`cluster.InProcess` or
@@ -63,7 +64,8 @@ class Builder(Protocol):
         ...
 
 
-def _digest(*parts: bytes | str) -> str:
+def content_digest(*parts: bytes | str) -> str:
+    """A sha256 of ``parts`` (each separated), for builders' `Builder.digest` and the resume keys."""
     h = hashlib.sha256()
     for p in parts:
         h.update(p.encode() if isinstance(p, str) else p)
@@ -77,7 +79,7 @@ def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         parts += [name, str(t.dtype), str(tuple(t.shape)), t.view(-1).view(torch.uint8).numpy().tobytes()]
-    return _digest(*parts)
+    return content_digest(*parts)
 
 
 @dataclass(frozen=True)
@@ -95,27 +97,7 @@ class MaskBuild:
         return self.masks
 
     def digest(self) -> str:
-        return _digest("mask", tensor_digest(self.masks))
-
-
-@dataclass(frozen=True)
-class CompactBuild:
-    """Channel: ``structured.compact(dense, example, remove)``, the units physically removed (no masks)."""
-
-    remove: dict[str, list[int]]
-    example: torch.Tensor  # one input, for tracing the dependency graph
-
-    def build(self, dense: nn.Module) -> nn.Module:
-        from .structured.groups import compact
-
-        return compact(dense, self.example, self.remove)
-
-    def train_masks(self) -> Masks:
-        return {}
-
-    def digest(self) -> str:
-        units = json.dumps({k: sorted(v) for k, v in sorted(self.remove.items())})
-        return _digest("compact", units, str(tuple(self.example.shape[1:])))
+        return content_digest("mask", tensor_digest(self.masks))
 
 
 @dataclass(frozen=True)
@@ -184,7 +166,7 @@ class Shared:
         settings = json.dumps(
             [repr(self.recipe), self.lr, self.batch_size, self.seed, self.bn_recal, self.threads, self.device]
         )
-        return _digest(tensor_digest(self.dense.state_dict()), tensor_digest(data), settings)
+        return content_digest(tensor_digest(self.dense.state_dict()), tensor_digest(data), settings)
 
 
 # -- one rung of one job (the task) ------------------------------------------------------------------------
@@ -277,7 +259,7 @@ class ResultStore:
 
     @staticmethod
     def key(build_digest: str, settings_digest: str, epochs_path: Sequence[int]) -> str:
-        return _digest(build_digest, settings_digest, json.dumps(list(epochs_path)))[:40]
+        return content_digest(build_digest, settings_digest, json.dumps(list(epochs_path)))[:40]
 
     def load(self, key: str) -> tuple[RungResult, dict[str, torch.Tensor]] | None:
         path = self.folder / f"{key}.pt"

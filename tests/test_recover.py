@@ -16,9 +16,9 @@ from edgeprune.evaluation import accuracy
 from edgeprune.halving import Halving, Top
 from edgeprune.masking import layer_mask
 from edgeprune.models import load_model
-from edgeprune.recover import Builder, CompactBuild, Job, MaskBuild, ResultStore, Shared, pick, recover
+from edgeprune.recover import Builder, Job, MaskBuild, ResultStore, Shared, pick, recover
 from edgeprune.recovery import RECIPES, teacher_logits
-from edgeprune.structured import GroupGraph
+from edgeprune.structured import CompactBuild, GroupGraph
 
 
 def magnitude_jobs(model, levels=(0.5, 0.6, 0.7, 0.8)) -> list[Job]:

@@ -59,10 +59,9 @@ from torch import nn
 from edgeprune.cluster import ClusterError, Executor, executor_for
 from edgeprune.evaluation import params_and_macs
 from edgeprune.pipeline import CompressConfig
-from edgeprune.recover import CompactBuild
 from edgeprune.recovery import RECIPES, resolve_device, teacher_logits_if_distilling
 from edgeprune.report import versions
-from edgeprune.structured import compact
+from edgeprune.structured import CompactBuild, compact
 from edgeprune.structured.flow import ChannelSearch
 from edgeprune.targets import get_target
 

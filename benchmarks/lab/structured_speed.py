@@ -80,14 +80,14 @@ from edgeprune.export import export_onnx
 from edgeprune.export.quantize import onnx_hits
 from torch import nn
 
-from edgeprune.cluster import ClusterError, Executor, executor_for
+from edgeprune.cluster import ClusterError, Executor, InProcess, executor_for
 from edgeprune.evaluation import accuracy, params_and_macs
+from edgeprune.granularity import SearchInputs, finish
 from edgeprune.pipeline import CompressConfig, Timings
-from edgeprune.recover import CompactBuild
 from edgeprune.recovery import RECIPES, resolve_device, teacher_logits_if_distilling
 from edgeprune.report import versions
 from edgeprune.selection import Point, pareto_mask
-from edgeprune.structured import compact
+from edgeprune.structured import CompactBuild, compact
 from edgeprune.structured.flow import ChannelCandidate, ChannelSearch
 from edgeprune.targets import get_target
 
@@ -324,10 +324,12 @@ def _produce(args: argparse.Namespace, argv: list[str] | None, work: Path, execu
         search.select()
         if key(search.chosen) in recovered:
             break
-        search.chosen.candidate.selected = False
         recover_mm([search.chosen])
-    search.export_selected()
-    report = search.report()
+    # the product's shared end: the test split once, deliver, the report (what `compress` runs after the pick)
+    inp = SearchInputs(
+        search.cfg, target, model, data, search.staging, log, search.t, InProcess(), None, search.threads
+    )
+    report = finish(inp, search.found())
     sel = report.selected
     for row in mm:
         row["selected"] = row.pop("key") == key(search.chosen)

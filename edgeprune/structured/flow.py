@@ -7,8 +7,9 @@ timed, a per-layer latency model (``costs``)] → group signals → ranges (3 si
 threshold each, clipped by ``rules/structured.json``) → ten strategies per signal [+ three latency-model
 allocations] → widths rounded to ``round_to`` → screening (compact + BN re-calibration + eval + ONNX export
 with parity) → latency of every distinct architecture (onnxruntime, the target's threads, batch 1,
-interleaved with dense) → fine-tune the best few → Pareto on accuracy vs measured latency → select (a
-latency pick re-timed alone against dense) → export + benchmark → report.
+interleaved with dense) → fine-tune the best few → goal rounds → Pareto on accuracy vs measured latency →
+select (a latency pick re-timed alone against dense); then `granularity.finish`, the same as unstructured:
+test split → deliver (export, INT8, ORT, benchmark) → report.
 
 Candidates of different signals but equal widths are the same architecture: their latency is measured
 once (their accuracy is not: different channels survive).
@@ -28,16 +29,16 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from ..cluster import Executor, InProcess
-from ..deliver import BenchDevice, Delivery, deliver
+from ..deliver import BenchDevice
 from ..errors import EdgepruneError
 from ..evaluation import accuracy, params_and_macs
+from ..granularity import Found, SearchInputs
 from ..inventory import Layer
 from ..ranges import LayerRange, Rule, apply_rules, baseline_ranges, parse_rules, range_targets, read_rules_file
-from ..recover import CompactBuild, Job, ResultStore, Shared, record_recovery, recover, recovery_schedule
+from ..recover import Job, ResultStore, Shared, record_recovery, recover, recovery_schedule
 from ..recovery import RECIPES, has_batchnorm, on_device, recalibrate_bn, resolve_device, teacher_logits_if_distilling
 from ..report import (
     Candidate,
@@ -46,11 +47,7 @@ from ..report import (
     LatencyLineReport,
     LayerReport,
     Report,
-    SelectedSummary,
     StructuredReport,
-    plot_pareto,
-    render_markdown,
-    versions,
 )
 from ..selection import (  # noqa: F401 - meets, eligible, select_structured, ...: re-exported for callers of flow
     HEAD_TO_HEAD,
@@ -64,11 +61,11 @@ from ..selection import (  # noqa: F401 - meets, eligible, select_structured, ..
     pareto_mask,
     select_structured,
 )
-from ..stages import FINAL_EVALUATION, config_dict
+from ..stages import config_dict
 from ..strategies import STRATEGY_NAMES, LayerStats, make_all_plans
 from ..targets import bench_threads, host_cpu_flags, round_to_hint
 from .costs import LatencyModel, calibrated, fit_latency_model, latency_allocation, layer_macs
-from .groups import ROOT_TYPES, ChannelGroup, GroupGraph, compact
+from .groups import ROOT_TYPES, ChannelGroup, CompactBuild, GroupGraph, compact
 from .planning import Widths, allowed_keeps, max_ratio, units_to_remove, widths_for
 from .signals import global_threshold_ratios, group_scores
 
@@ -225,29 +222,21 @@ def prunable_weights(model: nn.Module) -> int:
 # -- the flow ---------------------------------------------------------------------------------------------
 
 
-def compress_channels(
-    cfg,
-    target,
-    model: nn.Module,
-    data,
-    staging: Path,
-    progress,
-    t,
-    executor: Executor | None = None,
-    store: ResultStore | None = None,
-) -> Report:
-    """Structured Mix-and-Match (see the module docstring). Writes ``model.onnx``, ``dense.onnx``,
-    ``report.md`` and ``pareto.png`` into ``staging``; returns the report (the caller writes the JSON).
-    ``executor`` / ``store``: where the recover stage runs and what it may reuse (`edgeprune.recover`)."""
-    validate_selection(cfg)
+def search_channels(inp: SearchInputs) -> Found:
+    """Channel mode's search (the module docstring): the loaded model and data in, the pick and the report's
+    channel parts out (`granularity.Found`; `granularity.finish` delivers and reports). Writes ``dense.onnx``
+    into the staging folder (candidates are timed against it); candidates' files go to a temporary folder."""
+    validate_selection(inp.cfg)
     with tempfile.TemporaryDirectory(prefix="edgeprune-channel-") as work:
-        search = ChannelSearch(cfg, target, model, data, staging, Path(work), progress, t)
-        search.executor, search.store = executor or InProcess(), store
-        return search.run()
+        search = ChannelSearch(inp.cfg, inp.target, inp.model, inp.data, inp.staging, Path(work), inp.progress, inp.t)
+        search.executor, search.store = inp.executor, inp.store
+        search.search()
+        search.select()
+        return search.found()
 
 
 class ChannelSearch:
-    """The stages of ``compress_channels``, in order; each one reads what the previous ones left."""
+    """The stages of `search_channels`, in order; each one reads what the previous ones left."""
 
     def __init__(self, cfg, target, model: nn.Module, data, staging: Path, work: Path, progress, t):
         self.cfg, self.target, self.data, self.staging, self.work = cfg, target, data, staging, work
@@ -290,13 +279,10 @@ class ChannelSearch:
         self.why: str = ""  # select
         self.chosen: ChannelCandidate | None = None  # select
         self.final: nn.Module | None = None  # select: the model to ship (fine-tuned when it was)
-        self.test: tuple[torch.Tensor, torch.Tensor] | None = None  # select: the test split, opened after the pick
-        self.dense_test: float = 0.0  # select: dense's accuracy on the test split
-        self.selected: SelectedSummary | None = None  # export_selected
-        self.dense_summary: DenseSummary | None = None  # export_selected
-        self.delivery: Delivery | None = None  # export_selected
 
-    def run(self) -> Report:
+    def search(self) -> None:
+        """Every stage up to the selection: groups, dense, probe, latency model, signals, Phase 1 and 2,
+        screening, timing, recovery, then the goal rounds."""
         self.discover()
         self.dense()
         self.probe()
@@ -308,9 +294,6 @@ class ChannelSearch:
         self.finetune()
         self.lighter()
         self.faster()
-        self.select()
-        self.export_selected()
-        return self.report()
 
     def _export(self, model: nn.Module, path: Path, metadata: dict[str, str] | None = None):
         from ..export import export_onnx
@@ -729,49 +712,7 @@ class ChannelSearch:
         if note:
             self.why += f" ({note})"
         self.chosen = self.cands[idx]
-        self.chosen.candidate.selected = True
         self.final = self.finetuned.get(idx) or self._rebuild(self.chosen)
-        self.evaluate_on_test()
-
-    def evaluate_on_test(self) -> None:
-        """The pick is made: open the sealed test split, once, for the reported accuracy of dense and the pick
-        (channel mode has no baseline candidates)."""
-
-        self.test = self.data.test_split(FINAL_EVALUATION)
-        self.dense_test = accuracy(self.model, *self.test, self.cfg.batch_size)
-        self.chosen.candidate.test_accuracy = accuracy(self.final, *self.test, self.cfg.batch_size)
-
-    def export_selected(self) -> None:
-        """The shared deliver step: model.onnx (dense.onnx is already there), INT8, packing, ORT, benchmark."""
-        c, cfg, d = self.chosen.candidate, self.cfg, self.data
-        self.selected = SelectedSummary.of(c, self.why, self.dense_acc, self.dense_test)
-        self.dense_summary = DenseSummary(
-            accuracy=self.dense_acc, params=self.params, macs=self.macs, test_accuracy=self.dense_test
-        )
-        meta = {
-            "source_model": cfg.model,
-            "strategy": c.strategy,
-            "signal": c.signal,
-            "target": self.target.name,
-            "granularity": "channel",
-            "round_to": str(self.round_to),
-            "calibration_size": str(len(d.calib_x)),
-            "group_widths": json.dumps(self.chosen.widths),
-        }
-        self.delivery = deliver(
-            cfg,
-            self.target,
-            d,
-            self.staging,
-            self.final,
-            meta,
-            device=self.device,
-            test=self.test,
-            t=self.t,
-            progress=self.progress,
-            check_images=CHECK_IMAGES,
-        )
-        self.delivery.fill(self.dense_summary, self.selected)
 
     def structured_report(self) -> StructuredReport:
         ranges, widths = self.ranges_by_round[self.chosen.round], self.chosen.widths
@@ -787,8 +728,11 @@ class ChannelSearch:
             latency_model_scale=self.latency_model.scale if self.latency_model is not None else None,
         )
 
-    def report(self) -> Report:
+    def found(self) -> Found:
+        """The handoff to `granularity.finish`: the pick (after `select`), its metadata, the groups as the
+        report's layers (units: channels or heads), the structured block, the report.md section, the plot axes."""
         cfg, groups, chosen = self.cfg, self.groups, self.chosen
+        c = chosen.candidate
         ranges = self.ranges_by_round[chosen.round]
         layer_reports = [
             LayerReport(
@@ -806,32 +750,34 @@ class ChannelSearch:
             )
             for g in groups
         ]
-        report = Report(
-            model=cfg.model,
-            data=self.data.name,
-            target=self.target.name,
-            granularity="channel",
-            method=cfg.method,
-            sparsity_target=cfg.sparsity,
-            dense=self.dense_summary,
-            strategies=[cc.candidate for cc in self.cands],
-            selected=self.selected,
+        metadata = {
+            "source_model": cfg.model,
+            "strategy": c.strategy,
+            "signal": c.signal,
+            "target": self.target.name,
+            "granularity": "channel",
+            "round_to": str(self.round_to),
+            "calibration_size": str(len(self.data.calib_x)),
+            "group_widths": json.dumps(chosen.widths),
+        }
+        final = self.final
+        return Found(
+            dense=DenseSummary(accuracy=self.dense_acc, params=self.params, macs=self.macs),
+            dense_model=self.model,
+            dense_exported=True,
+            candidates=[cc.candidate for cc in self.cands],
+            chosen=self.cands.index(chosen),
+            why=self.why,
+            ship=lambda: final,
+            metadata=metadata,
             layers=layer_reports,
-            timings={k: round(v, 3) for k, v in self.t.seconds.items()},
-            versions=versions(),
-            config=config_dict(cfg, round_to=self.round_to, threads=self.threads),
-            bench=self.delivery.bench,
-            shipped=self.delivery.artifacts,
             structured=self.structured_report(),
-            notes=self.notes + self.delivery.notes,
-            splits=[dataclasses.asdict(s) for s in self.data.splits()],
+            notes=list(self.notes),
+            config=config_dict(cfg, round_to=self.round_to, threads=self.threads),
+            markdown=lambda report: render_structured(report, self.dense_ms, self.line, groups, chosen),
+            plot_axes=("latency", "macs"),
+            plot_dense_x={"latency": self.dense_ms, "macs": self.macs / 1e6},
         )
-        report.timings["total"] = round(sum(self.t.seconds.values()), 3)
-        md = render_markdown(report) + render_structured(report, self.dense_ms, self.line, groups, chosen)
-        (self.staging / "report.md").write_text(md)
-        dense_x = {"latency": self.dense_ms, "macs": self.macs / 1e6}
-        plot_pareto(report, self.staging / "pareto.png", axes=("latency", "macs"), dense_x=dense_x)
-        return report
 
     def _time_pair(self, i: int) -> tuple[float, float]:
         return self._pair_ms(self.staging / "dense.onnx", self.cands[i].onnx)

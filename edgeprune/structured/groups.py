@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import linecache
 import traceback
 import warnings
@@ -33,6 +34,8 @@ from torch_pruning.dependency import graph as tp_graph
 
 from ..errors import EdgepruneError, UnsupportedModelError
 from ..inventory import NORM_TYPES, build_inventory
+from ..masking import Masks
+from ..recover import content_digest
 
 ROOT_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -401,3 +404,22 @@ def compact(model: nn.Module, example: torch.Tensor, remove: dict[str, list[int]
     GroupGraph(pruned, example).remove(remove)
     check_forward(pruned, example)
     return pruned.eval()
+
+
+@dataclass(frozen=True)
+class CompactBuild:
+    """Channel mode's `recover.Builder`: ``compact(dense, example, remove)``, the units physically removed (no
+    masks). Picklable: a Ray worker replays the compaction from the dense weights it was shared."""
+
+    remove: dict[str, list[int]]
+    example: torch.Tensor  # one input, for tracing the dependency graph
+
+    def build(self, dense: nn.Module) -> nn.Module:
+        return compact(dense, self.example, self.remove)
+
+    def train_masks(self) -> Masks:
+        return {}
+
+    def digest(self) -> str:
+        units = json.dumps({k: sorted(v) for k, v in sorted(self.remove.items())})
+        return content_digest("compact", units, str(tuple(self.example.shape[1:])))
