@@ -559,7 +559,10 @@ def own_runs(cfg: CompressConfig, duplicates: dict[str, str]) -> set[str]:
     too. A run sharing another candidate's masks is that candidate (screening kept only the first)."""
     if cfg.method != "mix-and-match":
         return set()
-    names = [f"{BASELINES[b].own_ranking(cfg.signals)}/baseline:{b}" for b in cfg.range_baselines]
+    names = [
+        Candidate.mix_and_match(BASELINES[b].own_ranking(cfg.signals), f"baseline:{b}").name
+        for b in cfg.range_baselines
+    ]  # named as `Workspace.plans` names them
     return {duplicates.get(n, n) for n in names}
 
 
@@ -714,11 +717,15 @@ def search_unstructured(inp: SearchInputs) -> Found:
     )
     idx = among[pick]
 
+    held: list[int] = []  # the candidate ws.model holds now: the pick is not rebuilt if nothing came between
+
     def build(i: int) -> nn.Module:  # candidate i in ws.model (one module: weights zeroed in place)
-        if i in finetuned:
-            model.load_state_dict(finetuned[i])
-        else:
-            ws.materialize(cplans[i])
+        if held != [i]:
+            if i in finetuned:
+                model.load_state_dict(finetuned[i])
+            else:
+                ws.materialize(cplans[i])
+            held[:] = [i]
         return model
 
     _, per_layer = weight_sparsity(build(idx), ws.prunable)

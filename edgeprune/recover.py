@@ -3,12 +3,11 @@
 A candidate to recover is a `Job`: a key (its name in the report) and a `Builder`, the picklable recipe that
 materializes it from the dense model (`MaskBuild`: unstructured masks, enforced while training;
 `structured.CompactBuild`: channels physically removed, next to the compaction it replays; the lab studies
-add their own). `recover` trains the jobs on
-the calibration data as a schedule says (`halving.Top` or `halving.Halving`), ranks them by accuracy on the
-selection split after every rung and returns one `RecoveryOutcome` per job with its rungs and, for the last
-rung's survivors, the final weights. Work runs where the executor says (`cluster.InProcess` or
-`cluster.RayExecutor`); what every task reads (`Shared`: dense model, data, teacher logits, settings) is
-shared once per run.
+add their own). `recover` trains the jobs on the calibration data as a schedule says (`halving.Top` or
+`halving.Halving`), ranks them by accuracy on the selection split after every rung and returns one
+`RecoveryOutcome` per job with its rungs and, for the last rung's survivors, the final weights. Work runs
+where the executor says (`cluster.InProcess` or `cluster.RayExecutor`); what every task reads (`Shared`:
+dense model, data, teacher logits, settings) is shared once per run.
 
 Same results everywhere: a rung's training depends only on the job, `Shared` and the rungs before it
 (torch's intra-op thread count is part of `Shared`, since it changes float sums; on the CPU), and halving is

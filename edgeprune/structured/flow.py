@@ -766,7 +766,7 @@ class ChannelSearch:
             dense_model=self.model,
             dense_exported=True,
             candidates=[cc.candidate for cc in self.cands],
-            chosen=self.cands.index(chosen),
+            chosen=next(i for i, cc in enumerate(self.cands) if cc is chosen),
             why=self.why,
             ship=lambda: final,
             metadata=metadata,
