@@ -172,6 +172,17 @@ class LatencyLineReport:
 
 
 @dataclass
+class GoalRound:
+    """A Phase-1 round as the run saw it when it decided whether to run another: every later round re-times
+    all candidates, so only this record says why the next round ran."""
+
+    removed_fraction: float  # the Phase-1 fraction of channels this round aimed to remove
+    dense_ms: float  # dense's p50 in the timing run that closed this round
+    fastest_ms: float  # the fastest candidate of every round so far, in that run
+    best_drop: float  # points below dense of the most accurate candidate so far, after recovery
+
+
+@dataclass
 class StructuredReport:
     """What only channel mode has: widths, the measured latency line, the latency model's scale."""
 
@@ -181,6 +192,7 @@ class StructuredReport:
     screening_dense_ms: float  # dense's p50 in the run that timed every candidate
     timed_on: str  # the device that timed probe and candidates: --latency-from, or local under emulation
     latency_model_scale: float | None = None  # --latency-costs: the per-layer model's calibration factor
+    goal_rounds: list[GoalRound] = field(default_factory=list)  # --max-drop / a latency goal: one per round
 
 
 @dataclass

@@ -43,6 +43,7 @@ from ..recovery import RECIPES, has_batchnorm, on_device, recalibrate_bn, resolv
 from ..report import (
     Candidate,
     DenseSummary,
+    GoalRound,
     GroupReport,
     LatencyLineReport,
     LayerReport,
@@ -253,6 +254,7 @@ class ChannelSearch:
         self.latency_model: LatencyModel | None = None  # fitted by costs() with --latency-costs
         self.notes: list[str] = []  # for the report: what ran differently from what was asked, and why
         self.ratios: list[float] = []  # the Phase-1 channel fraction of each goal round
+        self.goal_rounds: list[GoalRound] = []  # each round as the next round's decision saw it
         self.ranges_by_round: list[dict[str, LayerRange]] = []
         self.finetuned: dict[int, nn.Module] = {}  # finetune: candidate index -> recovered model
         self.executor: Executor = InProcess()  # finetune: where the recover stage runs
@@ -292,6 +294,7 @@ class ChannelSearch:
         self.screen()
         self.measure()
         self.finetune()
+        self.close_round()
         self.lighter()
         self.faster()
 
@@ -628,6 +631,19 @@ class ChannelSearch:
             out.append((ratio, (self.dense_acc - best) * 100))
         return out
 
+    def close_round(self) -> None:
+        """What the latest round left: the facts the next goal-round decision reads, kept for the report."""
+        plain = [cc.candidate for cc in self.cands]
+        best = max(c.final_accuracy for c in plain)
+        self.goal_rounds.append(
+            GoalRound(
+                removed_fraction=self.ratios[-1],
+                dense_ms=self.dense_ms,
+                fastest_ms=min(c.latency_ms for c in plain),
+                best_drop=(self.dense_acc - best) * 100,
+            )
+        )
+
     def lighter(self) -> None:
         """``--max-drop``: goal rounds (up to ``GOAL_ROUNDS``) placed by `next_goal_ratio` from the drops
         measured so far: lighter while no candidate is within the drop, between a met and a missed round
@@ -667,6 +683,7 @@ class ChannelSearch:
         self.screen(start)
         self.measure()
         self.finetune(start)
+        self.close_round()
 
     def faster(self) -> None:
         """A latency goal (``--speedup`` / ``--latency-budget``) no measured candidate meets: up to
@@ -726,6 +743,7 @@ class ChannelSearch:
             screening_dense_ms=self.dense_ms,
             timed_on=self.timer.spec,
             latency_model_scale=self.latency_model.scale if self.latency_model is not None else None,
+            goal_rounds=self.goal_rounds,
         )
 
     def found(self) -> Found:
