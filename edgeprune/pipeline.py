@@ -86,7 +86,7 @@ class CompressConfig:
     bn_recal: bool = True
     finetune_epochs: int = 3
     finetune_top: int = 2
-    finetune_lr: float | None = None  # None: `recovery.default_lr` for the model (1e-4 CNN, 5e-5 attention)
+    finetune_lr: float | None = None  # None: `recovery.default_lrs` (channel mode races two rates)
     recover: str = "top"  # recovery schedule, a name in halving.SCHEDULES: top (the best few) | halving
     cluster: str | None = None  # where recovery runs: None in-process, else a Ray --cluster spec
     resume: bool = False  # keep finished recovery rungs under --out/.edgeprune-recover and reuse them

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,7 +39,7 @@ from .cluster import Executor, InProcess
 from .errors import EdgepruneError
 from .halving import Halving, Top, best
 from .masking import Masks, apply_masks_
-from .recovery import Recipe, finetune, has_batchnorm, recalibrate_bn, resolve_device
+from .recovery import Recipe, default_lrs, finetune, has_batchnorm, recalibrate_bn, resolve_device
 from .report import Candidate, RecoveryRung
 
 # -- builders: how a candidate is materialized -------------------------------------------------------------
@@ -112,6 +113,12 @@ class Job:
     build: Builder
     screen_accuracy: float = 0.0
     entrant: bool = False
+    lr: float | None = None  # this job's fine-tuning rate; None: the run's (`Shared.lr`)
+
+    def digest(self) -> str:
+        """The resume key's job part: the builder's content, and the rate when the job sets its own."""
+        d = self.build.digest()
+        return d if self.lr is None else content_digest(d, f"lr={self.lr!r}")
 
 
 # -- what every task shares --------------------------------------------------------------------------------
@@ -204,10 +211,17 @@ def _node_id() -> str:
 
 
 def run_rung(
-    shared: Shared, build: Builder, rung: int, epochs_before: int, epochs: int, start: dict | None
+    shared: Shared,
+    build: Builder,
+    rung: int,
+    epochs_before: int,
+    epochs: int,
+    start: dict | None,
+    lr: float | None = None,
 ) -> tuple[RungResult, dict[str, torch.Tensor]]:
     """Train one job through one rung: build it (BN re-calibrated) or continue from ``start`` (the state
-    after its previous rung), fine-tune ``epochs - epochs_before`` epochs on all of the calibration split,
+    after its previous rung), fine-tune ``epochs - epochs_before`` epochs at ``lr`` (None: ``shared.lr``)
+    on all of the calibration split,
     stopping early on the selection split. Returns the result and the weights (CPU state dict): those of the
     best epoch, or the start weights when no epoch beat them (``accuracy == start_accuracy``)."""
     t0 = time.perf_counter()
@@ -228,7 +242,7 @@ def run_rung(
             s.calib_y,
             val=(s.select_x, s.select_y),  # early stopping and the ranking judge on the same split
             epochs=epochs - epochs_before,
-            lr=s.lr,
+            lr=s.lr if lr is None else lr,
             batch_size=s.batch_size,
             seed=s.seed,
             recipe=s.recipe,
@@ -339,7 +353,7 @@ def recover(
     if not rungs:
         return outcomes
     settings = shared.settings_digest() if store is not None else ""
-    builds = [j.build.digest() for j in jobs] if store is not None else []
+    builds = [j.digest() for j in jobs] if store is not None else []
     handle = executor.share(shared)
     alive = first_rung(jobs, rungs[0].size)
     states: dict[int, Any] = {}  # job -> its weights after its last rung (a Ray reference or a state dict)
@@ -363,7 +377,7 @@ def recover(
             total=len(alive),
         )
         progress.advance(len(alive) - len(todo))
-        calls = [(jobs[j].build, r, before, rung.epochs, states.get(j)) for j in todo]
+        calls = [(jobs[j].build, r, before, rung.epochs, states.get(j), jobs[j].lr) for j in todo]
         for i, result, payload in executor.run(run_rung, handle, calls, [keys[j] for j in todo], shared.threads):
             j = todo[i]
             outcomes[j].rungs.append(result)
@@ -394,20 +408,46 @@ def pick(outcomes: Sequence[RecoveryOutcome]) -> RecoveryOutcome:
     return survivors[best([o.accuracy for o in survivors], 1)[0]]
 
 
+def with_rates(jobs: Sequence[Job], rates: Sequence[float]) -> list[Job]:
+    """Every job once per rate, candidate by candidate (keys ``KEY@lr=R`` when there are several): the rates
+    race like candidates do, ranked on the selection split after each rung."""
+    if len(rates) == 1:
+        return [dataclasses.replace(j, lr=rates[0]) for j in jobs]
+    return [dataclasses.replace(j, key=f"{j.key}@lr={r:g}", lr=r) for j in jobs for r in rates]
+
+
+def best_rate(outcomes: Sequence[RecoveryOutcome]) -> int:
+    """Of one candidate's outcomes (one per rate, as `with_rates` ordered them) the one it keeps: the most
+    accurate survivor of the last rung, else the one that got furthest (ties: the order given, low rate first)."""
+    survivors = [i for i, o in enumerate(outcomes) if o.survived]
+    pool = survivors or [i for i, o in enumerate(outcomes) if len(o.rungs) == max(len(o.rungs) for o in outcomes)]
+    if not outcomes[pool[0]].rungs:
+        return pool[0]
+    return pool[best([outcomes[i].accuracy for i in pool], 1)[0]]
+
+
 # -- the report's view and the options' schedule, shared by both granularities -------------------------
 
 
-def recovery_schedule(cfg: Any) -> Top | Halving | None:
-    """The recover stage's schedule from the options; None when there is nothing to train."""
+def recovery_rates(cfg: Any, model: nn.Module, compacted: bool = False) -> tuple[float, ...]:
+    """``--finetune-lr``, or `recovery.default_lrs` for the model (two for a compacted one)."""
+    return (cfg.finetune_lr,) if cfg.finetune_lr is not None else default_lrs(model, compacted)
+
+
+def recovery_schedule(cfg: Any, rates: int = 1) -> Top | Halving | None:
+    """The recover stage's schedule from the options (``rates``: jobs per candidate, `with_rates`); None when
+    there is nothing to train."""
     if cfg.finetune_epochs <= 0 or cfg.finetune_top <= 0:
         return None
     if cfg.recover == "halving":
-        return Halving(1, cfg.finetune_epochs, 2, keep=max(1, cfg.finetune_top))
-    return Top(k=cfg.finetune_top, epochs=cfg.finetune_epochs)
+        return Halving(1, cfg.finetune_epochs, 2, keep=max(1, cfg.finetune_top) * rates)
+    return Top(k=cfg.finetune_top * rates, epochs=cfg.finetune_epochs)
 
 
-def record_recovery(candidate: Candidate, outcome: RecoveryOutcome) -> None:
-    """A candidate's rungs in the report; its recovered accuracy only where it survived the last rung."""
+def record_recovery(candidate: Candidate, outcome: RecoveryOutcome, lr: float | None = None) -> None:
+    """A candidate's rungs in the report (and ``lr``, the rate they ran at when the job set one); its
+    recovered accuracy only where it survived the last rung."""
+    candidate.recovery_lr = lr
     candidate.recovery = [
         RecoveryRung(
             r.rung, r.epochs, r.epochs_run, r.steps, r.accuracy, r.start_accuracy, round(r.seconds, 3), r.reused

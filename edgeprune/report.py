@@ -65,6 +65,7 @@ class Candidate:
     screened_images: int | None = None
     recovery: list[RecoveryRung] = field(default_factory=list)  # its rungs when the recover stage trained it
     improved: bool | None = None  # None: not recovered; False: the start weights stayed the most accurate
+    recovery_lr: float | None = None  # the rate of the recovery it kept (channel mode races two per candidate)
 
     @classmethod
     def mix_and_match(cls, signal: str, strategy: str) -> Candidate:

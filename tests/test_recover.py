@@ -7,6 +7,8 @@ import pickle
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -16,7 +18,19 @@ from edgeprune.evaluation import accuracy
 from edgeprune.halving import Halving, Top
 from edgeprune.masking import layer_mask
 from edgeprune.models import load_model
-from edgeprune.recover import Builder, Job, MaskBuild, ResultStore, Shared, pick, recover
+from edgeprune.recover import (
+    Builder,
+    Job,
+    MaskBuild,
+    ResultStore,
+    Shared,
+    best_rate,
+    pick,
+    recover,
+    recovery_rates,
+    recovery_schedule,
+    with_rates,
+)
 from edgeprune.recovery import RECIPES, teacher_logits
 from edgeprune.structured import CompactBuild, GroupGraph
 
@@ -94,6 +108,51 @@ def test_channel_candidates_are_compacted_and_trained_without_masks(shared):
     assert sum(p.numel() for p in model.parameters()) < sum(p.numel() for p in shared.dense.parameters())
     model.load_state_dict(out[0].state)  # the weights fit the compacted architecture
     assert accuracy(model, shared.select_x, shared.select_y) == pytest.approx(out[0].accuracy)
+
+
+def test_rates_race_like_candidates_and_each_candidate_keeps_its_better_one(shared):
+    """`with_rates`: a job per (candidate, rate) at that rate, trained exactly as a run at that one rate would;
+    `best_rate` keeps the more accurate on the selection split, and the resume key tells the rates apart."""
+    example = shared.calib_x[:1]
+    graph = GroupGraph(load_model("demo"), example)
+    half = Job("channel/half", CompactBuild({g.name: list(range(g.units // 2)) for g in graph.groups}, example), 0.5)
+    jobs = with_rates([half], (1e-5, 3e-3))
+    assert [(j.key, j.lr) for j in jobs] == [("channel/half@lr=1e-05", 1e-5), ("channel/half@lr=0.003", 3e-3)]
+    assert jobs[0].digest() != jobs[1].digest() != half.digest()
+    out = recover(jobs, shared, recovery_schedule(SimpleNamespace(finetune_epochs=1, finetune_top=1, recover="top"), 2))
+    assert all(o.survived for o in out)
+    for job, o in zip(jobs, out, strict=True):  # each at its own rate: the same as a run given only that rate
+        alone = recover([half], replace(shared, lr=job.lr), Top(1, 1))[0]
+        assert o.accuracy == alone.accuracy
+    assert out[0].accuracy != out[1].accuracy  # 300x apart, one epoch: the rates do differ
+    assert best_rate(out) == max(range(2), key=lambda i: (out[i].accuracy, -i))
+    assert with_rates([half], (1e-3,))[0].key == "channel/half"  # one rate: keys unchanged
+
+
+def test_best_rate_prefers_survivors_then_the_furthest_and_the_lower_rate_on_ties():
+    from edgeprune.recover import RecoveryOutcome, RungResult
+
+    def outcome(accs, survived):
+        rungs = [RungResult(r, r + 1, 1, 1, a, 0.1, 0.0) for r, a in enumerate(accs)]
+        return RecoveryOutcome("x", rungs, {} if survived else None)
+
+    assert best_rate([outcome([0.8], True), outcome([0.9], True)]) == 1
+    assert best_rate([outcome([0.9], True), outcome([0.9], True)]) == 0  # a tie: the lower rate
+    assert best_rate([outcome([0.5, 0.6], True), outcome([0.9], False)]) == 0  # only a survivor has weights
+    assert best_rate([outcome([0.5], False), outcome([0.5, 0.4], False)]) == 1  # none survived: the furthest
+    assert best_rate([outcome([], False), outcome([], False)]) == 0
+
+
+def test_channel_mode_races_two_rates_unless_one_is_given():
+    """Compacted models race the paper's rate and a higher one (`recovery.default_lrs`); masked ones, and any
+    run given ``--finetune-lr``, recover at one rate."""
+    from edgeprune.recovery import COMPACTED_LR, PAPER_LR, default_lrs
+
+    cnn = load_model("demo")
+    assert default_lrs(cnn) == (PAPER_LR["cnn"],)
+    assert default_lrs(cnn, compacted=True) == (PAPER_LR["cnn"], COMPACTED_LR["cnn"])
+    assert recovery_rates(SimpleNamespace(finetune_lr=None), cnn, compacted=True) == default_lrs(cnn, True)
+    assert recovery_rates(SimpleNamespace(finetune_lr=2e-4), cnn, compacted=True) == (2e-4,)
 
 
 def test_every_builder_is_a_builder_and_travels_unchanged(shared):

@@ -38,7 +38,17 @@ from ..evaluation import accuracy, params_and_macs
 from ..granularity import Found, SearchInputs
 from ..inventory import Layer
 from ..ranges import LayerRange, Rule, apply_rules, baseline_ranges, parse_rules, range_targets, read_rules_file
-from ..recover import Job, ResultStore, Shared, record_recovery, recover, recovery_schedule
+from ..recover import (
+    Job,
+    ResultStore,
+    Shared,
+    best_rate,
+    record_recovery,
+    recover,
+    recovery_rates,
+    recovery_schedule,
+    with_rates,
+)
 from ..recovery import RECIPES, has_batchnorm, on_device, recalibrate_bn, resolve_device, teacher_logits_if_distilling
 from ..report import (
     Candidate,
@@ -586,7 +596,8 @@ class ChannelSearch:
         if start == 0:
             self.finetuned = {}
         with self.t("finetune"):
-            schedule = recovery_schedule(cfg)
+            rates = recovery_rates(cfg, self.model, compacted=True)
+            schedule = recovery_schedule(cfg, len(rates))
             if schedule is None:
                 return
             cands = self.cands
@@ -598,21 +609,23 @@ class ChannelSearch:
             for i in (start + i for i in pool):
                 first.setdefault((cands[i].candidate.signal, cands[i].shape_key), i)
             pool = list(first.values())
-            jobs = [
-                Job(cands[i].candidate.name, CompactBuild(cands[i].remove, self.example), cands[i].candidate.accuracy)
-                for i in pool
-            ]
+            builds = {i: CompactBuild(cands[i].remove, self.example) for i in pool}
+            plain = [cands[i].candidate for i in pool]
+            jobs = with_rates([Job(c.name, builds[i], c.accuracy) for i, c in zip(pool, plain, strict=True)], rates)
             recipe = RECIPES[cfg.recovery]
             device = self.torch_device
             teacher = teacher_logits_if_distilling(recipe, self.model, d.calib_x, cfg.batch_size, device)
             shared = Shared.for_run(cfg, copy.deepcopy(self.model), d, recipe, teacher, self.use_bn)
             self.progress.log(
                 f"recover ({cfg.recover}, up to {cfg.finetune_epochs} epochs, {recipe.name}, on {device}): "
-                f"{len(jobs)} candidate(s)"
+                f"{len(pool)} candidate(s) at rate {' and '.join(f'{r:g}' for r in rates)}"
             )
             outcomes = recover(jobs, shared, schedule, self.executor, self.progress, self.store)
-            for i, job, o in zip(pool, jobs, outcomes, strict=True):
-                record_recovery(cands[i].candidate, o)
+            n = len(rates)
+            for k, i in enumerate(pool):  # per candidate, the rate the selection split prefers
+                w = k * n + best_rate(outcomes[k * n : (k + 1) * n])
+                o, job = outcomes[w], jobs[w]
+                record_recovery(cands[i].candidate, o, job.lr)
                 if o.survived:
                     model = job.build.build(self.model)
                     model.load_state_dict(o.state)
