@@ -122,8 +122,10 @@ def confirm_head_to_head(
     limit: int = HEAD_TO_HEAD,
 ) -> tuple[int, str | None]:
     """Re-check a latency pick with candidates timed alone next to dense (``time_pair(i)`` -> (dense ms,
-    candidate ms)): in the all-candidates run (dense ``dense_ms``) every model runs with cold caches and
-    dense, the biggest, loses most, so speedups read a few % high. Walks the candidates that met the goal
+    candidate ms)): in the all-candidates run (dense ``dense_ms``) every model runs with cold caches, which
+    moves speedups by a few % either way (ResNet-18: read high; a MobileNetV3 pick at 1 thread: 0.05-0.1x low;
+    at 2 threads on a 2-core machine a pair itself swings by more: benchmarks/results/timing_protocol.md).
+    Walks the candidates that met the goal
     there, most accurate first, up to ``limit`` distinct architectures (``keys``); returns the first that
     still meets it head to head (or the original pick if none does) and a note for the report (None when
     the pick stands as it was)."""
