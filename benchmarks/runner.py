@@ -150,7 +150,8 @@ def device_facts() -> dict:
     return facts
 
 
-def make_session(path: str, threads: int):
+def make_session(path: str, threads: int, spinning: bool = True):
+    """``spinning`` False: intra-op threads sleep between runs (onnxruntime spins them by default)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -158,6 +159,8 @@ def make_session(path: str, threads: int):
     opts.inter_op_num_threads = 1
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
 
 

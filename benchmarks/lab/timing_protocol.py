@@ -29,28 +29,15 @@ from pathlib import Path
 
 import numpy as np
 from edgeprune.benchmarks.machine import command_line, machine_info, write_results
-from edgeprune.benchmarks.runner import latency_stats, run_orders
+from edgeprune.benchmarks.runner import latency_stats, make_session, run_orders
 
 PROTOCOLS = ("interleaved", "pair", "burst", "pair-burst")
-
-
-def session(path: str, threads: int, spinning: bool):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if not spinning:
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, sess_options=opts, providers=["CPUExecutionProvider"])
 
 
 def p50s(paths: list[str], threads: int, spinning: bool, runs: int, burst: int) -> list[float]:
     """Each model's p50 (ms) over ``runs`` timed runs, interleaved; ``burst`` > 1: that many back to back
     per visit, after one untimed run."""
-    sessions = [session(p, threads, spinning) for p in paths]
+    sessions = [make_session(p, threads, spinning) for p in paths]
     inputs = [s.get_inputs()[0] for s in sessions]
     shapes = [[d if isinstance(d, int) and d > 0 else 1 for d in i.shape] for i in inputs]  # batch 1
     feeds = [{i.name: np.random.default_rng(0).random(s, np.float32)} for i, s in zip(inputs, shapes, strict=True)]

@@ -609,9 +609,11 @@ class ChannelSearch:
             for i in (start + i for i in pool):
                 first.setdefault((cands[i].candidate.signal, cands[i].shape_key), i)
             pool = list(first.values())
-            builds = {i: CompactBuild(cands[i].remove, self.example) for i in pool}
-            plain = [cands[i].candidate for i in pool]
-            jobs = with_rates([Job(c.name, builds[i], c.accuracy) for i, c in zip(pool, plain, strict=True)], rates)
+            one_rate = [
+                Job(cands[i].candidate.name, CompactBuild(cands[i].remove, self.example), cands[i].candidate.accuracy)
+                for i in pool
+            ]
+            jobs = with_rates(one_rate, rates)
             recipe = RECIPES[cfg.recovery]
             device = self.torch_device
             teacher = teacher_logits_if_distilling(recipe, self.model, d.calib_x, cfg.batch_size, device)
