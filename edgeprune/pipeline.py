@@ -30,8 +30,16 @@ from .masking import Masks, apply_masks_, build_masks
 from .models import load_model, model_family
 from .outdir import claim_output_dir
 from .ranges import LayerRange, apply_rules, baseline_ranges, load_rules, range_targets
-from .recover import Job, MaskBuild, ResultStore, Shared, record_recovery, recover, recovery_schedule
-from .recovery import RECIPES, finetune, has_batchnorm, on_device, recalibrate_bn, resolve_device, teacher_logits
+from .recover import Job, MaskBuild, ResultStore, Shared, record_recovery, recover, recovery_batch, recovery_schedule
+from .recovery import (
+    RECIPES,
+    finetune,
+    has_batchnorm,
+    on_device,
+    recalibrate_bn,
+    resolve_device,
+    teacher_logits,
+)
 from .report import (
     Candidate,
     DenseSummary,
@@ -87,6 +95,7 @@ class CompressConfig:
     finetune_epochs: int = 3
     finetune_top: int = 2
     finetune_lr: float | None = None  # None: `recovery.default_lrs` (channel mode races two rates)
+    finetune_batch: int | None = None  # None: `recovery.finetune_batch` of the calibration split's size
     recover: str = "top"  # recovery schedule, a name in halving.SCHEDULES: top (the best few) | halving
     cluster: str | None = None  # where recovery runs: None in-process, else a Ray --cluster spec
     resume: bool = False  # keep finished recovery rungs under --out/.edgeprune-recover and reuse them
@@ -150,6 +159,11 @@ class CompressConfig:
                 raise EdgepruneError(f"--{name.replace('_', '-')} must be >= 1")
         if self.finetune_epochs < 0 or self.finetune_top < 0:
             raise EdgepruneError("--finetune-epochs and --finetune-top must be >= 0")
+        if self.finetune_batch is not None and self.finetune_batch < 2:
+            raise EdgepruneError(
+                f"--finetune-batch must be >= 2 (BatchNorm trains on 2+ images; omit it for the default), "
+                f"got {self.finetune_batch}"
+            )
         if self.recovery not in RECIPES:
             raise EdgepruneError(f"unknown --recovery '{self.recovery}'; choose from {', '.join(RECIPES)}")
         resolve_device(self.device)
@@ -276,8 +290,10 @@ class Workspace:
         self._teacher: torch.Tensor | None = None
 
     def teacher(self) -> torch.Tensor | None:
-        """The dense model's calibration logits, once, when the recovery recipe distills (else None)."""
-        if self.recipe.distill <= 0:  # None is not cached: without this, every call would reload the weights
+        """The dense model's calibration logits, once, when the recovery recipe distills from fixed logits (else
+        None: a consistent recipe labels each view as it trains)."""
+        # None is not cached: without this early return every call would reload the weights
+        if self.recipe.distill <= 0 or self.recipe.consistent:
             return None
         if self._teacher is None:
             self.model.load_state_dict(self.original)
@@ -460,10 +476,13 @@ class Workspace:
     def shared(self) -> Shared:
         """What every recovery task reads: a copy of the dense model (``self.model`` is masked in place),
         the calibration split to train on and the selection split to rank and stop on."""
-        d, cfg = self.data, self.cfg
+        return Shared.for_run(self.cfg, self.dense_copy(), self.data, self.recipe, self.teacher(), self.use_bn)
+
+    def dense_copy(self) -> nn.Module:
+        """The dense model, apart from ``self.model`` (which is masked in place), in eval mode."""
         dense = copy.deepcopy(self.model)
         dense.load_state_dict(self.original)
-        return Shared.for_run(cfg, dense, d, self.recipe, self.teacher(), self.use_bn)
+        return dense.eval()
 
     def finetune(self, cp: CandidatePlan, epochs: int, on_epoch=None) -> dict:
         """Fine-tune one candidate with its masks enforced; returns the weights, fills finetuned_accuracy."""
@@ -478,12 +497,13 @@ class Workspace:
             d.calib_y,
             epochs=epochs,
             lr=cfg.finetune_lr,
-            batch_size=cfg.batch_size,
+            batch_size=recovery_batch(cfg, len(d.calib_x)),
             seed=cfg.seed,
             recipe=self.recipe,
             teacher=teacher,
             on_epoch=on_epoch,
             device=self.device,
+            teacher_model=self.dense_copy() if self.recipe.consistent else None,
         )
         cp.candidate.finetuned_accuracy = self.accuracy()
         return copy.deepcopy(self.model.state_dict())
@@ -770,7 +790,7 @@ def search_unstructured(inp: SearchInputs) -> Found:
         layers=layer_reports,
         on_test=[(i, lambda i=i: build(i)) for i in baselines],
         screening=asdict(screening),
-        config=config_dict(cfg, threads=inp.threads),
+        config=config_dict(cfg, threads=inp.threads, finetune_batch=recovery_batch(cfg, len(ws.data.calib_x))),
     )
 
 

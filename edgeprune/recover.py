@@ -39,7 +39,7 @@ from .cluster import Executor, InProcess
 from .errors import EdgepruneError
 from .halving import Halving, Top, best
 from .masking import Masks, apply_masks_
-from .recovery import Recipe, default_lrs, finetune, has_batchnorm, recalibrate_bn, resolve_device
+from .recovery import Recipe, default_lrs, finetune, finetune_batch, has_batchnorm, recalibrate_bn, resolve_device
 from .report import Candidate, RecoveryRung
 
 # -- builders: how a candidate is materialized -------------------------------------------------------------
@@ -136,11 +136,17 @@ class Shared:
     recipe: Recipe
     teacher: torch.Tensor | None = None  # the dense model's logits on calib_x (`recovery.teacher_logits`)
     lr: float | None = None  # None: `recovery.default_lr` for the model
-    batch_size: int = 128
+    batch_size: int = 128  # BN re-calibration's batch
     seed: int = 0
     bn_recal: bool = True
     threads: int = 1  # torch intra-op threads per task: part of the result (float sums), so fixed, not "all"
     device: str = "auto"  # where a task trains (`recovery.resolve_device`, resolved on the worker)
+    finetune_batch: int | None = None  # None: `recovery.finetune_batch` of the calibration split's size
+
+    @property
+    def train_batch(self) -> int:
+        """The fine-tuning batch: ``finetune_batch``, or the rule's for these calibration images."""
+        return self.finetune_batch or finetune_batch(len(self.calib_x), self.batch_size)
 
     @classmethod
     def for_run(
@@ -162,6 +168,7 @@ class Shared:
             bn_recal,
             cfg.recover_threads,
             cfg.device,
+            cfg.finetune_batch,
         )
 
     def settings_digest(self) -> str:
@@ -170,7 +177,16 @@ class Shared:
         if self.teacher is not None:
             data["teacher"] = self.teacher
         settings = json.dumps(
-            [repr(self.recipe), self.lr, self.batch_size, self.seed, self.bn_recal, self.threads, self.device]
+            [
+                repr(self.recipe),
+                self.lr,
+                self.batch_size,
+                self.seed,
+                self.bn_recal,
+                self.threads,
+                self.device,
+                self.train_batch,
+            ]
         )
         return content_digest(tensor_digest(self.dense.state_dict()), tensor_digest(data), settings)
 
@@ -243,11 +259,12 @@ def run_rung(
             val=(s.select_x, s.select_y),  # early stopping and the ranking judge on the same split
             epochs=epochs - epochs_before,
             lr=s.lr if lr is None else lr,
-            batch_size=s.batch_size,
+            batch_size=s.train_batch,
             seed=s.seed,
             recipe=s.recipe,
             teacher=s.teacher,
             device=device,
+            teacher_model=s.dense if s.recipe.consistent else None,
         )
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     seconds = time.perf_counter() - t0
@@ -432,6 +449,11 @@ def best_rate(outcomes: Sequence[RecoveryOutcome]) -> int:
 def recovery_rates(cfg: Any, model: nn.Module, compacted: bool = False) -> tuple[float, ...]:
     """``--finetune-lr``, or `recovery.default_lrs` for the model (two for a compacted one)."""
     return (cfg.finetune_lr,) if cfg.finetune_lr is not None else default_lrs(model, compacted)
+
+
+def recovery_batch(cfg: Any, calib_images: int) -> int:
+    """``--finetune-batch``, or `recovery.finetune_batch` for ``calib_images``."""
+    return cfg.finetune_batch or finetune_batch(calib_images, cfg.batch_size)
 
 
 def recovery_schedule(cfg: Any, rates: int = 1) -> Top | Halving | None:

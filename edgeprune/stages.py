@@ -38,9 +38,12 @@ class Timings:
             self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
 
 
-def config_dict(cfg: Any, *, round_to: int | None = None, threads: int | None = None) -> dict:
+def config_dict(
+    cfg: Any, *, round_to: int | None = None, threads: int | None = None, finetune_batch: int | None = None
+) -> dict:
     """The run's options as report.json records them, for both granularities: what ran, not the defaults'
-    names (``device`` resolved; ``round_to`` and ``threads`` as the run used them when given)."""
+    names (``device`` resolved; ``round_to``, ``threads`` and ``finetune_batch`` as the run used them when
+    given)."""
     d = asdict(cfg)
     d["signals"], d["range_baselines"], d["ssh_options"] = (
         list(cfg.signals),
@@ -52,4 +55,6 @@ def config_dict(cfg: Any, *, round_to: int | None = None, threads: int | None = 
         d["round_to"] = round_to
     if threads is not None:
         d["threads"] = threads
+    if finetune_batch is not None:
+        d["finetune_batch"] = finetune_batch
     return d

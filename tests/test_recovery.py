@@ -9,8 +9,10 @@ from edgeprune.evaluation import accuracy
 from edgeprune.models import load_model
 from edgeprune.pipeline import CompressConfig
 from edgeprune.recovery import (
+    FINETUNE_STEPS_PER_EPOCH,
     RECIPES,
     finetune,
+    finetune_batch,
     random_shift,
     recalibrate_bn,
     recovery_loss,
@@ -57,8 +59,8 @@ def test_unknown_recipe_is_named():
 
 
 def test_distillation_pulls_a_pruned_model_towards_the_dense_one(demo_data):
-    """Channel-prune the bundled ResNet to 60 %, then fine-tune on 200 demo images: both recipes win back
-    accuracy, and the distill recipe ends much closer to the dense model's predictions (held-out images)."""
+    """Channel-prune the bundled ResNet to 60 %, then fine-tune on 200 demo images: every recipe wins back
+    accuracy, and both distill recipes end much closer to the dense model's predictions (held-out images)."""
     dense = load_model("fmnist_resnet", pretrained=True, num_classes=10, in_chans=1).eval()
     x, y, ex, ey = demo_data.calib_x, demo_data.calib_y, demo_data.eval_x, demo_data.eval_y
     teacher, held_teacher = teacher_logits(dense, x), teacher_logits(dense, ex)
@@ -66,11 +68,15 @@ def test_distillation_pulls_a_pruned_model_towards_the_dense_one(demo_data):
     widths = widths_for(graph.groups, {g.name: 0.6 for g in graph.groups}, 8)
     remove = units_to_remove(graph.groups, widths, group_scores(graph)["magnitude"])
     kl, acc = {}, {}
-    for name in ("paper", "distill"):
+    for name in ("paper", "distill-once", "distill"):
         pruned = compact(dense, x[:1], remove)
         recalibrate_bn(pruned, x, 100)
         before = accuracy(pruned, ex, ey)
-        finetune(pruned, {}, x, y, epochs=4, lr=3e-3, batch_size=32, recipe=RECIPES[name], teacher=teacher)
+        recipe = RECIPES[name]
+        finetune(
+            pruned, {}, x, y, epochs=4, lr=3e-3, batch_size=32, recipe=recipe,
+            teacher=None if recipe.consistent else teacher, teacher_model=dense if recipe.consistent else None,
+        )  # fmt: skip
         acc[name] = accuracy(pruned, ex, ey)
         assert acc[name] > before + 0.3, (name, before, acc[name])
         with torch.no_grad():
@@ -80,14 +86,67 @@ def test_distillation_pulls_a_pruned_model_towards_the_dense_one(demo_data):
                 reduction="batchmean",
                 log_target=True,
             ).item()
+    assert kl["distill-once"] < 0.8 * kl["paper"], (kl, acc)
     assert kl["distill"] < 0.8 * kl["paper"], (kl, acc)
+
+
+def test_the_consistent_teacher_labels_the_view_the_student_sees():
+    """``distill`` runs the dense model on every shifted batch the student trains on (not on the unshifted
+    images); the dense model is left as it was (eval mode, same weights)."""
+    student, teacher = tiny_cnn(), tiny_cnn()
+    x, y = batch(40, size=16)
+    seen: dict[str, list[torch.Tensor]] = {"student": [], "teacher": []}
+    hooks = [
+        m.register_forward_pre_hook(lambda _m, args, k=k: seen[k].append(args[0].detach().clone()) if _m.training
+                                    or k == "teacher" else None)
+        for k, m in (("student", student), ("teacher", teacher))
+    ]  # fmt: skip
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    recipe = RECIPES["distill"]
+    assert recipe.consistent and recipe.shift > 0
+    finetune(
+        student, {}, x, y, val=(x[:8], y[:8]), epochs=2, lr=1e-3, batch_size=8, recipe=recipe, teacher_model=teacher
+    )
+    for h in hooks:
+        h.remove()
+    assert len(seen["teacher"]) == len(seen["student"]) == 10  # 2 epochs x 5 batches, one teacher pass each
+    assert all(torch.equal(a, b) for a, b in zip(seen["student"], seen["teacher"], strict=True))
+    assert any(not any(torch.equal(v, x[i : i + 8]) for i in range(0, 40, 8)) for v in seen["teacher"])  # shifted
+    assert not teacher.training and all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+
+
+@pytest.mark.parametrize("images", [8, 16, 24, 40, 80])
+def test_one_cycle_fine_tuning_runs_at_every_small_plan(images):
+    """2 epochs of ``images / 8`` steps: 2, 4, 6, 10 (torch's OneCycleLR divided by zero at exactly 10) and 20."""
+    model = tiny_cnn()
+    x, y = batch(images, size=16)
+    res = finetune(model, {}, x, y, val=(x[:4], y[:4]), epochs=2, lr=1e-3, batch_size=8, recipe=RECIPES["distill-once"],
+                   teacher=teacher_logits(model, x), patience=5)  # fmt: skip
+    assert res.steps == 2 * (images // 8) and res.epochs_run == 2
+
+
+def test_a_consistent_recipe_needs_the_dense_model():
+    model = tiny_cnn()
+    x, y = batch(16, size=16)
+    with pytest.raises(ValueError, match="pass teacher_model"):
+        finetune(model, {}, x, y, epochs=1, recipe=RECIPES["distill"], teacher=teacher_logits(model, x))
+
+
+def test_the_finetune_batch_gives_every_epoch_enough_steps():
+    # a power of two near images / 32, between 16 and the --batch-size
+    assert [finetune_batch(n) for n in (10, 500, 1000, 2000, 4000, 60000)] == [16, 16, 32, 64, 128, 128]
+    assert finetune_batch(1000, batch_size=8) == 8 and finetune_batch(3, batch_size=1) == 2
+    for n in (700, 1000, 1500, 2000, 3000):
+        assert -(-n // finetune_batch(n)) >= FINETUNE_STEPS_PER_EPOCH * 0.7  # steps an epoch
+    with pytest.raises(EdgepruneError, match="--finetune-batch must be >= 2"):
+        CompressConfig(finetune_batch=1).validate()
 
 
 def test_teacher_logits_must_match_the_data():
     model = tiny_cnn()
     x, y = batch(16, size=16)
     with pytest.raises(ValueError, match="teacher logits for 8 images"):
-        finetune(model, {}, x, y, epochs=1, recipe=RECIPES["distill"], teacher=teacher_logits(model, x[:8]))
+        finetune(model, {}, x, y, epochs=1, recipe=RECIPES["distill-once"], teacher=teacher_logits(model, x[:8]))
 
 
 def test_device_names_are_checked_and_cuda_must_be_visible(monkeypatch):

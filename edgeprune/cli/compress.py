@@ -69,6 +69,11 @@ def compress_cmd(
         help="Adam learning rate for fine-tuning (default: the paper's 1e-4 for CNNs, 5e-5 for attention models; "
         "channel mode races that and 3e-3 / 1.5e-3 per candidate, keeping the better on the selection split)",
     ),
+    finetune_batch: int | None = typer.Option(
+        None,
+        help="fine-tuning batch (default: enough for 32 optimizer steps an epoch, a power of two in 16..--batch-size: "
+        "32 for 1000 calibration images)",
+    ),
     recover: str = typer.Option(
         "top",
         help="recovery schedule: top (the --finetune-top best screened candidates, --finetune-epochs each) or "
@@ -139,6 +144,7 @@ def compress_cmd(
         finetune_epochs=finetune_epochs,
         finetune_top=finetune_top,
         finetune_lr=finetune_lr,
+        finetune_batch=finetune_batch,
         recover=recover,
         cluster=cluster,
         resume=resume,
