@@ -310,7 +310,8 @@ def finetune(
     stopping judges; all of ``x`` then trains. Without it, ``val_fraction`` of ``x`` is held out instead.
     ``lr``: None takes `default_lr` (the paper's rate for the model's kind).
     ``teacher``: the dense model's logits on ``x`` (`teacher_logits`), used when the recipe distills.
-    ``teacher_model``: the dense model itself, which a ``consistent`` recipe runs on every view it trains on.
+    ``teacher_model``: the dense model itself, which a ``consistent`` recipe runs (in eval mode) on every view it
+    trains on.
     ``device``: where to train (default: where the model is); the model comes back where it was.
     On return the masks are folded into the weights (no parametrizations remain).
     """
@@ -321,6 +322,8 @@ def finetune(
     if recipe.consistent and recipe.distill > 0 and teacher_model is None:
         raise ValueError(f"recipe '{recipe.name}' labels each view with the dense model: pass teacher_model")
     lr = default_lr(model) if lr is None else float(lr)
+    if recipe.consistent and teacher_model is not None:
+        teacher_model.eval()  # a teacher in training mode would move its BatchNorm statistics with every batch
     label = contextlib.nullcontext() if not recipe.consistent else on_device(teacher_model, device)
     with on_device(model, device) as dev, label:
         # the data moves once (60 k Fashion-MNIST images: 190 MB), not per batch

@@ -381,9 +381,14 @@ def render_recovery(report: Report) -> list[str]:
     trained = [c for c in report.strategies if c.recovery]
     if not trained:
         return []
+    cfg = report.config
+    calib = next((s.get("size") for s in report.splits if s.get("name") == "calibration"), None)
     lines = [
         "",
         "## Recovery",
+        "",
+        f"Recipe `{cfg.get('recovery')}`, batch {cfg.get('finetune_batch')} ({calib} calibration images), early "
+        "stopping on the selection split.",
         "",
         "| name | rung | epochs | steps | start % | after % | s |",
         "|---|---:|---:|---:|---:|---:|---:|",

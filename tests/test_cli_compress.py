@@ -14,6 +14,7 @@ from PIL import Image
 
 from edgeprune.cli import main
 from edgeprune.data import load_demo_arrays
+from edgeprune.recovery import finetune_batch
 
 FAST = ["--calib-size", "300", "--eval-size", "400", "--finetune-epochs", "1", "--finetune-top", "1",
         "--bench-runs", "5", "--quantize", "none", "-q"]  # fmt: skip
@@ -154,6 +155,10 @@ def test_compress_recovers_by_halving_and_resumes(tmp_path, capsys):
     assert sel["name"] in {c["name"] for c in second}  # the pick is one recovery finished
     md = (out / "report.md").read_text()
     assert "## Recovery" in md
+    # 128 calibration images: the fine-tuning batch is the rule's 16 (8 steps an epoch), named in the report
+    assert report["config"]["finetune_batch"] == finetune_batch(128) == 16
+    assert "Recipe `distill`, batch 16 (128 calibration images)" in md
+    assert all(r["steps"] == 8 * r["epochs"] for c in trained for r in c["recovery"][:1])
     assert ("recovery did not improve" in md) == any(c["improved"] is False for c in trained)
     assert (out / ".edgeprune-recover").is_dir()
 
