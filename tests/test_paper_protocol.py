@@ -118,6 +118,18 @@ def test_a_grown_ladder_moves_only_the_levels_it_changes_and_drops_their_trials(
     assert pp.moved_levels([], after) == {0, 1, 2}
 
 
+def test_a_level_at_an_earlier_levels_sparsity_reuses_its_trial():
+    m = pp.ModelResult("toy", 1, levels=[pp.Level(1.0, 0.875), pp.Level(3.0, 0.9), pp.Level(5.0, 0.9)])
+    m.trials = [_trial(0.91, {"mag": (0.92, 0.93)}) for _ in range(2)]
+    m.trials[0].level, m.trials[1].level, m.trials[1].seed = 1, 1, 1
+    twin = pp.twin_trial(m, 0, 2)
+    assert twin is not None and (twin.seed, twin.level, twin.seconds) == (0, 2, 0.0)
+    assert twin.methods == m.trials[0].methods and twin.methods is not m.trials[0].methods  # a copy
+    assert m.trials[0].level == 1  # the original keeps its level
+    assert pp.twin_trial(m, 0, 0) is None  # 87.5 %: no twin
+    assert pp.twin_trial(m, 2, 2) is None  # no finished trial of that seed
+
+
 def test_degradation_cut_is_against_mags_drop_at_the_highest_level():
     m = pp.ModelResult("toy", 1, levels=[pp.Level(1.0, 0.8)])
     # dense 0.95; Mix-and-Match 0.93 (2 points), MAG 0.90 (5 points): 60 % less degradation
