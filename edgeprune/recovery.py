@@ -136,7 +136,7 @@ RECIPES: dict[str, Recipe] = {
         # The dense model labels the very view the student trains on ("consistent" teaching, Beyer et al. 2022):
         # on the demo, +0.2 to +1.2 points over logits of the unshifted images at every level and batch measured,
         # and the only recipe that does not lose to no fine-tuning at all on a lightly pruned model
-        # (benchmarks/results/recovery_recipes.md), for one extra forward pass a step.
+        # (benchmarks/results/recovery_recipes_demo.md), for one extra forward pass a step.
         Recipe(
             "distill",
             distill=0.7,
@@ -247,7 +247,7 @@ def default_lrs(model: nn.Module, compacted: bool = False) -> tuple[float, ...]:
 # Fine-tuning is starved of steps, not of compute, on the small calibration splits edgeprune is given: 3 epochs
 # of 1000 images at batch 128 are 24 optimizer steps. At batch 32 (the same images, the same wall time on the
 # CPU) the demo's compacted models recover 5 points more and LAMP's 90 % masks 2 points more
-# (benchmarks/results/recovery_recipes.md); batch 16 adds little for twice the time. So the fine-tuning batch is
+# (benchmarks/results/recovery_recipes_demo.md); batch 16 adds little for twice the time. So the fine-tuning batch is
 # chosen for at least this many steps an epoch, a power of two between MIN_FINETUNE_BATCH and the --batch-size.
 FINETUNE_STEPS_PER_EPOCH = 32
 MIN_FINETUNE_BATCH = 16
@@ -322,9 +322,10 @@ def finetune(
     if recipe.consistent and recipe.distill > 0 and teacher_model is None:
         raise ValueError(f"recipe '{recipe.name}' labels each view with the dense model: pass teacher_model")
     lr = default_lr(model) if lr is None else float(lr)
-    if recipe.consistent and teacher_model is not None:
+    labels_views = recipe.consistent and teacher_model is not None
+    if labels_views:
         teacher_model.eval()  # a teacher in training mode would move its BatchNorm statistics with every batch
-    label = contextlib.nullcontext() if not recipe.consistent else on_device(teacher_model, device)
+    label = on_device(teacher_model, device) if labels_views else contextlib.nullcontext()
     with on_device(model, device) as dev, label:
         # the data moves once (60 k Fashion-MNIST images: 190 MB), not per batch
         x, y = x.to(dev), y.to(dev)
@@ -357,7 +358,7 @@ def finetune(
                     if len(idx) < 2:  # BatchNorm cannot train on a single sample
                         continue
                     xb = random_shift(x[idx], recipe.shift, gen)  # unchanged when the shift is under a pixel
-                    if recipe.consistent and teacher_model is not None:
+                    if labels_views:
                         with torch.no_grad():
                             tb = teacher_model(xb)
                     else:
