@@ -455,7 +455,12 @@ def test_compress_channel_end_to_end(tmp_path):
     )
     report = compress(cfg)
     assert report.granularity == "channel"
-    assert len(report.strategies) == 2 * (10 + 3)  # ten strategies and three latency-model allocations per signal
+    # ten strategies and three latency-model allocations per signal; a faster goal round (when the noisy 5-run
+    # timing had no candidate at 1.5x) adds candidates named .../fastK, and only those
+    first = [c for c in report.strategies if "/fast" not in c.name]
+    assert len(first) == 2 * (10 + 3)
+    faster = len(report.strategies) > len(first)
+    assert len(report.structured.goal_rounds) >= 1 + faster  # a faster round ran only as the record says
     assert {c.strategy for c in report.strategies} >= {"latency-", "latency", "latency+"}
     for c in report.strategies:
         assert c.latency_ms > 0 and 0 < c.macs < report.dense.macs and 0 < c.sparsity < 1
