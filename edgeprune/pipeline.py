@@ -31,15 +31,7 @@ from .models import load_model, model_family
 from .outdir import claim_output_dir
 from .ranges import LayerRange, apply_rules, baseline_ranges, load_rules, range_targets
 from .recover import Job, MaskBuild, ResultStore, Shared, record_recovery, recover, recovery_batch, recovery_schedule
-from .recovery import (
-    RECIPES,
-    finetune,
-    has_batchnorm,
-    on_device,
-    recalibrate_bn,
-    resolve_device,
-    teacher_logits,
-)
+from .recovery import RECIPES, finetune, has_batchnorm, on_device, recalibrate_bn, resolve_device, teacher_logits
 from .report import (
     Candidate,
     DenseSummary,

@@ -146,7 +146,7 @@ class Shared:
     @property
     def train_batch(self) -> int:
         """The fine-tuning batch: ``finetune_batch``, or the rule's for these calibration images."""
-        return self.finetune_batch or finetune_batch(len(self.calib_x), self.batch_size)
+        return recovery_batch(self, len(self.calib_x))
 
     @classmethod
     def for_run(
@@ -452,7 +452,8 @@ def recovery_rates(cfg: Any, model: nn.Module, compacted: bool = False) -> tuple
 
 
 def recovery_batch(cfg: Any, calib_images: int) -> int:
-    """``--finetune-batch``, or `recovery.finetune_batch` for ``calib_images``."""
+    """``--finetune-batch``, or `recovery.finetune_batch` for ``calib_images`` (``cfg``: the options, or a
+    `Shared`: both have ``finetune_batch`` and ``batch_size``)."""
     return cfg.finetune_batch or finetune_batch(calib_images, cfg.batch_size)
 
 

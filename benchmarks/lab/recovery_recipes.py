@@ -37,7 +37,14 @@ from edgeprune.inventory import prunable_layers
 from edgeprune.masking import build_masks
 from edgeprune.models import load_model
 from edgeprune.recover import Job, MaskBuild, Shared, best_rate, recover
-from edgeprune.recovery import RECIPES, default_lrs, finetune_batch, has_batchnorm, recalibrate_bn, teacher_logits
+from edgeprune.recovery import (
+    RECIPES,
+    default_lrs,
+    finetune_batch,
+    has_batchnorm,
+    recalibrate_bn,
+    teacher_logits_if_distilling,
+)
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"
 NONE = "none"  # the row of every candidate before fine-tuning: built and BN re-calibrated
@@ -63,7 +70,6 @@ def run_seed(a: argparse.Namespace, seed: int, log: Log) -> dict[str, dict[str, 
     data = load_data(a.data, calib_size=a.calib_size, eval_size=a.eval_size, test_size=a.test_size, seed=seed)
     model = load_model(a.model, pretrained=a.pretrained, num_classes=data.num_classes, in_chans=data.in_chans)
     builds = candidates(model, data, a.ratios, a.sparsities, a.round_to)
-    teacher = teacher_logits(model, data.calib_x)
     out: dict[str, dict[str, float]] = {}
     results: dict[tuple[str, str], tuple[object, float]] = {}
     for key, build in builds.items():  # the start every recipe trains from: built, BN re-calibrated
@@ -71,7 +77,7 @@ def run_seed(a: argparse.Namespace, seed: int, log: Log) -> dict[str, dict[str, 
         if has_batchnorm(start):
             recalibrate_bn(start, data.calib_x)
         results[(key, NONE)] = (start.eval(), accuracy(start, data.select_x, data.select_y))
-    for name in (r for r in a.recipes if r != NONE):
+    for name in a.recipes:
         recipe = RECIPES[name]
         shared = Shared(
             model,
@@ -80,7 +86,7 @@ def run_seed(a: argparse.Namespace, seed: int, log: Log) -> dict[str, dict[str, 
             data.select_x,
             data.select_y,
             recipe,
-            None if recipe.consistent else teacher,
+            teacher_logits_if_distilling(recipe, model, data.calib_x),
             batch_size=128,
             finetune_batch=a.batch_size,
             seed=seed,
