@@ -262,7 +262,9 @@ def test_a_killed_run_is_cleaned_up_and_the_report_lists_exactly_the_artifacts(t
 
 
 def _bench_children(out: Path, main_pid: int) -> list[int]:
-    return [p for p in processes_mentioning(str(out)) if p != main_pid]
+    # The runner by name: a child the run has forked but not yet exec'd carries the run's own command line
+    # (``--out`` included), and signalling on it once hit the run still importing, before its handlers.
+    return [p for p in processes_mentioning(str(out), "runner.py") if p != main_pid]
 
 
 @pytest.mark.slow
@@ -286,6 +288,24 @@ def test_a_signal_during_the_benchmark_leaves_the_old_set_and_no_children(tmp_pa
     no_strays(out)
     assert not any(Path(f"/proc/{c}").exists() for c in children)
     assert contents(out) == before and lock_is_free(out)
+
+
+def _importing_torch(pid: int) -> bool:
+    try:
+        return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def test_ctrl_c_during_start_up_is_interrupted_not_a_trace(tmp_path: Path) -> None:
+    # Start-up imports torch, timm and onnx for seconds before any command runs; a Ctrl-C there is a stop too.
+    proc = start_cli(["compress", *QUICK_JOB, "--out", str(tmp_path / "out"), "-q"])
+    wait_for(lambda: _importing_torch(proc.pid), proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    outcome = finish(proc)
+    assert outcome.exit_code == 130, outcome.stderr[-2000:]
+    assert error_line(outcome.stderr) == "edgeprune: interrupted" and "Traceback" not in outcome.stderr
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow

@@ -12,14 +12,6 @@ import sys
 
 from ..errors import EdgepruneError
 
-# Importing the modules registers their commands on `app`.
-from . import bench as _bench  # noqa: E402,F401
-from . import compress as _compress  # noqa: E402,F401
-from . import export_cmd as _export  # noqa: E402,F401
-from . import inspect_cmd as _inspect  # noqa: E402,F401
-from . import targets_cmd as _targets  # noqa: E402,F401
-from ._app import app
-
 
 class Interrupted(BaseException):
     """A signal asked the run to stop. Not an `Exception`, so no ``except Exception`` swallows it, and not
@@ -59,10 +51,20 @@ def _install_handlers() -> dict[int, object]:
     return previous
 
 
+def _registered_app():
+    """The Typer app with every command registered (importing a command's module registers it). Imported
+    inside `main`, after the handlers: start-up imports torch, timm and onnx for seconds, and a Ctrl-C then
+    must end as 'interrupted' too, not as a KeyboardInterrupt trace."""
+    from . import bench, compress, export_cmd, inspect_cmd, targets_cmd  # noqa: F401
+    from ._app import app
+
+    return app
+
+
 def main(argv: list[str] | None = None) -> None:
     previous = _install_handlers()
     try:
-        app(args=argv, standalone_mode=True)
+        _registered_app()(args=argv, standalone_mode=True)
     except EdgepruneError as exc:
         print(f"edgeprune: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

@@ -63,8 +63,8 @@ def staging_dirs(out: Path) -> list[Path]:
     return sorted(out.glob(".edgeprune-staging-*")) if out.is_dir() else []
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """Live processes (not zombies) whose command line contains ``text``: a run's strays."""
+def processes_mentioning(*texts: str) -> list[int]:
+    """Live processes (not zombies) whose command line contains every one of ``texts``: a run's strays."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -73,7 +73,7 @@ def processes_mentioning(text: str) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if text in cmdline:
+        if all(t in cmdline for t in texts):
             pids.append(int(entry.name))
     return pids
 
