@@ -41,7 +41,7 @@ from .report import (
     versions,
 )
 from .stages import FINAL_EVALUATION, Progress, Timings
-from .targets import Target
+from .targets import Target, threads_note
 
 
 @dataclass
@@ -127,6 +127,8 @@ def finish(inp: SearchInputs, found: Found, check_images: int = 64) -> Report:
             check_images=check_images,
         )
         delivery.fill(found.dense, selected)
+    capped = threads_note(cfg.threads, inp.target, inp.threads) if found.dense_exported or delivery else None
+    timing_notes = [capped] if capped else []
     report = Report(
         model=cfg.model,
         data=data.name,
@@ -145,7 +147,7 @@ def finish(inp: SearchInputs, found: Found, check_images: int = 64) -> Report:
         screening=found.screening,
         shipped=delivery.artifacts if delivery else [],
         structured=found.structured,
-        notes=found.notes + (delivery.notes if delivery else []),
+        notes=found.notes + (delivery.notes if delivery else []) + timing_notes,
         splits=[asdict(s) for s in data.splits()],
     )
     report.timings["total"] = round(sum(t.seconds.values()), 3)

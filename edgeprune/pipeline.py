@@ -97,7 +97,7 @@ class CompressConfig:
     gradient_samples: int = 512  # calibration images used for the gradient / GraSP signals
     batch_size: int = 128
     out: str = "edgeprune-out"
-    threads: int | None = None  # benchmark threads; default: the target's, capped by this machine's cores
+    threads: int | None = None  # benchmark threads; default: targets.bench_threads
     bench_runs: int = 50
     export: bool = True
     quantize: str | None = None  # "int8" | "none"; default: the target profile's
@@ -628,7 +628,7 @@ def _compress(
         progress.start("load model and data")
         model, data = load_workspace_inputs(cfg)
         progress.finish()
-    threads = bench_threads(cfg.threads, target)
+    threads = bench_threads(cfg.threads, target, cfg.latency_from)
     inp = SearchInputs(cfg, target, model, data, staging, progress, t, executor or InProcess(), store, threads)
     return finish(inp, SEARCHES[cfg.granularity](inp))
 

@@ -152,6 +152,29 @@ def round_to_hint(target: Target, round_to: int, host_arch: str, flags: set[str]
     )
 
 
-def bench_threads(threads: int | None, target: Target) -> int:
-    """Benchmark threads: the user's, else the target's default capped by this machine's cores."""
-    return threads or max(1, min(target.threads, os.cpu_count() or 1))
+def local_cores() -> int:
+    """Cores this process may run on (a container's CPU set, not the host's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def bench_threads(threads: int | None, target: Target, latency_from: str = "local") -> int:
+    """Benchmark threads: the user's; else the target's default, as it is on a board over SSH, and on this
+    machine capped to leave one core free. Every core busy timing measures contention, not the model: on a
+    2-core VM MobileNetV3's dense p50 read 0.26-0.46 ms at 2 threads (no faster than 1 thread's 0.26-0.35)
+    and a pick's speedup swung 1.24-1.37x between repeats, against 1.45-1.52x at 1 thread
+    (benchmarks/results/timing_protocol.md)."""
+    if threads:
+        return threads
+    if latency_from.startswith("ssh://"):
+        return target.threads
+    return max(1, min(target.threads, local_cores() - 1))
+
+
+def threads_note(threads: int | None, target: Target, used: int) -> str | None:
+    """The report's line when the default thread count was capped on this machine (None when it was not)."""
+    if threads or used >= target.threads:
+        return None
+    return (
+        f"latency timed at {used} thread(s), not the target's {target.threads}: this machine has {local_cores()} "
+        "core(s) and one is left free (timing on every core measures contention); pass --threads to choose"
+    )

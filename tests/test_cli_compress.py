@@ -15,6 +15,7 @@ from PIL import Image
 from edgeprune.cli import main
 from edgeprune.data import load_demo_arrays
 from edgeprune.recovery import finetune_batch
+from edgeprune.targets import get_target, local_cores, threads_note
 
 FAST = ["--calib-size", "300", "--eval-size", "400", "--finetune-epochs", "1", "--finetune-top", "1",
         "--bench-runs", "5", "--quantize", "none", "-q"]  # fmt: skip
@@ -126,6 +127,11 @@ def test_compress_default_demo_run(tmp_path, capsys, monkeypatch):
     assert report["selected"]["sparsity"] >= 0.8
     assert report["selected"]["int8_accuracy"] is not None  # arm64 profile ships INT8 by default
     assert (tmp_path / "edgeprune-out" / "model.int8.onnx").is_file()
+    # default threads: arm64's 2, on this machine at most its cores minus one, and the report says so
+    arm64 = get_target("arm64")
+    assert report["bench"]["threads"] == max(1, min(arm64.threads, local_cores() - 1))
+    capped = [n for n in report["notes"] if n.startswith("latency timed at")]
+    assert capped == ([threads_note(None, arm64, report["bench"]["threads"])] if local_cores() <= arm64.threads else [])
 
 
 HALVING = ["--recover", "halving", "--signals", "magnitude", "--range-baselines", "mag", "--calib-size", "128",

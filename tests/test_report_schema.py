@@ -9,6 +9,7 @@ import json
 import pytest
 
 from edgeprune.report import LayerReport, Report, SchemaError, StructuredReport
+from edgeprune.targets import bench_threads, get_target
 
 from . import small_runs
 
@@ -31,6 +32,10 @@ def test_report_json_round_trips_to_the_dataclass_tree(mode):
         assert isinstance(layer, LayerReport) and layer.unit in units
         assert 0 <= layer.kept <= layer.units and layer.removed == pytest.approx(1 - layer.kept / layer.units, abs=1e-6)
     assert back.bench is not None and back.bench["results"]  # filled in both modes
+    # both modes time at the thread count asked for, and a capped default would be said in the notes
+    asked = small_runs.SMALL["threads"]
+    assert back.bench["threads"] == bench_threads(asked, get_target(back.target)) == asked
+    assert not [n for n in back.notes if n.startswith("latency timed at")]
     assert {"model.onnx", "model.int8.onnx", "dense.onnx"} <= {a.file for a in back.shipped}
     # one config builder: the same keys in both modes
     other = "channel" if mode == "unstructured" else "unstructured"

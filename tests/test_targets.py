@@ -6,14 +6,17 @@ import json
 
 import pytest
 
+from edgeprune import targets as targets_mod
 from edgeprune.errors import EdgepruneError
 from edgeprune.targets import (
     ENV_VAR,
     INT8_FORMATS,
     available_targets,
+    bench_threads,
     get_target,
     host_cpu_flags,
     round_to_hint,
+    threads_note,
 )
 
 from .test_bench import run_cli
@@ -129,3 +132,17 @@ def test_cli_targets_table_and_json(tmp_path, capsys):
     assert data["gateway"]["threads"] == 2 and data["gateway"]["arch"] == "aarch64"
     assert run_cli(["targets", "--targets-file", str(tmp_path / "missing.json")]) == 2
     assert "target file not found" in capsys.readouterr().err
+
+
+def test_bench_threads_leave_a_core_free_here_and_take_the_targets_on_a_board(monkeypatch) -> None:
+    board = get_target("rpi5")  # 4 threads
+    for cores, want in ((1, 1), (2, 1), (4, 3), (8, 4)):
+        monkeypatch.setattr(targets_mod, "local_cores", lambda c=cores: c)
+        assert bench_threads(None, board) == want
+        assert bench_threads(None, board, "qemu-arm64") == want  # emulated: the search times on this machine
+        assert bench_threads(None, board, "ssh://pi@board") == 4
+        assert bench_threads(3, board) == 3  # the user's choice stands
+    monkeypatch.setattr(targets_mod, "local_cores", lambda: 2)
+    note = threads_note(None, board, bench_threads(None, board))
+    assert note is not None and note.startswith("latency timed at 1 thread(s), not the target's 4")
+    assert threads_note(2, board, 2) is None and threads_note(None, board, 4) is None

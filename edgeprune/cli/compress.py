@@ -114,7 +114,7 @@ def compress_cmd(
     ),
     out: Path = typer.Option(Path("edgeprune-out"), help="output directory"),
     threads: int | None = typer.Option(
-        None, help="benchmark threads, >= 1 (default: the target's, capped by local cores)"
+        None, help="benchmark threads, >= 1 (default: the target's; on this machine at most its cores minus one)"
     ),
     bench_runs: int = typer.Option(50, help="timed benchmark runs per artifact"),
     seed: int = typer.Option(0, help="random seed (data splits, fine-tuning)"),

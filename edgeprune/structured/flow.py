@@ -255,7 +255,7 @@ class ChannelSearch:
         self.progress, self.t = progress, t
         self.model = model.eval()
         self.round_to = cfg.round_to or target.round_to
-        self.threads = bench_threads(cfg.threads, target)
+        self.threads = bench_threads(cfg.threads, target, cfg.latency_from)
         self.device = BenchDevice.from_config(cfg, self.threads)  # where the shipped artifacts are benchmarked
         self.timer = self.device.search_timer()  # where probe, latency model and candidates are timed
         self.example, self.check = data.eval_x[:1], data.eval_x[:CHECK_IMAGES]
