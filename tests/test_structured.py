@@ -212,7 +212,7 @@ def test_a_latency_pick_is_confirmed_head_to_head():
 
     def time_pair(i):
         calls.append(keys[i][0])
-        return alone[keys[i][0]]
+        return [alone[keys[i][0]]]  # one repeat
 
     cfg = type("C", (_Sel,), {"speedup": 2.0})
     i, note = confirm_head_to_head(cands, keys, 0, cfg, 5.0, time_pair)
@@ -226,6 +226,21 @@ def test_a_latency_pick_is_confirmed_head_to_head():
     assert confirm_head_to_head(cands, keys, 0, cfg, 5.0, time_pair) == (0, None)
     # no latency goal: nothing to time
     assert confirm_head_to_head(cands, keys, 0, _Sel, 5.0, time_pair) == (0, None)
+
+
+def test_head_to_head_rejects_only_when_every_repeat_misses():
+    cands = [_cand("best", 0.90, 2.4), _cand("next", 0.70, 2.0)]
+    keys = [("a",), ("b",)]
+    cfg = type("C", (_Sel,), {"speedup": 2.0})
+    # "best" alone: 1.96x, 2.04x, 1.98x (median below the goal, one repeat at it): the pair cannot reject it
+    straddling = {"a": [(4.7, 2.4), (4.9, 2.4), (4.75, 2.4)], "b": [(4.7, 2.0)] * 3}
+    assert confirm_head_to_head(cands, keys, 0, cfg, 5.0, lambda i: straddling[keys[i][0]]) == (0, None)
+    # every repeat below: rejected, the next architecture that holds is shipped, and the report says why
+    below = {"a": [(4.6, 2.4), (4.7, 2.4), (4.5, 2.4)], "b": [(4.7, 2.0)] * 3}
+    assert confirm_head_to_head(cands, keys, 0, cfg, 5.0, lambda i: below[keys[i][0]]) == (
+        1,
+        "best missed the goal timed alone against dense",
+    )
 
 
 def test_structured_rules_load_and_user_section(tmp_path):

@@ -818,8 +818,16 @@ class ChannelSearch:
             plot_dense_x={"latency": self.dense_ms, "macs": self.macs / 1e6},
         )
 
-    def _time_pair(self, i: int) -> tuple[float, float]:
-        return self._pair_ms(self.staging / "dense.onnx", self.cands[i].onnx)
+    def _time_pair(self, i: int) -> list[tuple[float, float]]:
+        """Dense and candidate ``i`` alone, interleaved: their p50 latencies in each of ``PAIR_REPEATS`` runs."""
+        runs = self.timer.p50_runs(
+            [self.staging / "dense.onnx", self.cands[i].onnx],
+            self.sample,
+            runs=self.cfg.bench_runs,
+            repeats=PAIR_REPEATS,
+            warmup=5,
+        )
+        return [(dense, ms) for dense, ms in runs]
 
     def _pair_ms(self, a: Path, b: Path) -> tuple[float, float]:
         """Two models alone, interleaved: their p50 latencies, each the median of ``PAIR_REPEATS`` runs (two
