@@ -160,8 +160,8 @@ def local_cores() -> int:
 def bench_threads(threads: int | None, target: Target, latency_from: str = "local") -> int:
     """Benchmark threads: the user's; else the target's default, as it is on a board over SSH, and on this
     machine capped to leave one core free. Every core busy timing measures contention, not the model: on a
-    2-core VM MobileNetV3's dense p50 read 0.26-0.46 ms at 2 threads (no faster than 1 thread's 0.26-0.35)
-    and a pick's speedup swung 1.24-1.37x between repeats, against 1.45-1.52x at 1 thread
+    2-core VM a MobileNetV3 pick's speedup read 0.1-0.15x apart between protocols at 2 threads and moved
+    0.05x between repeats, while at 1 thread the protocols agreed within 0.03x
     (benchmarks/results/timing_protocol.md)."""
     if threads:
         return threads
