@@ -78,9 +78,9 @@ class BenchDevice:
 
     def time(self, paths: list[Path], sample: np.ndarray, *, runs: int, warmup: int = BENCH_WARMUP) -> list[dict]:
         """Interleaved latency of ``paths`` (runner result dicts, in order), in a fresh runner process like the
-        shipped files' benchmark, locally too (~0.3 s a call): timed inside the search's own process, after
-        export and screening, MobileNetV3's dense read 0.377 ms against 0.129 in the runner, so goals were
-        decided on figures the shipped benchmark did not reproduce."""
+        shipped files' benchmark, locally too (~0.3 s a call): timed inside the search's own process (torch,
+        the progress display, an export just before) MobileNetV3's dense read 0.377 ms against 0.129 in the
+        runner, so goals were decided on figures the shipped benchmark did not reproduce."""
         return self.bench(paths, sample, runs=runs, warmup=warmup).results
 
     def p50_runs(
