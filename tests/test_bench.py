@@ -320,3 +320,15 @@ def test_target_mismatch_warnings():
     assert _target_mismatch(get_target("rpi4"), pi4_facts) == []  # the profile already says INT8 is not worth it
     assert "dot-product" in _target_mismatch(get_target("rpi5"), pi4_facts)[0]
     assert "is aarch64 but the device is x86_64" in _target_mismatch(get_target("arm64"), {"machine": "x86_64"})[0]
+
+
+def test_cli_bench_takes_a_targets_threads_as_compress_does(tmp_path, models, monkeypatch):
+    from edgeprune import targets
+
+    monkeypatch.setattr(targets, "local_cores", lambda: 2)  # a 2-core machine: arm64's 4 threads would oversubscribe
+    out = tmp_path / "bench.json"
+    args = ["bench", str(models["a"]), "--target", "arm64", "--runs", "3", "--warmup", "0", "--json", str(out)]
+    assert run_cli(args) == 0
+    assert json.loads(out.read_text())["threads"] == 1
+    assert run_cli([*args, "--threads", "3"]) == 0
+    assert json.loads(out.read_text())["threads"] == 3  # the user's count stands

@@ -20,7 +20,7 @@ from ..benchmarks.device import DEVICES_HELP, BenchReport, bench_artifacts, inpu
 from ..benchmarks.runner import NOISY_CV
 from ..errors import DataError, EdgepruneError
 from ..export.load import load_onnx_checked
-from ..targets import ENV_VAR, get_target
+from ..targets import ENV_VAR, bench_threads, get_target
 from ._app import app
 
 
@@ -173,7 +173,10 @@ def bench_command(
     artifacts: list[Path] = typer.Argument(..., help="ONNX artifacts; ratios are relative to the first."),
     device: str = typer.Option("local", "--device", "-d", help=f"Where to run: {DEVICES_HELP}."),
     threads: int | None = typer.Option(
-        None, "--threads", "-t", help="onnxruntime intra-op threads (default: the --target's, else 1)."
+        None,
+        "--threads",
+        "-t",
+        help="onnxruntime intra-op threads (default: the --target's, here at most the cores minus one; else 1).",
     ),
     runs: int = typer.Option(50, "--runs", help="Timed runs per artifact."),
     warmup: int = typer.Option(10, "--warmup", help="Untimed runs per artifact first."),
@@ -208,8 +211,8 @@ def bench_command(
 ) -> None:
     """Measure latency (p50/p90/p99/mean), throughput, peak RSS and accuracy of ONNX artifacts on a device."""
     profile = get_target(target, targets_file) if target else None
-    if threads is None:
-        threads = profile.threads if profile else 1
+    if threads is None:  # a profile's count as compress times it: on this machine, one core left free
+        threads = bench_threads(None, profile, device) if profile else 1
     for p in artifacts:
         load_onnx_checked(p)  # a text file, a folder or an empty graph: one line here, not a runner traceback
     if min(batch, eval_size, select_size, test_size) < 1:
