@@ -70,6 +70,28 @@ def test_paired_verdicts_use_one_paired_standard_error():
     assert pp.level_stats(noisy, 0, "test")["not_worse"] is True
 
 
+def test_the_baseline_best_on_the_selection_split_is_compared_beside_the_test_splits_best():
+    # LAMP leads on test, ERK on selection (what a user could have chosen): M&M is behind LAMP by 0.5 points on
+    # every seed (worse), level with ERK (not worse); the verdict stays the test split's.
+    m = pp.ModelResult("toy", 1, levels=[pp.Level(1.0, 0.8)])
+    for seed in range(3):
+        rows = [
+            pp.MethodResult(pp.MM, "a/b", 0.8, 0.5, 0.5, 0.92, 0.900),
+            pp.MethodResult("lamp", "lamp", 0.8, 0.5, 0.5, 0.90, 0.905),
+            pp.MethodResult("erk", "erk", 0.8, 0.5, 0.5, 0.91, 0.900),
+        ]
+        m.trials.append(pp.Trial(seed, 0, 0.8, True, "", 0.9, 0.9, 1, 1, ["a/b"], rows, 1.0))
+    st = pp.level_stats(m, 0, "test")
+    assert (st["best_baseline"], st["not_worse"]) == ("lamp", False)
+    assert (st["best_on_selection"], st["not_worse_than_best_on_selection"]) == ("erk", True)
+    c = pp.checks([m], pp.Settings(seeds=(0, 1, 2), drops=(1.0,)))
+    assert c["models_not_worse"] == 0 and c["models_not_worse_than_selection_best"] == 1
+    meta = {"command": "x", "versions": {"torch": "t"}, "cpu_minutes": 1.0,
+            "machine": {"platform": "p", "cpu": "c", "cores": 2, "load_average": [1.0]}}  # fmt: skip
+    text = pp.render_markdown([m], pp.Settings(seeds=(0, 1, 2), drops=(1.0,)), meta)
+    assert "*vs the best on the selection split (erk)* | | | | | +0.00 ± 0.00: not worse |" in text
+
+
 def test_an_unfinished_model_is_not_counted_and_the_report_renders():
     s = pp.Settings(seeds=(0, 1, 2), drops=(1.0, 3.0))
     m = _model([[0.9], [0.8]], [[0.9], [0.7]])

@@ -463,6 +463,9 @@ def run_model(name: str, s: Settings, executor: Executor, done: ModelResult | No
 # ------------------------------------------------------------------------------------------------ statistics
 
 
+SELECTION_KEY = {"test": "select", "zero_shot_test": "zero_shot_select"}  # a test figure's selection twin
+
+
 def level_stats(m: ModelResult, k: int, key: str) -> dict[str, Any]:
     """One level: each method's mean ± s.e. of ``key`` (``test`` recovered, ``zero_shot_test``) over seeds, and
     Mix-and-Match minus each method, paired by seed."""
@@ -484,6 +487,14 @@ def level_stats(m: ModelResult, k: int, key: str) -> dict[str, Any]:
         out["best_baseline"] = best
         out["not_worse"] = diff["mean"] >= -(diff["se"] or 0.0)
         out["better"] = diff["mean"] > 0
+        # The issue's "best baseline" is the one best on the test split itself, which no user could have chosen
+        # (the max of six noisy means, biased up); beside it, the baseline best on the selection split.
+        select = SELECTION_KEY[key]
+        on_select = {b: sum(getattr(r, select) for t in trials for r in t.methods if r.method == b) for b in others}
+        chosen = max(on_select, key=lambda b: on_select[b])
+        diff = out["vs"][chosen]
+        out["best_on_selection"] = chosen
+        out["not_worse_than_best_on_selection"] = diff["mean"] >= -(diff["se"] or 0.0)
     return out
 
 
@@ -525,15 +536,24 @@ def degradation_cut(m: ModelResult) -> float | None:
 
 def checks(results: list[ModelResult], s: Settings) -> dict[str, Any]:
     """The issue's targets on what finished (a model counts once every seed ran every level)."""
-    out: dict[str, Any] = {"not_worse_everywhere": {}, "better_at_highest": {}, "degradation_cut": {}}
+    out: dict[str, Any] = {
+        "not_worse_everywhere": {},
+        "not_worse_than_selection_best": {},
+        "better_at_highest": {},
+        "degradation_cut": {},
+    }
     for m in results:
         if len(m.trials) < len(s.seeds) * len(s.drops):
             continue
         stats = [level_stats(m, k, "test") for k in range(len(m.levels))]
         out["not_worse_everywhere"][m.model] = all(st.get("not_worse", False) for st in stats)
+        out["not_worse_than_selection_best"][m.model] = all(
+            st.get("not_worse_than_best_on_selection", False) for st in stats
+        )
         out["better_at_highest"][m.model] = bool(stats[-1].get("better", False))
         out["degradation_cut"][m.model] = degradation_cut(m)
     out["models_not_worse"] = sum(out["not_worse_everywhere"].values())
+    out["models_not_worse_than_selection_best"] = sum(out["not_worse_than_selection_best"].values())
     out["models_better_at_highest"] = sum(out["better_at_highest"].values())
     out["models_cut_40"] = sum(c is not None and c >= 0.4 for c in out["degradation_cut"].values())
     out["complete_models"] = len(out["better_at_highest"])
@@ -639,6 +659,10 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
             if "best_baseline" in ft:
                 verdict = "not worse" if ft["not_worse"] else "WORSE by more than one s.e."
                 L.append(f"| | *vs best ({ft['best_baseline']})* | | | | | {verdict} | | |")
+                chosen = ft["best_on_selection"]
+                verdict = "not worse" if ft["not_worse_than_best_on_selection"] else "WORSE by more than one s.e."
+                diff = _diff(ft["vs"][chosen])
+                L.append(f"| | *vs the best on the selection split ({chosen})* | | | | | {diff}: {verdict} | | |")
         a = auc_stats(m)
         if a:
             L += ["", "Area under recovered test accuracy vs sparsity over the levels (mean accuracy over the span):",
@@ -653,6 +677,9 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
         f"- Not worse than the best baseline by more than one paired s.e. at every level: "
         f"{c['models_not_worse']}/{c['complete_models']} complete model(s) "
         f"({_yes_no(c['not_worse_everywhere'])}); target: all 5.",
+        f"- For reference, not the issue's rule: not worse at every level than the baseline best on the selection "
+        f"split (the one a user could pick without the test split): {c['models_not_worse_than_selection_best']}/"
+        f"{c['complete_models']} ({_yes_no(c['not_worse_than_selection_best'])}).",
         f"- Strictly better than the best baseline at the highest level: {c['models_better_at_highest']}/"
         f"{c['complete_models']} ({_yes_no(c['better_at_highest'])}); "
         "target: at least 3 of 5.",
