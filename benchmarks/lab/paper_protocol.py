@@ -466,6 +466,11 @@ def run_model(name: str, s: Settings, executor: Executor, done: ModelResult | No
 SELECTION_KEY = {"test": "select", "zero_shot_test": "zero_shot_select"}  # a test figure's selection twin
 
 
+def not_worse(diff: dict[str, float]) -> bool:
+    """The issue's rule on a paired difference (M&M minus a method): not below zero by more than one s.e."""
+    return diff["mean"] >= -(diff["se"] or 0.0)
+
+
 def level_stats(m: ModelResult, k: int, key: str) -> dict[str, Any]:
     """One level: each method's mean ± s.e. of ``key`` (``test`` recovered, ``zero_shot_test``) over seeds, and
     Mix-and-Match minus each method, paired by seed."""
@@ -485,16 +490,15 @@ def level_stats(m: ModelResult, k: int, key: str) -> dict[str, Any]:
         best = max(others, key=lambda b: others[b]["mean"])
         diff = out["vs"][best]
         out["best_baseline"] = best
-        out["not_worse"] = diff["mean"] >= -(diff["se"] or 0.0)
+        out["not_worse"] = not_worse(diff)
         out["better"] = diff["mean"] > 0
         # The issue's "best baseline" is the one best on the test split itself, which no user could have chosen
         # (the max of six noisy means, biased up); beside it, the baseline best on the selection split.
         select = SELECTION_KEY[key]
         on_select = {b: sum(getattr(r, select) for t in trials for r in t.methods if r.method == b) for b in others}
         chosen = max(on_select, key=lambda b: on_select[b])
-        diff = out["vs"][chosen]
         out["best_on_selection"] = chosen
-        out["not_worse_than_best_on_selection"] = diff["mean"] >= -(diff["se"] or 0.0)
+        out["not_worse_than_best_on_selection"] = not_worse(out["vs"][chosen])
     return out
 
 
@@ -595,6 +599,10 @@ def _diff(x: dict[str, Any] | None) -> str:
     return f"{x['mean']:+.2f}" + ("" if x["se"] is None else f" ± {x['se']:.2f}")
 
 
+def _verdict(not_worse: bool) -> str:
+    return "not worse" if not_worse else "WORSE by more than one s.e."
+
+
 def _yes_no(verdicts: dict[str, bool]) -> str:
     return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in verdicts.items())
 
@@ -657,10 +665,8 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
                     f"{_diff(ft['vs'].get(method))} | {steps} | {stuck}/{len(rows)} |"
                 )
             if "best_baseline" in ft:
-                verdict = "not worse" if ft["not_worse"] else "WORSE by more than one s.e."
-                L.append(f"| | *vs best ({ft['best_baseline']})* | | | | | {verdict} | | |")
-                chosen = ft["best_on_selection"]
-                verdict = "not worse" if ft["not_worse_than_best_on_selection"] else "WORSE by more than one s.e."
+                L.append(f"| | *vs best ({ft['best_baseline']})* | | | | | {_verdict(ft['not_worse'])} | | |")
+                chosen, verdict = ft["best_on_selection"], _verdict(ft["not_worse_than_best_on_selection"])
                 diff = _diff(ft["vs"][chosen])
                 L.append(f"| | *vs the best on the selection split ({chosen})* | | | | | {diff}: {verdict} | | |")
         a = auc_stats(m)
