@@ -173,6 +173,7 @@ class ModelResult:
     seconds: dict[str, float] = field(default_factory=dict)
     machine: dict[str, Any] = field(default_factory=dict)
     command: str = ""
+    splits: dict[str, str] = field(default_factory=dict)  # split -> "N images, source" (seed 0's draw)
 
 
 def log(msg: str) -> None:
@@ -432,6 +433,14 @@ def run_model(name: str, s: Settings, executor: Executor, done: ModelResult | No
             continue
         t0 = time.perf_counter()
         ws = workspace(name, s, seed)
+        splits = {i.name: f"{i.size} images, {i.source}" for i in ws.data.splits()}
+        if res.splits != splits and (res.trials or res.levels):
+            # Where the splits come from changed (e.g. selection moved to held-out training images): a resumed
+            # model's numbers were measured on other data, so it starts over.
+            log(f"{name}: the splits differ from the stored run's ({res.splits or 'not recorded'}); starting over")
+            res = ModelResult(name, 0, machine=res.machine)
+            relevel = True
+        res.splits = splits
         res.params = sum(p.numel() for p in ws.model.parameters())
         res.seconds["load"] = round(res.seconds.get("load", 0.0) + time.perf_counter() - t0, 1)
         if relevel:
@@ -607,6 +616,17 @@ def _yes_no(verdicts: dict[str, bool]) -> str:
     return ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in verdicts.items())
 
 
+def split_sources(results: list[ModelResult], s: Settings) -> str:
+    """The splits as the runs recorded them; runs from before the record had selection and test from the test set."""
+    recorded = {", ".join(f"{k} {v}" for k, v in r.splits.items()) for r in results if r.splits}
+    old = any(not r.splits for r in results)
+    texts = sorted(recorded) + (
+        [f"calibration {s.calib_size} images, fashion-mnist train, selection {s.select_size} and test "
+         f"{s.test_size} images, fashion-mnist test (runs before 2026-12-07's data change)"] if old else []
+    )  # fmt: skip
+    return "; ".join(texts)
+
+
 def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any]) -> str:
     mach = meta["machine"]
     L = ["# Mix-and-Match vs its baselines under the three-split protocol (Fashion-MNIST)", ""]
@@ -615,10 +635,9 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
         f"Machine: {mach['platform']}, {mach['cpu']}, {mach['cores']} cores, {s.threads} torch thread(s); "
         f"load average at the end {mach['load_average']}  ",
         "Versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + "  ",
-        f"Splits (per seed {', '.join(map(str, s.seeds))}): calibration {s.calib_size} images from the training "
-        f"set (signals, BN statistics, fine-tuning); selection {s.select_size} and test {s.test_size} from the "
-        "test set, disjoint. Every decision (levels, screening, the pick, early stopping) used the selection "
-        "split; every accuracy below is on the test split.  ",
+        f"Splits (drawn per seed {', '.join(map(str, s.seeds))}, disjoint): {split_sources(results, s)}. "
+        "Calibration: signals, BN statistics, fine-tuning. Every decision (levels, screening, the pick, early "
+        "stopping) used the selection split; every accuracy below is on the test split.  ",
         f"Recovery budget (every method): {s.finetune_epochs} epoch(s) of the product's recipe "
         "(`recovery.RECIPES['distill']`, rate `recovery.default_lr`), masks enforced, early stopping on the "
         f"selection split; Mix-and-Match recovers its {s.top} best screened candidates at the level beside its "
