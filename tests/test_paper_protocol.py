@@ -1,6 +1,7 @@
 """The protocol benchmark's decisions and statistics (benchmarks/lab/paper_protocol.py): pure parts only; the
 run itself is the benchmark (its --quick smoke takes minutes)."""
 
+import json
 import math
 
 import pytest
@@ -160,3 +161,13 @@ def test_degradation_cut_is_against_mags_drop_at_the_highest_level():
     assert pp.degradation_cut(m) == pytest.approx(0.6)
     m.trials[0].methods[1].test = 0.96  # MAG above dense: nothing to cut
     assert pp.degradation_cut(m) is None
+
+
+def test_a_resume_may_add_seeds_but_not_drop_them_or_change_a_setting(tmp_path):
+    m = pp.ModelResult("toy", 1, levels=[pp.Level(1.0, 0.8)], trials=[_trial(0.9, {"mag": (0.9, 0.9)})])
+    path = tmp_path / "paper_protocol.json"
+    path.write_text(json.dumps(pp.to_json([m], pp.Settings(seeds=(0, 1, 2)), {})))
+    more = pp.previous(path, pp.Settings(seeds=(0, 1, 2, 3, 4)))  # seeds 3, 4 run; seeds 0-2's trials are kept
+    assert list(more) == ["toy"] and more["toy"].trials[0].methods[1].test == 0.9
+    assert pp.previous(path, pp.Settings(seeds=(0, 1))) == {}
+    assert pp.previous(path, pp.Settings(seeds=(0, 1, 2), select_size=999)) == {}

@@ -36,7 +36,7 @@ test images (disjoint, stratified, drawn by the seed):
 Targets (issue #15): Mix-and-Match not worse than the best baseline by more than one paired s.e. at any level
 on any model; strictly better than it at the highest level on at least 3 of 5.
 Writes ``paper_protocol.json`` / ``.md`` into ``--out`` after every trial (``--resume`` continues a run with
-the same settings).
+the same settings, or adds seeds to it: ``--seeds 0,1,2,3,4`` on a 3-seed run runs seeds 3 and 4 only).
 """
 
 from __future__ import annotations
@@ -110,9 +110,10 @@ class Settings:
     cluster: str | None = None  # where recovery runs; not a setting of the numbers
 
 
-# Settings that change the numbers: a --resume only continues a run that agrees on all of them (the ladder may
-# grow: the missing MAG points are measured and the trials of any level that moves are run again).
-COMPARABLE = ("seeds", "drops", "baselines", "signals", "data", "calib_size", "select_size", "test_size",
+# Settings that change the numbers: a --resume only continues a run that agrees on all of them. The ladder may
+# grow (the missing MAG points are measured and the trials of any level that moves are run again) and so may the
+# seeds (each seed's trials are independent of the others'; the levels come from seed 0 and stay).
+COMPARABLE = ("drops", "baselines", "signals", "data", "calib_size", "select_size", "test_size",
               "gradient_samples", "finetune_epochs", "top", "threads")  # fmt: skip
 
 
@@ -737,7 +738,7 @@ def previous(path: Path, s: Settings) -> dict[str, ModelResult]:
     except (OSError, ValueError):
         return {}
     mine = json.loads(json.dumps(asdict(s)))
-    grown = set(doc.get("settings", {}).get("ladder", [])) <= set(mine["ladder"])
+    grown = all(set(doc.get("settings", {}).get(k, [])) <= set(mine[k]) for k in ("ladder", "seeds"))
     if doc.get("schema") not in READS or not grown or any(doc["settings"].get(k) != mine[k] for k in COMPARABLE):
         log(f"{path}: written with other settings; not resumed")
         return {}
@@ -765,7 +766,9 @@ def parse_settings(argv: list[str] | None) -> Settings:
     p.add_argument("--test-size", type=int, default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="benchmarks/results")
-    p.add_argument("--resume", action="store_true", help="continue a run in --out with the same settings")
+    p.add_argument(
+        "--resume", action="store_true", help="continue a run in --out with the same settings (--seeds may add seeds)"
+    )
     p.add_argument("--cluster", default=None, help="where recovery runs: local:N, ray://HOST:PORT, HOST:PORT, auto")
     a = p.parse_args(argv)
     s = Settings(threads=a.threads, out=a.out, quick=a.quick, resume=a.resume, cluster=a.cluster)
