@@ -73,7 +73,8 @@ class CompressConfig:
     image_size: int | None = None
     data: str = "demo"
     calib_size: int = 1000
-    eval_size: int = 1000  # the selection split: screening, early stopping, the pick, --max-drop
+    eval_size: int | None = None  # the selection split (screening, early stopping, the pick, --max-drop); None:
+    # what the held-out images leave beside the test split, 1000 to 4000 (`data.default_selection_size`)
     test_size: int = 2000  # the sealed test split: opened once, after the pick, for the reported accuracy
     target: str = "arm64"
     granularity: str = "unstructured"
@@ -147,7 +148,7 @@ class CompressConfig:
         if bad or not self.signals:
             raise EdgepruneError(f"unknown signal(s) {bad}; choose from {', '.join(SIGNALS)}")
         for name in ("calib_size", "eval_size", "test_size", "batch_size", "bench_runs", "gradient_samples"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise EdgepruneError(f"--{name.replace('_', '-')} must be >= 1")
         if self.finetune_epochs < 0 or self.finetune_top < 0:
             raise EdgepruneError("--finetune-epochs and --finetune-top must be >= 0")

@@ -18,6 +18,7 @@ from edgeprune.data import (
     DataBundle,
     SealedSplitError,
     SplitInfo,
+    default_selection_size,
     denormalize,
     fashion_mnist_dir,
     load_data,
@@ -112,6 +113,21 @@ def test_fashion_mnist_calibrates_on_the_train_file_and_tests_on_the_test_file()
     assert set(hashes["calibration"]) <= train
     assert set(hashes["selection"]) <= t10k and set(hashes["test"]) <= t10k
     assert b.calib_y.bincount().tolist() == [50] * 10  # stratified over the 60 k
+
+
+def test_the_default_selection_split_takes_what_the_held_out_images_leave_between_1000_and_4000():
+    assert default_selection_size(10_000, 2000) == 4000  # fashion-mnist's test file beside a 2000-image test split
+    assert default_selection_size(10_000, 7500) == 2500
+    assert default_selection_size(4000, 3000) == 1000  # the demo: 4000 images, calibration 1000 + test 2000
+    assert default_selection_size(500, 3000) == 1000  # a small folder: the floor, then all three shrink together
+    assert [s.size for s in load_data("demo").splits()] == [1000, 1000, 2000]
+    assert [s.size for s in load_data("demo", calib_size=500).splits()] == [500, 1500, 2000]
+    try:
+        fashion_mnist_dir()
+    except DataError:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    b = load_data("fashion-mnist", calib_size=100, test_size=2000)
+    assert [(s.size, s.source) for s in b.splits()][1:] == [(4000, "fashion-mnist test"), (2000, "fashion-mnist test")]
 
 
 def _png_folder(root: Path, images: np.ndarray, labels: np.ndarray, classes: list[str]) -> None:

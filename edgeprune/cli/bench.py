@@ -46,7 +46,7 @@ def _data_inputs(
     batch: int,
     calib_size: int,
     seed: int,
-    select_size: int = 1000,
+    select_size: int | None = None,
     test_size: int = 2000,
 ) -> tuple[np.ndarray, ...]:
     """(sample, x, y) from a data spec, with the channels and image size the artifact expects.
@@ -186,7 +186,9 @@ def bench_command(
     eval_size: int = typer.Option(
         500, "--eval-size", help="Test-split images shipped for accuracy when --data is given (compress's test split)."
     ),
-    select_size: int = typer.Option(1000, "--select-size", help="compress's --eval-size (selection split), skipped."),
+    select_size: int | None = typer.Option(
+        None, "--select-size", help="compress's --eval-size (selection split), skipped (default: compress's default)."
+    ),
     test_size: int = typer.Option(2000, "--test-size", help="compress's --test-size: the split accuracy is on."),
     calib_size: int | None = typer.Option(
         None,
@@ -215,7 +217,7 @@ def bench_command(
         threads = bench_threads(None, profile, device) if profile else 1
     for p in artifacts:
         load_onnx_checked(p)  # a text file, a folder or an empty graph: one line here, not a runner traceback
-    if min(batch, eval_size, select_size, test_size) < 1:
+    if min(batch, eval_size, select_size or 1, test_size) < 1:
         raise EdgepruneError("--batch, --eval-size, --select-size and --test-size must be >= 1")
     x = y = None
     if data:
