@@ -148,7 +148,7 @@ class CompressConfig:
         if bad or not self.signals:
             raise EdgepruneError(f"unknown signal(s) {bad}; choose from {', '.join(SIGNALS)}")
         for name in ("calib_size", "eval_size", "test_size", "batch_size", "bench_runs", "gradient_samples"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
+            if (value := getattr(self, name)) is not None and value < 1:
                 raise EdgepruneError(f"--{name.replace('_', '-')} must be >= 1")
         if self.finetune_epochs < 0 or self.finetune_top < 0:
             raise EdgepruneError("--finetune-epochs and --finetune-top must be >= 0")

@@ -217,7 +217,7 @@ def bench_command(
         threads = bench_threads(None, profile, device) if profile else 1
     for p in artifacts:
         load_onnx_checked(p)  # a text file, a folder or an empty graph: one line here, not a runner traceback
-    if min(batch, eval_size, select_size or 1, test_size) < 1:
+    if min(batch, eval_size, test_size) < 1 or (select_size is not None and select_size < 1):
         raise EdgepruneError("--batch, --eval-size, --select-size and --test-size must be >= 1")
     x = y = None
     if data:
