@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -75,9 +76,10 @@ Schedule = Top | Halving
 SCHEDULES: dict[str, type[Top] | type[Halving]] = {"top": Top, "halving": Halving}
 
 
-def best(scores: Sequence[float], k: int) -> list[int]:
-    """Indices of the ``k`` highest scores, best first; equal scores keep their order (deterministic)."""
-    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:k]
+def best(scores: Sequence[Any], k: int) -> list[int]:
+    """Indices of the ``k`` highest scores (numbers, or tuples compared in order), best first; equal scores keep
+    their order (deterministic: a reversed sort is still stable)."""
+    return sorted(range(len(scores)), key=lambda i: scores[i], reverse=True)[:k]
 
 
 def epoch_cost(rungs: Sequence[Rung]) -> int:

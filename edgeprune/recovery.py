@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import EdgepruneError
-from .evaluation import accuracy
+from .evaluation import accuracy_and_loglik
 from .masking import Masks, attach_masks, squash_masks
 
 BN_TYPES = (nn.modules.batchnorm._BatchNorm,)
@@ -283,6 +283,9 @@ class FinetuneResult:
     lr: float  # the (peak) learning rate used
     train_images: int
     val_images: int  # the images early stopping judged on: `val`, or the held-out part of x
+    # the kept weights' mean log-probability of the right class on the validation images: what ranks recovered
+    # candidates (`recover.RecoveryOutcome.merit`), and not the number early stopping maximized
+    best_val_loglik: float = 0.0
 
 
 def finetune(
@@ -346,8 +349,8 @@ def finetune(
             opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, fused=fused)
             planned = epochs * -(-len(train_idx) // batch_size)
             sched = one_cycle(opt, lr, planned) if recipe.schedule == "onecycle" else None
-            start = accuracy(model, xv, yv)
-            best = (start, -1, copy.deepcopy(model.state_dict()))
+            start, start_ll = accuracy_and_loglik(model, xv, yv)
+            best = (start, -1, copy.deepcopy(model.state_dict()), start_ll)
             history: list[float] = []
             stale = steps = 0
             for epoch in range(epochs):
@@ -369,12 +372,12 @@ def finetune(
                     steps += 1
                     if sched is not None:
                         sched.step()
-                score = accuracy(model, xv, yv)
+                score, ll = accuracy_and_loglik(model, xv, yv)
                 history.append(score)
                 if on_epoch:
                     on_epoch(epoch, score)
                 if score > best[0]:
-                    best, stale = (score, epoch, copy.deepcopy(model.state_dict())), 0
+                    best, stale = (score, epoch, copy.deepcopy(model.state_dict()), ll), 0
                 else:
                     stale += 1
                     if stale >= patience:
@@ -394,4 +397,5 @@ def finetune(
             lr=lr,
             train_images=len(train_idx),
             val_images=len(yv),
+            best_val_loglik=best[3],
         )

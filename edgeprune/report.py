@@ -41,6 +41,7 @@ class RecoveryRung:
     start_accuracy: float
     seconds: float
     reused: bool = False
+    loglik: float | None = None  # the kept weights' mean log-probability of the right class (selection split)
 
 
 @dataclass
@@ -66,6 +67,9 @@ class Candidate:
     recovery: list[RecoveryRung] = field(default_factory=list)  # its rungs when the recover stage trained it
     improved: bool | None = None  # None: not recovered; False: the start weights stayed the most accurate
     recovery_lr: float | None = None  # the rate of the recovery it kept (channel mode races two per candidate)
+    # after recovery, the mean log-probability of the right class on the selection split: what ranks recovered
+    # candidates against each other (`evaluation.merit_keys`); None: not recovered
+    finetuned_loglik: float | None = None
 
     @classmethod
     def mix_and_match(cls, signal: str, strategy: str) -> Candidate:

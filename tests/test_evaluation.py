@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-from edgeprune.evaluation import accuracy
+from edgeprune.evaluation import accuracy, accuracy_and_loglik, merit_keys
 from edgeprune.models import load_model
 
 
@@ -55,3 +56,16 @@ def test_a_model_that_cannot_run_channels_last_falls_back() -> None:
     assert accuracy(model, x, y, batch_size=8) == _plain_accuracy(model, x, y)
     assert model.conv.weight.is_contiguous() and not model.conv.weight.is_inference()
     model(x).sum().backward()  # the fallback left ordinary parameters (repvgg_a0 crashed in sensitivity)
+
+
+def test_log_likelihood_is_the_mean_log_probability_of_the_right_class(demo_data) -> None:
+    model = load_model("demo").eval()
+    x, y = demo_data.eval_x[:150], demo_data.eval_y[:150]
+    with torch.no_grad():
+        want = torch.log_softmax(model(x), 1)[torch.arange(len(y)), y].mean().item()
+    acc, ll = accuracy_and_loglik(model, x, y, batch_size=64)
+    assert acc == _plain_accuracy(model, x, y) and ll == pytest.approx(want, abs=1e-5)
+    assert -2.3 < ll < 0  # a trained 10-class model: better than uniform, not certain
+    # ranking keys: log-likelihood first when every candidate has one, else top-1 alone
+    assert merit_keys([(-0.2, 0.9), (-0.1, 0.8)]) == [(-0.2, 0.9), (-0.1, 0.8)]
+    assert merit_keys([(None, 0.9), (-0.1, 0.8)]) == [(0.9,), (0.8,)]

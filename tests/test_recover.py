@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from edgeprune.cluster import ClusterError, InProcess
-from edgeprune.evaluation import accuracy
+from edgeprune.evaluation import accuracy, accuracy_and_loglik
 from edgeprune.halving import Halving, Top
 from edgeprune.masking import layer_mask
 from edgeprune.models import load_model
@@ -68,14 +68,16 @@ def test_halving_trains_everyone_once_and_the_better_half_again(halved, shared):
     assert all(len(o.rungs) >= 1 and o.rungs[0].epochs == 1 and o.rungs[0].steps > 0 for o in out)
     second = [o for o in out if len(o.rungs) == 2]
     assert len(second) == 2 and all(o.survived for o in second) and not any(o.survived for o in out if o not in second)
-    first_acc = sorted((o.rungs[0].accuracy for o in out), reverse=True)
-    assert sorted(o.rungs[0].accuracy for o in second) == sorted(first_acc[:2])  # the better half went on
-    assert pick(out).accuracy == max(o.accuracy for o in second)
+    # the better half by selection log-likelihood went on, and the pick is the likeliest survivor
+    first_ll = sorted((o.rungs[0].loglik for o in out), reverse=True)
+    assert sorted(o.rungs[0].loglik for o in second) == sorted(first_ll[:2])
+    assert pick(out).loglik == max(o.loglik for o in second)
     for o in second:
-        # the reported accuracy is that of the returned weights on the selection split ...
+        # the reported accuracy and log-likelihood are those of the returned weights on the selection split ...
         model = jobs[0].build.build(shared.dense)
         model.load_state_dict(o.state)
-        assert accuracy(model, shared.select_x, shared.select_y) == pytest.approx(o.accuracy)
+        got = accuracy_and_loglik(model, shared.select_x, shared.select_y)
+        assert got == pytest.approx((o.accuracy, o.loglik))
         # ... and the masks held through training: every masked weight is still zero
         masks = next(j for j in jobs if j.key == o.key).build.masks
         assert all(not o.state[f"{name}.weight"][~keep].any() for name, keep in masks.items())
