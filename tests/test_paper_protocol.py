@@ -1,6 +1,7 @@
 """The protocol benchmark's decisions and statistics (benchmarks/lab/paper_protocol.py): pure parts only; the
 run itself is the benchmark (its --quick smoke takes minutes)."""
 
+import dataclasses
 import json
 import math
 
@@ -132,6 +133,34 @@ def test_contain_picks_a_range_baseline_that_recovers_better_on_the_selection_sp
     # a tie keeps Mix-and-Match's own candidate; the test split never decides
     t = pp.contain(_trial(0.92, {"mag": (0.92, 0.99)}), ("mag",))
     assert t.methods[0].candidate == "magnitude/s1" and t.methods[0].test == 0.90
+
+
+def test_contain_picks_from_the_stored_pool_by_either_rule_and_picks_again_without_training():
+    # two recovered Mix-and-Match candidates and MAG's run: (selection top-1, log-likelihood, test)
+    def row(method, name, sel, ll, test):
+        return pp.MethodResult(method, name, 0.8, 0.85, 0.84, sel, test, steps=30, select_loglik=ll)
+
+    t = _trial(0.0, {"mag": (0.0, 0.0)})
+    t.recovered = ["magnitude/s1", "product/s2"]
+    t.pool = [row(pp.MM, "magnitude/s1", 0.905, -0.30, 0.90), row(pp.MM, "product/s2", 0.910, -0.28, 0.92)]
+    t.methods = [pp.MethodResult(pp.MM, "magnitude/s1", 0.8, 0.85, 0.84)] + [row("mag", "mag", 0.912, -0.27, 0.91)]
+    pp.contain(t, ("mag",), "top1")
+    assert t.methods[0].candidate == "baseline:mag (screening: magnitude/s1)" and t.methods[0].test == 0.91
+    # MAG's run has the best top-1 and the best log-likelihood: both rules take it; make s2 the likeliest
+    t.pool[1].select_loglik = -0.20
+    assert pp.contain(t, ("mag",), "top1").methods[0].test == 0.91  # stored under top1 already: unchanged
+    m = pp.contain(t, ("mag",), "loglik").methods[0]
+    assert (m.candidate, m.select, m.test, m.select_loglik) == (
+        "product/s2 (screening: magnitude/s1)",
+        0.91,
+        0.92,
+        -0.2,
+    )
+    assert m.zero_shot_test == 0.84 and t.picked_by == "loglik"  # zero-shot stays the screening pick's
+    assert pp.contain(t, ("mag",), "top1").methods[0].candidate.startswith("baseline:mag")  # and back, exactly
+    # a stored trial round-trips with its pool
+    m = pp.ModelResult("toy", 1, trials=[t])
+    assert pp.from_dict(json.loads(json.dumps(dataclasses.asdict(m)))) == m
 
 
 def test_a_grown_ladder_moves_only_the_levels_it_changes_and_drops_their_trials():

@@ -43,11 +43,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,19 +70,20 @@ from edgeprune.benchmarks.machine import command_line
 
 from edgeprune.cluster import Executor, check_cluster_spec, executor_for
 from edgeprune.errors import EdgepruneError
-from edgeprune.evaluation import accuracy, weight_sparsity
-from edgeprune.halving import Top
+from edgeprune.evaluation import accuracy, merit_keys, weight_sparsity
+from edgeprune.halving import Top, best
 from edgeprune.masking import build_masks
 from edgeprune.pipeline import SCREEN_PROBE, CompressConfig, Workspace, load_workspace_inputs
 from edgeprune.recover import Job, MaskBuild, RecoveryOutcome, recover
 from edgeprune.report import versions
 from edgeprune.screening import screen_candidates
 
-SCHEMA = "edgeprune.paper-protocol/2"
+SCHEMA = "edgeprune.paper-protocol/3"
 # /1 picked Mix-and-Match's model among its top screened candidates only; /2 adds the range baselines' own runs
 # (`pipeline.own_runs`, what compress recovers whatever they screen). A /1 run is upgraded on --resume by
 # `contain`: the baselines' recoveries are the same builds with the same settings, so nothing is retrained.
-READS = ("edgeprune.paper-protocol/1", SCHEMA)
+# /3 records every recovered candidate's figures (`Trial.pool`, selection log-likelihoods) and the pick's rule.
+READS = ("edgeprune.paper-protocol/1", "edgeprune.paper-protocol/2", SCHEMA)
 # Starts low so that MAG's 1-point level is bracketed on every family: depthwise models lose points early
 # (MobileNetV3 lost 3.8 at 60 %, where a ladder starting at 60 % clamped its 1- and 3-point levels together).
 LADDER: tuple[float, ...] = (0.3, 0.45, 0.6, 0.75, 0.85, 0.9, 0.95, 0.98)
@@ -108,6 +111,9 @@ class Settings:
     quick: bool = False
     resume: bool = False
     cluster: str | None = None  # where recovery runs; not a setting of the numbers
+    # how Mix-and-Match picks among its recovered models (`PICK_RULES`); not in COMPARABLE: a resumed run's trials
+    # are picked again by it from their stored pools, exactly, without training
+    pick: str = "loglik"
 
 
 # Settings that change the numbers: a --resume only continues a run that agrees on all of them. The ladder may
@@ -145,6 +151,7 @@ class MethodResult:
     test: float | None = None
     steps: int = 0  # optimizer steps of its recovery
     improved: bool = True  # recovery beat the start weights on the selection split
+    select_loglik: float | None = None  # after recovery: mean log-probability of the right class, selection split
 
 
 @dataclass
@@ -162,6 +169,10 @@ class Trial:
     methods: list[MethodResult]
     seconds: float
     contained: bool = False  # Mix-and-Match's pick was made among its recovered candidates and its baselines' runs
+    # Mix-and-Match's recovered candidates (best screening first), each with its selection and test figures, so
+    # the pick among them and the baselines' runs can be made again by another rule without training (`contain`)
+    pool: list[MethodResult] = field(default_factory=list)
+    picked_by: str = "top1"  # the rule of the pick in ``methods`` (`PICK_RULES`); trials before /3: top-1
 
 
 @dataclass
@@ -228,26 +239,46 @@ def auc(sparsities: list[float], accuracies: list[float]) -> float:
     return area / span
 
 
-def contain(trial: Trial, entrants: tuple[str, ...]) -> Trial:
-    """Mix-and-Match's recovered model chosen among its top screened candidates *and* the range baselines' own
-    runs (``entrants``), by selection accuracy after recovery (ties: its own candidate, then the order given).
+# How Mix-and-Match's recovered model is picked, on the selection split only: "loglik" is what compress does
+# (`evaluation.merit_keys`: mean log-likelihood, then top-1); "top1" is the rule before it, kept to compare.
+PICK_RULES: dict[str, Callable[[list[MethodResult]], list[tuple[float, ...]]]] = {
+    "loglik": lambda rows: merit_keys([(r.select_loglik, r.select) for r in rows]),
+    "top1": lambda rows: [(r.select,) for r in rows],
+}
+PICK_TEXT = {
+    "loglik": "by mean log-likelihood of the right class, then top-1 (`evaluation.merit_keys`, what compress does)",
+    "top1": "by top-1 accuracy (the rule before `evaluation.merit_keys`)",
+}
+
+
+def contain(trial: Trial, entrants: tuple[str, ...], by: str = "top1") -> Trial:
+    """Mix-and-Match's recovered model chosen among its recovered candidates (``trial.pool``) *and* the range
+    baselines' own runs (``entrants``) by the rule ``by`` on the selection split (ties: its own candidates, best
+    screening first, then the order given).
 
     The baselines' rows are those runs, recovered with the same builds and settings (`recover` is deterministic
-    per job), so this needs no training: it is what `compress` does (`pipeline.own_runs`) and it upgrades a
-    trial recorded before the rule (schema /1) exactly. The zero-shot row stays the screening pick's."""
-    if trial.contained:
+    per job), so this needs no training: it is what `compress` does (`pipeline.own_runs`), and a stored trial is
+    picked again by another rule exactly. A trial without a pool (schema /1, /2) keeps its own candidate and can
+    only be contained by top-1, once. The zero-shot row stays the screening pick's."""
+    if trial.contained and trial.picked_by == by:
         return trial
     rows = {r.method: r for r in trial.methods}
     mm = rows[MM]
-    pool = [mm] + [rows[b] for b in entrants if b in rows]
-    pick = max(range(len(pool)), key=lambda k: (pool[k].select if pool[k].select is not None else -1.0, -k))
-    if pick > 0:
-        b = pool[pick]
-        screened = mm.candidate.split(" (screening: ")[-1].rstrip(")")
-        new = MethodResult(MM, f"baseline:{b.method} (screening: {screened})", b.sparsity, mm.zero_shot_select,
-                           mm.zero_shot_test, b.select, b.test, b.steps, b.improved)  # fmt: skip
-        trial.methods = [new if r is mm else r for r in trial.methods]
-    trial.contained = True
+    if not trial.pool:
+        if trial.contained:
+            return trial  # nothing stored to pick again from
+        by = "top1"
+    own = trial.pool or [dataclasses.replace(mm, candidate=mm.candidate.split(" (screening: ")[0])]
+    pool = own + [rows[b] for b in entrants if b in rows]
+    pick = best(PICK_RULES[by](pool), 1)[0]
+    c = pool[pick]
+    screened = trial.recovered[0] if trial.recovered else mm.candidate.split(" (screening: ")[-1].rstrip(")")
+    name = c.candidate if pick < len(own) else f"baseline:{c.method}"
+    name = name if name == screened else f"{name} (screening: {screened})"
+    new = MethodResult(MM, name, c.sparsity, mm.zero_shot_select, mm.zero_shot_test, c.select, c.test, c.steps,
+                       c.improved, c.select_loglik)  # fmt: skip
+    trial.methods = [new if r is mm else r for r in trial.methods]
+    trial.contained, trial.picked_by = True, by
     return trial
 
 
@@ -377,27 +408,25 @@ def run_trial(ws: Workspace, s: Settings, level: int, target: float, executor: E
     def recovered(r: MethodResult, o: RecoveryOutcome) -> MethodResult:
         ws.model.load_state_dict(o.state)
         r.select, r.test = o.accuracy, accuracy(ws.model, *test, ws.cfg.batch_size)
+        r.select_loglik = o.loglik
         r.steps = sum(g.steps for g in o.rungs)
         r.improved = o.accuracy > o.rungs[0].start_accuracy
         return r
 
-    best = max(range(len(pool)), key=lambda k: (outcomes[k].accuracy, -k))  # selection split after recovery
-    c = cands[pool[best]]
-    if best == 0:
-        mm = recovered(mm_zero, outcomes[0])
-    else:  # its zero-shot row is the screening pick's; the recovered model is the confirmed one
-        mm = recovered(MethodResult(MM, c.name, c.sparsity, mm_zero.zero_shot_select, mm_zero.zero_shot_test),
-                       outcomes[best])  # fmt: skip
-        mm.candidate = f"{c.name} (screening: {mm_zero.candidate})"
-    methods = [mm] + [recovered(r, o) for r, o in zip(methods, outcomes[len(pool) :], strict=True)]
+    # every recovered candidate's test figure is read now, after the trial's last training, for `contain` to
+    # pick by any rule later; the pick itself reads only the selection figures. Zero-shot: the screening pick's,
+    # as the Mix-and-Match row reports it
+    zero = (mm_zero.zero_shot_select, mm_zero.zero_shot_test)
+    own = [recovered(MethodResult(MM, cands[j].name, cands[j].sparsity, *zero), o) for j, o in zip(pool, outcomes)]
+    methods = [mm_zero] + [recovered(r, o) for r, o in zip(methods, outcomes[len(pool) :], strict=True)]
     dense_test = accuracy(_dense(ws), *test, ws.cfg.batch_size)
     trial = Trial(
         seed=ws.cfg.seed, level=level, target=target, matched=matched, selection=why, dense_select=dense_select,
         dense_test=dense_test, candidates=len(summary.duplicates) + len(kept) + len(summary.skipped),
         screened=summary.evaluated, recovered=[cands[j].name for j in pool], methods=methods,
-        seconds=round(time.perf_counter() - t0, 1),
+        seconds=round(time.perf_counter() - t0, 1), pool=own,
     )  # fmt: skip
-    return contain(trial, ws.cfg.range_baselines)
+    return contain(trial, ws.cfg.range_baselines, s.pick)
 
 
 def _dense(ws: Workspace) -> torch.nn.Module:
@@ -641,7 +670,8 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
         f"Recovery budget (every method): {s.finetune_epochs} epoch(s) of the product's recipe "
         "(`recovery.RECIPES['distill']`, rate `recovery.default_lr`), masks enforced, early stopping on the "
         f"selection split; Mix-and-Match recovers its {s.top} best screened candidates at the level beside its "
-        "range baselines' own runs (MAG, SNIP, GraSP, LAMP, ERK) and keeps the best on the selection split.  ",
+        "range baselines' own runs (MAG, SNIP, GraSP, LAMP, ERK) and keeps the best on the selection split "
+        f"{PICK_TEXT[s.pick]}.  ",
         f"Levels: where MAG's recovered selection-split drop reaches {', '.join(f'{d:g}' for d in s.drops)} "
         f"points on the ladder {', '.join(f'{x:.0%}' for x in s.ladder)}, measured again at the interpolated levels "
         "and interpolated on all points (seed 0, before Mix-and-Match ran).  ",
@@ -724,7 +754,10 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def from_dict(d: dict[str, Any]) -> ModelResult:
-    trials = [Trial(**{**t, "methods": [MethodResult(**r) for r in t["methods"]]}) for t in d["trials"]]
+    trials = [
+        Trial(**{**t, **{k: [MethodResult(**r) for r in t.get(k, [])] for k in ("methods", "pool")}})
+        for t in d["trials"]
+    ]
     return ModelResult(**{
         **d, "mag_curve": [MagPoint(**p) for p in d["mag_curve"]], "levels": [Level(**lv) for lv in d["levels"]],
         "trials": trials,
@@ -745,7 +778,7 @@ def previous(path: Path, s: Settings) -> dict[str, ModelResult]:
     models = {name: from_dict(m) for name, m in doc["models"].items()}
     entrants = CompressConfig().range_baselines  # what the workspaces of every trial used (`workspace`)
     for m in models.values():
-        m.trials = [contain(t, entrants) for t in m.trials]
+        m.trials = [contain(t, entrants, s.pick) for t in m.trials]
     return models
 
 
@@ -770,8 +803,14 @@ def parse_settings(argv: list[str] | None) -> Settings:
         "--resume", action="store_true", help="continue a run in --out with the same settings (--seeds may add seeds)"
     )
     p.add_argument("--cluster", default=None, help="where recovery runs: local:N, ray://HOST:PORT, HOST:PORT, auto")
+    p.add_argument(
+        "--pick",
+        choices=sorted(PICK_RULES),
+        default="loglik",
+        help="how Mix-and-Match picks among its recovered models (with --resume: stored trials are picked again)",
+    )
     a = p.parse_args(argv)
-    s = Settings(threads=a.threads, out=a.out, quick=a.quick, resume=a.resume, cluster=a.cluster)
+    s = Settings(threads=a.threads, out=a.out, quick=a.quick, resume=a.resume, cluster=a.cluster, pick=a.pick)
     if a.quick:
         s.models, s.seeds, s.signals, s.baselines = ("fmnist_resnet",), (0,), ("magnitude",), ("mag", "lamp")
         s.data, s.calib_size, s.select_size, s.test_size, s.gradient_samples = "demo", 256, 200, 200, 64
