@@ -191,6 +191,15 @@ class DataBundle:
             out.append(SplitInfo("test", len(self.test), self.test.source, reasons))
         return out
 
+    def split_metadata(self, seed: int) -> dict[str, str]:
+        """What an artifact records of its splits (sizes and the seed that drew them), so `edgeprune bench
+        --data` draws the same test split without being told compress's options again."""
+        sizes = {i.name: i.size for i in self.splits()}
+        out = {"calibration_size": sizes["calibration"], "selection_size": sizes["selection"], "split_seed": seed}
+        if "test" in sizes:
+            out["test_size"] = sizes["test"]
+        return {k: str(v) for k, v in out.items()}
+
     def _mapped(self, images: Callable[[torch.Tensor], torch.Tensor], **changes) -> DataBundle:
         # Every split goes through the same transform; the test split stays sealed.
         test = None if self.test is None else self.test.map(images)

@@ -749,7 +749,7 @@ def search_unstructured(inp: SearchInputs) -> Found:
         "signal": chosen.signal,
         "global_sparsity": f"{chosen.sparsity:.6f}",
         "target": inp.target.name,
-        "calibration_size": str(len(data.calib_x)),
+        **data.split_metadata(cfg.seed),
         "layer_sparsity": json.dumps({k: round(v, 6) for k, v in per_layer.items()}),
     }
     layer_reports = []

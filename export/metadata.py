@@ -30,7 +30,7 @@ PREFIX = "edgeprune."
 # Keys whose values are JSON (decoded by `read_metadata`) or numbers.
 _JSON_KEYS = {"layer_sparsity", "reference", "parity"}
 _FLOAT_KEYS = {"global_sparsity"}
-_INT_KEYS = {"calibration_size", "opset"}
+_INT_KEYS = {"calibration_size", "selection_size", "test_size", "split_seed", "opset"}
 REFERENCE_SEED = 0
 REFERENCE_BATCH = 2
 # onnxruntime may differ from float32 PyTorch by up to this many times PyTorch's own float32 error (against

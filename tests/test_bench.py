@@ -238,7 +238,7 @@ def test_cli_bench_errors_are_one_line(tmp_path, models, capsys):
     assert "invalid" in capsys.readouterr().err
     # --select-size has no fixed default (compress's rule), but 0 is still refused before any data loads
     assert run_cli(["bench", str(models["a"]), "--data", "demo", "--select-size", "0"]) == 2
-    assert "--select-size and --test-size must be >= 1" in capsys.readouterr().err
+    assert "--select-size, --test-size and --calib-size must be >= 1" in capsys.readouterr().err
 
 
 def test_cli_bench_with_data_matches_onnxruntime(tmp_path, capsys):

@@ -104,6 +104,21 @@ def test_compress_mix_and_match_end_to_end(tmp_path, capsys):
     shipped = {a["file"]: a for a in report["shipped"]}
     assert set(shipped) == {"model.onnx", "dense.onnx"}  # FAST: --quantize none
     assert shipped["model.onnx"]["accuracy"] == sel["onnx_accuracy"] and shipped["model.onnx"]["latency_ms"]
+    # the recovered candidates were ranked by their selection log-likelihood, recorded beside top-1
+    assert all(c["finetuned_loglik"] < 0 for c in cands if c["name"] in recovered)
+    assert "log-likelihood" in sel["why"]
+    # the artifact records its splits: bench --data finds compress's test split with no split option again
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    assert (meta["edgeprune.selection_size"], meta["edgeprune.test_size"], meta["edgeprune.split_seed"]) == (
+        "400",
+        "2000",
+        "0",
+    )
+    bench_json = tmp_path / "bench.json"
+    args = ["bench", str(out / "model.onnx"), "--data", "demo", "--eval-size", "2000", "--runs", "2", "--warmup", "0"]
+    code, _, err = run([*args, "--json", str(bench_json)], capsys)
+    assert code == 0, err
+    assert json.loads(bench_json.read_text())["results"][0]["accuracy"] == sel["onnx_accuracy"]
 
 
 @pytest.mark.slow

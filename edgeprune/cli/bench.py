@@ -28,15 +28,22 @@ def _numpy(t) -> np.ndarray:
     return t.detach().cpu().numpy() if hasattr(t, "detach") else np.asarray(t)
 
 
-def _artifact_calib_size(path: Path) -> int | None:
-    """The calibration-set size `edgeprune compress` recorded in the artifact, if any."""
+SPLIT_KEYS = ("calibration_size", "selection_size", "test_size", "split_seed")
+
+
+def _artifact_splits(path: Path) -> dict[str, int]:
+    """The split sizes and seed `edgeprune compress` recorded in the artifact (`DataBundle.split_metadata`):
+    those present and whole numbers; an artifact from elsewhere has none."""
     import onnx
 
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    try:
-        return int(props["edgeprune.calibration_size"])
-    except (KeyError, ValueError):
-        return None
+    out = {}
+    for key in SPLIT_KEYS:
+        try:
+            out[key] = int(props["edgeprune." + key])
+        except (KeyError, ValueError):
+            pass
+    return out
 
 
 def _data_inputs(
@@ -187,15 +194,21 @@ def bench_command(
         500, "--eval-size", help="Test-split images shipped for accuracy when --data is given (compress's test split)."
     ),
     select_size: int | None = typer.Option(
-        None, "--select-size", help="compress's --eval-size (selection split), skipped (default: compress's default)."
+        None,
+        "--select-size",
+        help="compress's --eval-size (selection split), skipped (default: from the artifact, else compress's rule).",
     ),
-    test_size: int = typer.Option(2000, "--test-size", help="compress's --test-size: the split accuracy is on."),
+    test_size: int | None = typer.Option(
+        None,
+        "--test-size",
+        help="compress's --test-size, the split accuracy is on (default: from the artifact, else 2000).",
+    ),
     calib_size: int | None = typer.Option(
         None,
         "--calib-size",
         help="Calibration images compress held out, skipped here (default: from the artifact, else 1000).",
     ),
-    seed: int = typer.Option(0, "--seed", help="Data split seed (use compress's)."),
+    seed: int | None = typer.Option(None, "--seed", help="Data split seed (default: from the artifact, else 0)."),
     batch: int = typer.Option(1, "--batch", help="Batch size of the timed input (if the model's is dynamic)."),
     json_out: Path | None = typer.Option(None, "--json", help="Write the results as JSON to this file."),
     identity: Path | None = typer.Option(None, "--identity", "-i", help="SSH private key for the device."),
@@ -217,13 +230,18 @@ def bench_command(
         threads = bench_threads(None, profile, device) if profile else 1
     for p in artifacts:
         load_onnx_checked(p)  # a text file, a folder or an empty graph: one line here, not a runner traceback
-    if min(batch, eval_size, test_size) < 1 or (select_size is not None and select_size < 1):
-        raise EdgepruneError("--batch, --eval-size, --select-size and --test-size must be >= 1")
+    if min(batch, eval_size) < 1 or any(n is not None and n < 1 for n in (select_size, test_size, calib_size)):
+        raise EdgepruneError("--batch, --eval-size, --select-size, --test-size and --calib-size must be >= 1")
     x = y = None
     if data:
-        calib = calib_size or _artifact_calib_size(artifacts[0]) or 1000
+        # compress's splits, as the artifact recorded them, unless an option says otherwise
+        rec = _artifact_splits(artifacts[0])
+        calib = calib_size or rec.get("calibration_size") or 1000
+        select = select_size if select_size is not None else rec.get("selection_size")
+        test = test_size if test_size is not None else rec.get("test_size") or 2000
+        split_seed = seed if seed is not None else rec.get("split_seed", 0)
         shape = input_shape(artifacts[0])
-        sample, x, y = _data_inputs(data, shape, eval_size, batch, calib, seed, select_size, test_size)
+        sample, x, y = _data_inputs(data, shape, eval_size, batch, calib, split_seed, select, test)
     else:
         sample = sample_input(artifacts[0], batch=batch)
     console = Console()

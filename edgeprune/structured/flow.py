@@ -791,7 +791,7 @@ class ChannelSearch:
             "target": self.target.name,
             "granularity": "channel",
             "round_to": str(self.round_to),
-            "calibration_size": str(len(self.data.calib_x)),
+            **self.data.split_metadata(cfg.seed),
             "group_widths": json.dumps(chosen.widths),
         }
         final = self.final
