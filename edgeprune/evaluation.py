@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,27 +23,13 @@ def accuracy_and_loglik(
 ) -> tuple[float, float]:
     """Top-1 accuracy and the mean log-probability of the right class, in one pass (`per_image`).
 
-    The log-likelihood ranks near-equal models with less sampling noise than top-1: on 4000 images two models
-    that disagree on 3 % of them are 0.27 points apart by chance alone, while the log-probabilities of two
-    such models differ a little on every image instead of wholly on a few."""
+    Recorded beside top-1 after recovery as a diagnostic, not a ranking: ranking recovered plans by it (less
+    sampling noise than top-1) was measured worse on test than top-1 on the reference models (it prefers the
+    better-calibrated plan, not the more accurate one: benchmarks/results/paper_protocol_loglik_pick/)."""
     if not len(x):
         return 0.0, 0.0
     right, logp = per_image(model, x, y, batch_size)
     return float(right.mean()), float(logp.mean())
-
-
-def merit_keys(scores: Sequence[tuple[float | None, float]]) -> list[tuple[float, ...]]:
-    """Sort keys, higher better, for candidates' (log-likelihood, top-1) on the same selection images: the
-    log-likelihood, then top-1, when every candidate has one; else top-1 alone (a candidate that was only
-    screened has no log-likelihood to compare, and a recovered one must not win for having one).
-
-    Why not top-1 alone: over several near-equal recovered plans top-1 picks whichever the noise favoured (a
-    winner's curse: on Swin at 54.5 % the plan Mix-and-Match took over SNIP's led it on selection and trailed it
-    on test in 6 of 7 such trials), and a plan's top-1 is already the best of its early-stopping epochs on those
-    same images; the log-likelihood of the kept weights is less noisy and not what early stopping maximized."""
-    if scores and all(ll is not None for ll, _ in scores):
-        return [(float(ll), acc) for ll, acc in scores]
-    return [(acc,) for _, acc in scores]
 
 
 def right_answers(

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 class Point:
     accuracy: float
     sparsity: float  # higher is better (smaller artifact)
-    loglik: float | None = None  # selection-split log-likelihood after recovery: ranks before top-1 (selection)
 
 
 def pareto_mask(points: Sequence[Point]) -> list[bool]:

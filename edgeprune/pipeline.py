@@ -721,7 +721,7 @@ def search_unstructured(inp: SearchInputs) -> Found:
                 if o.survived:
                     finetuned[i] = o.state
 
-    points = [Point(c.final_accuracy, c.sparsity, c.finetuned_loglik) for c in cands]
+    points = [Point(c.final_accuracy, c.sparsity) for c in cands]
     for c, on_front in zip(cands, pareto_mask(points)):
         c.pareto = on_front
     among = sorted(finetuned) or list(range(len(cands)))  # once recovery ran, the pick is one it recovered

@@ -4,9 +4,9 @@ A candidate to recover is a `Job`: a key (its name in the report) and a `Builder
 materializes it from the dense model (`MaskBuild`: unstructured masks, enforced while training;
 `structured.CompactBuild`: channels physically removed, next to the compaction it replays; the lab studies
 add their own). `recover` trains the jobs on the calibration data as a schedule says (`halving.Top` or
-`halving.Halving`), ranks them on the selection split after every rung (`merits`: log-likelihood, then
-top-1) and returns one `RecoveryOutcome` per job with its rungs and, for the last rung's survivors, the final
-weights. Work runs
+`halving.Halving`), ranks them by accuracy on the selection split after every rung and returns one
+`RecoveryOutcome` per job with its rungs and, for the last rung's survivors, the final weights (and their
+selection log-likelihood, a diagnostic). Work runs
 where the executor says (`cluster.InProcess` or `cluster.RayExecutor`); what every task reads (`Shared`:
 dense model, data, teacher logits, settings) is shared once per run.
 
@@ -38,7 +38,6 @@ from torch import nn
 
 from .cluster import Executor, InProcess
 from .errors import EdgepruneError
-from .evaluation import merit_keys
 from .halving import Halving, Top, best
 from .masking import Masks, apply_masks_
 from .recovery import Recipe, default_lrs, finetune, finetune_batch, has_batchnorm, recalibrate_bn, resolve_device
@@ -393,7 +392,7 @@ def recover(
     before = 0
     for r, rung in enumerate(rungs):
         if r > 0:
-            alive = [alive[i] for i in best(merits([outcomes[j] for j in alive]), rung.size)]
+            alive = [alive[i] for i in best([outcomes[j].rungs[-1].accuracy for j in alive], rung.size)]
             states = {j: states[j] for j in alive}
         path = [x.epochs for x in rungs[: r + 1]]
         todo: list[int] = []
@@ -434,17 +433,11 @@ def first_rung(jobs: Sequence[Job], size: int) -> list[int]:
 
 
 def pick(outcomes: Sequence[RecoveryOutcome]) -> RecoveryOutcome:
-    """The last rung's best survivor by `merits` (ties: the order given)."""
+    """The last rung's most accurate survivor (ties: the order given)."""
     survivors = [o for o in outcomes if o.survived]
     if not survivors:
         raise EdgepruneError("recover: no candidate was recovered")
-    return survivors[best(merits(survivors), 1)[0]]
-
-
-def merits(outcomes: Sequence[RecoveryOutcome]) -> list[tuple[float, ...]]:
-    """What ranks recovered candidates against each other (`evaluation.merit_keys`): the selection split's
-    log-likelihood after their last rung, then top-1 there."""
-    return merit_keys([(o.loglik, o.accuracy) for o in outcomes])
+    return survivors[best([o.accuracy for o in survivors], 1)[0]]
 
 
 def with_rates(jobs: Sequence[Job], rates: Sequence[float]) -> list[Job]:
@@ -457,13 +450,13 @@ def with_rates(jobs: Sequence[Job], rates: Sequence[float]) -> list[Job]:
 
 def best_rate(outcomes: Sequence[RecoveryOutcome]) -> int:
     """Of one candidate's outcomes (one per rate, as `with_rates` ordered them) the one it keeps: the best
-    survivor of the last rung by `merits`, else the one that got furthest (ties: the order given,
+    survivor of the last rung by accuracy, else the one that got furthest (ties: the order given,
     low rate first)."""
     survivors = [i for i, o in enumerate(outcomes) if o.survived]
     pool = survivors or [i for i, o in enumerate(outcomes) if len(o.rungs) == max(len(o.rungs) for o in outcomes)]
     if not outcomes[pool[0]].rungs:
         return pool[0]
-    return pool[best(merits([outcomes[i] for i in pool]), 1)[0]]
+    return pool[best([outcomes[i].accuracy for i in pool], 1)[0]]
 
 
 # -- the report's view and the options' schedule, shared by both granularities -------------------------

@@ -283,8 +283,8 @@ class FinetuneResult:
     lr: float  # the (peak) learning rate used
     train_images: int
     val_images: int  # the images early stopping judged on: `val`, or the held-out part of x
-    # the kept weights' mean log-probability of the right class on the validation images: what ranks recovered
-    # candidates (`recover.RecoveryOutcome.merit`), and not the number early stopping maximized
+    # the kept weights' mean log-probability of the right class on the validation images (a diagnostic beside
+    # top-1: ranking by it was measured worse, benchmarks/results/paper_protocol_loglik_pick/)
     best_val_loglik: float = 0.0
 
 

@@ -67,8 +67,8 @@ class Candidate:
     recovery: list[RecoveryRung] = field(default_factory=list)  # its rungs when the recover stage trained it
     improved: bool | None = None  # None: not recovered; False: the start weights stayed the most accurate
     recovery_lr: float | None = None  # the rate of the recovery it kept (channel mode races two per candidate)
-    # after recovery, the mean log-probability of the right class on the selection split: what ranks recovered
-    # candidates against each other (`evaluation.merit_keys`); None: not recovered
+    # after recovery, the mean log-probability of the right class on the selection split (a diagnostic: top-1
+    # ranks; ranking by it was measured worse, benchmarks/results/paper_protocol_loglik_pick/); None: not recovered
     finetuned_loglik: float | None = None
 
     @classmethod
@@ -451,16 +451,18 @@ def render_markdown(report: Report) -> str:
         "Selection-split accuracies (the search's); test: the pick and the baselines only. `~N (n)`: screening "
         "stopped after n images, once the candidate could be neither recovered nor picked: its glance (BN "
         "re-calibrated on a few images) was 3 standard errors below the bar, or even every unseen image right "
-        "could not lift it there (which rule: `report.json` screening.stopped).",
+        "could not lift it there (which rule: `report.json` screening.stopped). Log-lik.: the fine-tuned model's "
+        "mean log-probability of the right class on the selection split (a diagnostic; top-1 ranks).",
         "",
-        "| name | signal | sparsity % | zero-shot % | + BN recal % | fine-tuned % | test % | Pareto |",
-        "|---|---|---:|---:|---:|---:|---:|:-:|",
+        "| name | signal | sparsity % | zero-shot % | + BN recal % | fine-tuned % | log-lik. | test % | Pareto |",
+        "|---|---|---:|---:|---:|---:|---:|---:|:-:|",
     ]
     for c in sorted(report.strategies, key=lambda c: -c.sparsity):
         mark = "**" if c.selected else ""
         lines.append(
             f"| {mark}{c.name}{mark} | {c.signal} | {_pct(c.sparsity)} | {_pct(c.zero_shot_accuracy)} "
-            f"| {_screened(c)} | {_pct(c.finetuned_accuracy)} | {_pct(c.test_accuracy)} "
+            f"| {_screened(c)} | {_pct(c.finetuned_accuracy)} "
+            f"| {'—' if c.finetuned_loglik is None else f'{c.finetuned_loglik:.4f}'} | {_pct(c.test_accuracy)} "
             f"| {'●' if c.pareto else ''} |"
         )
     lines += render_recovery(report)

@@ -12,7 +12,6 @@ import dataclasses
 from collections.abc import Callable, Sequence
 
 from .errors import EdgepruneError
-from .evaluation import merit_keys
 from .pareto import Point, pareto_mask  # noqa: F401 - re-exported: selection's public names
 from .report import Candidate
 
@@ -24,37 +23,30 @@ def select_index(
     max_drop: float | None = None,
     dense_accuracy: float | None = None,
 ) -> tuple[int, str]:
-    """Pick one candidate; returns (index, why). "Best" is `evaluation.merit_keys`' order: the selection
-    split's log-likelihood, then top-1, when every candidate was recovered; top-1 otherwise.
+    """Pick one candidate; returns (index, why).
 
-    - ``max_drop`` (points of top-1 accuracy): the sparsest candidate within ``max_drop`` of dense.
-    - else ``sparsity``: the best candidate with sparsity >= target; if none reaches it,
+    - ``max_drop`` (points of accuracy): the sparsest candidate within ``max_drop`` of dense.
+    - else ``sparsity``: the most accurate candidate with sparsity >= target; if none reaches it,
       the sparsest one (and the reason says so).
     """
     if not points:
         raise EdgepruneError("no candidates to select from")
-    merit = merit_keys([(p.loglik, p.accuracy) for p in points])
     if max_drop is not None:
         if dense_accuracy is None:
             raise ValueError("max_drop needs dense_accuracy")
         ok = [i for i, p in enumerate(points) if (dense_accuracy - p.accuracy) * 100 <= max_drop + 1e-9]
         if ok:
-            i = max(ok, key=lambda j: (points[j].sparsity, merit[j]))
+            i = max(ok, key=lambda j: (points[j].sparsity, points[j].accuracy))
             return i, f"sparsest candidate within {max_drop:g} points of dense"
-        i = max(range(len(points)), key=lambda j: merit[j])
-        return i, f"no candidate within {max_drop:g} points of dense; picked the {best_word(merit)}"
+        i = max(range(len(points)), key=lambda j: points[j].accuracy)
+        return i, f"no candidate within {max_drop:g} points of dense; picked the most accurate"
     target = 0.0 if sparsity is None else sparsity
     ok = [i for i, p in enumerate(points) if p.sparsity >= target - 1e-6]
     if ok:
-        i = max(ok, key=lambda j: (merit[j], points[j].sparsity))
-        return i, f"{best_word(merit)} candidate with sparsity >= {target:.0%}"
-    i = max(range(len(points)), key=lambda j: (points[j].sparsity, merit[j]))
+        i = max(ok, key=lambda j: (points[j].accuracy, points[j].sparsity))
+        return i, f"most accurate candidate with sparsity >= {target:.0%}"
+    i = max(range(len(points)), key=lambda j: (points[j].sparsity, points[j].accuracy))
     return i, f"no candidate reached {target:.0%} sparsity; picked the sparsest"
-
-
-def best_word(merit: Sequence[tuple[float, ...]]) -> str:
-    """How the report names the best by ``merit`` (`evaluation.merit_keys`): top-1, or log-likelihood first."""
-    return "most likely (selection log-likelihood)" if merit and len(merit[0]) > 1 else "most accurate"
 
 
 NEAR_FASTEST = 1.05  # latencies within 5 % of the fastest: one measurement apart on a busy CPU
@@ -101,26 +93,19 @@ def select_structured(cands: list[Candidate], cfg, dense_accuracy: float, dense_
             else f"speedup >= {cfg.speedup:g}x"
         )
         pool, met = eligible(cands, cfg, dense_ms)
-        merit = candidate_merits([cands[j] for j in pool])
-        k = max(range(len(pool)), key=lambda k: (merit[k], -cands[pool[k]].latency_ms))
+        i = max(pool, key=lambda j: (cands[j].final_accuracy, -cands[j].latency_ms))
         if met:
-            return pool[k], f"{best_word(merit)} candidate with {what} (measured)"
-        return pool[k], f"no candidate reached {what}; picked the {best_word(merit)} of the fastest"
+            return i, f"most accurate candidate with {what} (measured)"
+        return i, f"no candidate reached {what}; picked the most accurate of the fastest"
     if cfg.max_drop is not None:
         ok = [i for i, c in enumerate(cands) if (dense_accuracy - c.final_accuracy) * 100 <= cfg.max_drop + 1e-9]
         if ok:
             i = min(ok, key=lambda j: (cands[j].latency_ms, -cands[j].final_accuracy))
             return i, f"fastest candidate within {cfg.max_drop:g} points of dense"
-        merit = candidate_merits(cands)
-        i = max(range(len(cands)), key=lambda j: merit[j])
-        return i, f"no candidate within {cfg.max_drop:g} points of dense; picked the {best_word(merit)}"
-    points = [Point(c.final_accuracy, c.sparsity, c.finetuned_loglik) for c in cands]
+        i = max(range(len(cands)), key=lambda j: cands[j].final_accuracy)
+        return i, f"no candidate within {cfg.max_drop:g} points of dense; picked the most accurate"
+    points = [Point(c.final_accuracy, c.sparsity) for c in cands]
     return select_index(points, sparsity=cfg.sparsity)
-
-
-def candidate_merits(cands: Sequence[Candidate]) -> list[tuple[float, ...]]:
-    """`evaluation.merit_keys` of candidates: recovered log-likelihood, then top-1 (final accuracy)."""
-    return merit_keys([(c.finetuned_loglik, c.final_accuracy) for c in cands])
 
 
 HEAD_TO_HEAD = 3  # distinct architectures re-timed alone against dense before a latency pick is final

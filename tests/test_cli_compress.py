@@ -104,9 +104,8 @@ def test_compress_mix_and_match_end_to_end(tmp_path, capsys):
     shipped = {a["file"]: a for a in report["shipped"]}
     assert set(shipped) == {"model.onnx", "dense.onnx"}  # FAST: --quantize none
     assert shipped["model.onnx"]["accuracy"] == sel["onnx_accuracy"] and shipped["model.onnx"]["latency_ms"]
-    # the recovered candidates were ranked by their selection log-likelihood, recorded beside top-1
+    # each recovered candidate's selection log-likelihood is recorded beside its top-1 (a diagnostic)
     assert all(c["finetuned_loglik"] < 0 for c in cands if c["name"] in recovered)
-    assert "log-likelihood" in sel["why"]
     # the artifact records its splits: bench --data finds compress's test split with no split option again
     meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
     assert (meta["edgeprune.selection_size"], meta["edgeprune.test_size"], meta["edgeprune.split_seed"]) == (

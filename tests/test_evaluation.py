@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from edgeprune.evaluation import accuracy, accuracy_and_loglik, merit_keys
+from edgeprune.evaluation import accuracy, accuracy_and_loglik
 from edgeprune.models import load_model
 
 
@@ -66,6 +66,3 @@ def test_log_likelihood_is_the_mean_log_probability_of_the_right_class(demo_data
     acc, ll = accuracy_and_loglik(model, x, y, batch_size=64)
     assert acc == _plain_accuracy(model, x, y) and ll == pytest.approx(want, abs=1e-5)
     assert -2.3 < ll < 0  # a trained 10-class model: better than uniform, not certain
-    # ranking keys: log-likelihood first when every candidate has one, else top-1 alone
-    assert merit_keys([(-0.2, 0.9), (-0.1, 0.8)]) == [(-0.2, 0.9), (-0.1, 0.8)]
-    assert merit_keys([(None, 0.9), (-0.1, 0.8)]) == [(0.9,), (0.8,)]
