@@ -6,9 +6,9 @@ materializes it from the dense model (`MaskBuild`: unstructured masks, enforced 
 add their own). `recover` trains the jobs on the calibration data as a schedule says (`halving.Top` or
 `halving.Halving`), ranks them by accuracy on the selection split after every rung and returns one
 `RecoveryOutcome` per job with its rungs and, for the last rung's survivors, the final weights (and their
-selection log-likelihood, a diagnostic). Work runs
-where the executor says (`cluster.InProcess` or `cluster.RayExecutor`); what every task reads (`Shared`:
-dense model, data, teacher logits, settings) is shared once per run.
+selection log-likelihood, a diagnostic). Work runs where the executor says (`cluster.InProcess` or
+`cluster.RayExecutor`); what every task reads (`Shared`: dense model, data, teacher logits, settings) is shared
+once per run.
 
 Same results everywhere: a rung's training depends only on the job, `Shared` and the rungs before it
 (torch's intra-op thread count is part of `Shared`, since it changes float sums; on the CPU), and halving is
@@ -449,9 +449,8 @@ def with_rates(jobs: Sequence[Job], rates: Sequence[float]) -> list[Job]:
 
 
 def best_rate(outcomes: Sequence[RecoveryOutcome]) -> int:
-    """Of one candidate's outcomes (one per rate, as `with_rates` ordered them) the one it keeps: the best
-    survivor of the last rung by accuracy, else the one that got furthest (ties: the order given,
-    low rate first)."""
+    """Of one candidate's outcomes (one per rate, as `with_rates` ordered them) the one it keeps: the most
+    accurate survivor of the last rung, else the one that got furthest (ties: the order given, low rate first)."""
     survivors = [i for i, o in enumerate(outcomes) if o.survived]
     pool = survivors or [i for i, o in enumerate(outcomes) if len(o.rungs) == max(len(o.rungs) for o in outcomes)]
     if not outcomes[pool[0]].rungs:

@@ -20,6 +20,7 @@ from ..benchmarks.device import DEVICES_HELP, BenchReport, bench_artifacts, inpu
 from ..benchmarks.runner import NOISY_CV
 from ..errors import DataError, EdgepruneError
 from ..export.load import load_onnx_checked
+from ..export.metadata import read_metadata
 from ..targets import ENV_VAR, bench_threads, get_target
 from ._app import app
 
@@ -33,17 +34,10 @@ SPLIT_KEYS = ("calibration_size", "selection_size", "test_size", "split_seed")
 
 def _artifact_splits(path: Path) -> dict[str, int]:
     """The split sizes and seed `edgeprune compress` recorded in the artifact (`DataBundle.split_metadata`):
-    those present and whole numbers; an artifact from elsewhere has none."""
-    import onnx
-
-    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    out = {}
-    for key in SPLIT_KEYS:
-        try:
-            out[key] = int(props["edgeprune." + key])
-        except (KeyError, ValueError):
-            pass
-    return out
+    those present and whole numbers (`read_metadata` leaves a value that is not one a string); an artifact
+    from elsewhere has none."""
+    meta = read_metadata(path)
+    return {k: meta[k] for k in SPLIT_KEYS if isinstance(meta.get(k), int)}
 
 
 def _data_inputs(
