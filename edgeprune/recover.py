@@ -482,6 +482,23 @@ def recovery_schedule(cfg: Any, rates: int = 1) -> Top | Halving | None:
     return Top(k=cfg.finetune_top * rates, epochs=cfg.finetune_epochs)
 
 
+# Beyond this many points below dense on the selection split, a compacted pick is limited by the recovery budget
+# more than by its plan: fmnist_mobilenetv3 at --speedup 1.5 went from -16.7 points (1000 images, 3 epochs) to -12.3
+# (8000, 3) and -4.8 (8000, 6) on the test split (benchmarks/results/channel_goals.md).
+BUDGET_HINT_POINTS = 2.0
+
+
+def budget_hint(drop_points: float, max_drop: float | None, calib_images: int, epochs: int) -> str | None:
+    """A note for a pick that recovery left far below dense (``drop_points`` on the selection split, beyond both
+    `BUDGET_HINT_POINTS` and ``--max-drop``): what to raise, with the budget it had; None otherwise."""
+    if epochs <= 0 or drop_points <= max(BUDGET_HINT_POINTS, max_drop or 0.0) + 1e-9:
+        return None
+    return (
+        f"the pick is {drop_points:.2f} points below dense after recovery on {calib_images} calibration images for "
+        f"up to {epochs} epoch(s): compacted models recover with more of both (--calib-size, --finetune-epochs)"
+    )
+
+
 def record_recovery(candidate: Candidate, outcome: RecoveryOutcome, lr: float | None = None) -> None:
     """A candidate's rungs in the report (and ``lr``, the rate they ran at when the job set one); its
     recovered accuracy only where it survived the last rung."""

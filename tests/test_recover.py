@@ -19,12 +19,14 @@ from edgeprune.halving import Halving, Top
 from edgeprune.masking import layer_mask
 from edgeprune.models import load_model
 from edgeprune.recover import (
+    BUDGET_HINT_POINTS,
     Builder,
     Job,
     MaskBuild,
     ResultStore,
     Shared,
     best_rate,
+    budget_hint,
     pick,
     recover,
     recovery_rates,
@@ -142,6 +144,18 @@ def test_best_rate_prefers_survivors_then_the_furthest_and_the_lower_rate_on_tie
     assert best_rate([outcome([0.5, 0.6], True), outcome([0.9], False)]) == 0  # only a survivor has weights
     assert best_rate([outcome([0.5], False), outcome([0.5, 0.4], False)]) == 1  # none survived: the furthest
     assert best_rate([outcome([], False), outcome([], False)]) == 0
+
+
+def test_a_pick_far_below_dense_names_the_budget_to_raise():
+    """Past `BUDGET_HINT_POINTS` (and past --max-drop, which the user accepted) the note names both options and the
+    budget the run had; within them, or with no recovery at all, nothing."""
+    note = budget_hint(16.7, None, 1000, 3)
+    assert note and "16.70 points" in note and "1000 calibration images" in note and "3 epoch(s)" in note
+    assert "--calib-size" in note and "--finetune-epochs" in note
+    assert budget_hint(BUDGET_HINT_POINTS, None, 1000, 3) is None
+    assert budget_hint(4.0, 5.0, 1000, 3) is None  # within the drop the user allowed
+    assert budget_hint(6.0, 5.0, 1000, 3) is not None
+    assert budget_hint(30.0, None, 1000, 0) is None  # --finetune-epochs 0: no budget was spent
 
 
 def test_channel_mode_races_two_rates_unless_one_is_given():

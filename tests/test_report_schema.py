@@ -8,6 +8,7 @@ import json
 
 import pytest
 
+from edgeprune.recover import BUDGET_HINT_POINTS
 from edgeprune.report import LayerReport, Report, SchemaError, StructuredReport
 from edgeprune.targets import bench_threads, get_target
 
@@ -27,6 +28,11 @@ def test_report_json_round_trips_to_the_dataclass_tree(mode):
     assert (back.structured is not None) == (mode == "channel")
     if back.structured is not None:
         assert isinstance(back.structured, StructuredReport) and back.structured.groups
+        # a pick recovery left far below dense says which budget to raise, and only then
+        drop = (back.dense.accuracy - back.selected.accuracy) * 100
+        hinted = [n for n in back.notes if "--calib-size, --finetune-epochs" in n]
+        bound = max(BUDGET_HINT_POINTS, back.config.get("max_drop") or 0.0)
+        assert bool(hinted) == (drop > bound + 1e-9 and back.config["finetune_epochs"] > 0), (drop, hinted)
     units = {"unstructured": {"weight"}, "channel": {"channel", "head"}}[mode]
     for layer in back.layers:
         assert isinstance(layer, LayerReport) and layer.unit in units

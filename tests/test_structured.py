@@ -19,6 +19,7 @@ from edgeprune.export import export_onnx
 from torch import nn
 
 from edgeprune.errors import EdgepruneError, UnsupportedModelError
+from edgeprune.recover import BUDGET_HINT_POINTS
 from edgeprune.recovery import finetune, recalibrate_bn
 from edgeprune.report import Candidate
 from edgeprune.structured import (
@@ -492,6 +493,10 @@ def test_compress_channel_end_to_end(tmp_path):
         assert trained.improved == (trained.finetuned_accuracy > trained.recovery[0].start_accuracy)
         assert trained.recovery_lr in (1e-4, 3e-3)  # the two rates raced for a compacted CNN, the better kept
     s = report.selected
+    # a pick recovery left far below dense says which budget to raise, with the one it had; only then
+    hinted = [n for n in report.notes if "(--calib-size, --finetune-epochs)" in n]
+    far = (report.dense.accuracy - s.accuracy) * 100 > BUDGET_HINT_POINTS
+    assert bool(hinted) == far and all("256 calibration images for up to 1 epoch(s)" in n for n in hinted)
     # the reported figures are the test split's, opened once after the pick
     assert s.test_accuracy is not None and report.dense.test_accuracy is not None
     assert [(sp["name"], sp["size"], list(sp["opened_for"])) for sp in report.splits] == [

@@ -43,6 +43,7 @@ from ..recover import (
     ResultStore,
     Shared,
     best_rate,
+    budget_hint,
     record_recovery,
     recover,
     recovery_batch,
@@ -746,6 +747,10 @@ class ChannelSearch:
             self.why += f" ({note})"
         self.chosen = self.cands[idx]
         self.final = self.finetuned.get(idx) or self._rebuild(self.chosen)
+        drop = (self.dense_acc - self.chosen.candidate.final_accuracy) * 100
+        hint = budget_hint(drop, self.cfg.max_drop, len(self.data.calib_x), self.cfg.finetune_epochs)
+        if hint:
+            self.notes.append(hint)
 
     def structured_report(self) -> StructuredReport:
         ranges, widths = self.ranges_by_round[self.chosen.round], self.chosen.widths
