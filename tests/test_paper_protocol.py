@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 from edgeprune.benchmarks.lab import paper_protocol as pp
 
@@ -200,3 +201,53 @@ def test_a_resume_may_add_seeds_but_not_drop_them_or_change_a_setting(tmp_path):
     assert list(more) == ["toy"] and more["toy"].trials[0].methods[1].test == 0.9
     assert pp.previous(path, pp.Settings(seeds=(0, 1))) == {}
     assert pp.previous(path, pp.Settings(seeds=(0, 1, 2), select_size=999)) == {}
+
+
+def test_right_answers_pack_and_unpack_exactly():
+    rng = np.random.default_rng(0)
+    for n in (1, 7, 8, 4001):
+        right = rng.random(n) > 0.3
+        packed = pp.pack_answers(right)
+        assert len(packed) == 4 * math.ceil(math.ceil(n / 8) / 3)  # base64 of the packed bytes
+        assert (pp.unpack_answers(packed, n) == right).all()
+
+
+def test_paired_images_error_comes_from_the_images_the_two_disagree_on():
+    a = np.ones(1000, dtype=bool)
+    assert pp.paired_images(a, a) == (0.0, 0.0)  # same answers: no sampling error, whatever the accuracy
+    b = a.copy()
+    b[:20] = False  # b misses 20 images a gets right: a is 2 points ahead
+    diff, se = pp.paired_images(a, b)
+    assert diff == pytest.approx(2.0)
+    assert se == pytest.approx(math.sqrt(0.02 * 0.98 / 999) * 100)  # sd of the per-image difference / sqrt(n)
+    c = b.copy()
+    c[20:40] = False
+    c[:20] = True  # the same accuracy as b on other images: 0 apart, but the disagreements carry an error
+    diff, se = pp.paired_images(b, c)
+    assert diff == 0.0 and se > pp.paired_images(a, b)[1]
+
+
+def test_image_diff_combines_each_seeds_sampling_error_and_is_read_off_a_level():
+    n = 400
+    a = np.ones(n, dtype=bool)
+    b = a.copy()
+    b[:8] = False  # 2 points behind in every seed
+    trials = []
+    for seed in (0, 1):
+        rows = []
+        for method, x in ((pp.MM, a), ("mag", b)):
+            acc, packed = float(x.mean()), pp.pack_answers(x)
+            row = pp.MethodResult(method, method, 0.5, 0.9, 0.9, acc, acc, select_right=packed, test_right=packed)
+            rows.append(row)
+        trials.append(pp.Trial(seed, 0, 0.5, True, "", 0.95, 0.95, 1, 1, [], rows, 0.0))
+    one = pp.paired_images(a, b)
+    got = pp.image_diff(trials, "mag", "test", n)
+    assert got["mean"] == pytest.approx(2.0) and got["se"] == pytest.approx(one[1] / math.sqrt(2))
+    m = pp.ModelResult("toy", 1, levels=[pp.Level(1.0, 0.5)], trials=trials)
+    m.splits = {"selection": f"{n} images, x", "test": f"{n} images, x"}
+    st = pp.level_stats(m, 0, "test")
+    assert st["images"]["mag"]["test"]["mean"] == pytest.approx(2.0)
+    assert st["vs"]["mag"]["se"] == 0.0  # the seeds agree exactly; the images still carry an error
+    # a trial stored before answers were recorded (schema /3): no per-image reading, nothing made up
+    trials[1].methods[1].test_right = ""
+    assert pp.image_diff(trials, "mag", "test", n) is None and pp.level_stats(m, 0, "test")["images"] == {}

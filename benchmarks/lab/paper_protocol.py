@@ -42,6 +42,7 @@ the same settings, or adds seeds to it: ``--seeds 0,1,2,3,4`` on a 3-seed run ru
 from __future__ import annotations
 
 import argparse
+import base64
 import copy
 import dataclasses
 import json
@@ -54,6 +55,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from edgeprune.benchmarks.lab.paper import (
     BASELINE_METHODS,
@@ -70,7 +72,7 @@ from edgeprune.benchmarks.machine import command_line
 
 from edgeprune.cluster import Executor, check_cluster_spec, executor_for
 from edgeprune.errors import EdgepruneError
-from edgeprune.evaluation import accuracy, weight_sparsity
+from edgeprune.evaluation import accuracy, right_answers, weight_sparsity
 from edgeprune.halving import Top, best
 from edgeprune.masking import build_masks
 from edgeprune.pipeline import SCREEN_PROBE, CompressConfig, Workspace, load_workspace_inputs
@@ -78,12 +80,13 @@ from edgeprune.recover import Job, MaskBuild, RecoveryOutcome, recover
 from edgeprune.report import versions
 from edgeprune.screening import screen_candidates
 
-SCHEMA = "edgeprune.paper-protocol/3"
+SCHEMA = "edgeprune.paper-protocol/4"
 # /1 picked Mix-and-Match's model among its top screened candidates only; /2 adds the range baselines' own runs
 # (`pipeline.own_runs`, what compress recovers whatever they screen). A /1 run is upgraded on --resume by
 # `contain`: the baselines' recoveries are the same builds with the same settings, so nothing is retrained.
 # /3 records every recovered candidate's figures (`Trial.pool`, selection log-likelihoods) and the pick's rule.
-READS = ("edgeprune.paper-protocol/1", "edgeprune.paper-protocol/2", SCHEMA)
+# /4 adds each recovered model's right answers per image of the selection and test splits.
+READS = ("edgeprune.paper-protocol/1", "edgeprune.paper-protocol/2", "edgeprune.paper-protocol/3", SCHEMA)
 # Starts low so that MAG's 1-point level is bracketed on every family: depthwise models lose points early
 # (MobileNetV3 lost 3.8 at 60 %, where a ladder starting at 60 % clamped its 1- and 3-point levels together).
 LADDER: tuple[float, ...] = (0.3, 0.45, 0.6, 0.75, 0.85, 0.9, 0.95, 0.98)
@@ -152,6 +155,10 @@ class MethodResult:
     steps: int = 0  # optimizer steps of its recovery
     improved: bool = True  # recovery beat the start weights on the selection split
     select_loglik: float | None = None  # after recovery: mean log-probability of the right class, selection split
+    # after recovery, per image of the selection / test split: right (1) or not, `pack_answers` (schema /4); the
+    # paired difference of two methods within a seed, and its sampling error, are read off them (`image_pairs`)
+    select_right: str = ""
+    test_right: str = ""
 
 
 @dataclass
@@ -173,6 +180,8 @@ class Trial:
     # the pick among them and the baselines' runs can be made again by another rule without training (`contain`)
     pool: list[MethodResult] = field(default_factory=list)
     picked_by: str = "top1"  # the rule of the pick in ``methods`` (`PICK_RULES`); trials before /3: top-1
+    dense_select_right: str = ""  # the dense model's right answers per image (`pack_answers`, schema /4)
+    dense_test_right: str = ""
 
 
 @dataclass
@@ -229,6 +238,25 @@ def mean_se(values: list[float]) -> tuple[float, float | None]:
     return m, math.sqrt(var / n)
 
 
+def pack_answers(right: np.ndarray) -> str:
+    """Per-image right answers (bool) as base64 of their packed bits: 4000 images in 668 characters."""
+    return base64.b64encode(np.packbits(np.asarray(right, dtype=bool)).tobytes()).decode("ascii")
+
+
+def unpack_answers(packed: str, n: int) -> np.ndarray:
+    """`pack_answers` undone: the first ``n`` images' right answers (bool)."""
+    return np.unpackbits(np.frombuffer(base64.b64decode(packed), dtype=np.uint8))[:n].astype(bool)
+
+
+def paired_images(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """Accuracy of ``a`` minus ``b`` on the same images (points) and its sampling standard error: the images
+    on which the two disagree carry all of it (a paired, McNemar-style error, not two independent ones)."""
+    d = a.astype(float) - b.astype(float)
+    n = len(d)
+    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    return float(d.mean()) * 100, se * 100
+
+
 def auc(sparsities: list[float], accuracies: list[float]) -> float:
     """Trapezoid area under accuracy vs sparsity divided by the span: the mean accuracy over it."""
     pts = sorted(zip(sparsities, accuracies))
@@ -277,7 +305,7 @@ def contain(trial: Trial, entrants: tuple[str, ...], by: str = "top1") -> Trial:
     name = c.candidate if pick < len(own) else f"baseline:{c.method}"
     name = name if name == screened else f"{name} (screening: {screened})"
     new = MethodResult(MM, name, c.sparsity, mm.zero_shot_select, mm.zero_shot_test, c.select, c.test, c.steps,
-                       c.improved, c.select_loglik)  # fmt: skip
+                       c.improved, c.select_loglik, c.select_right, c.test_right)  # fmt: skip
     trial.methods = [new if r is mm else r for r in trial.methods]
     trial.contained, trial.picked_by = True, by
     return trial
@@ -391,7 +419,7 @@ def run_trial(ws: Workspace, s: Settings, level: int, target: float, executor: E
     window = [j for j in range(len(cands)) if target - 1e-6 <= cands[j].sparsity <= target + WINDOW + 1e-9]
     pool = sorted(window, key=lambda j: (-cands[j].accuracy, -cands[j].sparsity))[: s.top]
     base = [plans(ws, b, target)[0] for b in s.baselines]
-    methods, test = [], d.test_split(TEST_REASON)
+    methods, test, select = [], d.test_split(TEST_REASON), (d.select_x, d.select_y)
 
     def zero_shot(method: str, cp) -> MethodResult:  # ws.model holds cp masked and re-calibrated
         c = cp.candidate
@@ -406,9 +434,13 @@ def run_trial(ws: Workspace, s: Settings, level: int, target: float, executor: E
     jobs += [Job(b, MaskBuild(build_masks(cp.scores, cp.plan))) for b, cp in zip(s.baselines, base)]
     outcomes = recover_all(ws, jobs, s, executor)
 
+    def answers(model: torch.nn.Module) -> tuple[str, str]:  # per image, selection then test
+        return tuple(pack_answers(right_answers(model, *xy, ws.cfg.batch_size)) for xy in (select, test))
+
     def recovered(r: MethodResult, o: RecoveryOutcome) -> MethodResult:
         ws.model.load_state_dict(o.state)
-        r.select, r.test = o.accuracy, accuracy(ws.model, *test, ws.cfg.batch_size)
+        r.select_right, r.test_right = answers(ws.model)
+        r.select, r.test = o.accuracy, float(unpack_answers(r.test_right, len(test[1])).mean())
         r.select_loglik = o.loglik
         r.steps = sum(g.steps for g in o.rungs)
         r.improved = o.accuracy > o.rungs[0].start_accuracy
@@ -420,12 +452,14 @@ def run_trial(ws: Workspace, s: Settings, level: int, target: float, executor: E
     zero = (mm_zero.zero_shot_select, mm_zero.zero_shot_test)
     own = [recovered(MethodResult(MM, cands[j].name, cands[j].sparsity, *zero), o) for j, o in zip(pool, outcomes)]
     methods = [mm_zero] + [recovered(r, o) for r, o in zip(methods, outcomes[len(pool) :], strict=True)]
-    dense_test = accuracy(_dense(ws), *test, ws.cfg.batch_size)
+    dense_select_right, dense_test_right = answers(_dense(ws))
+    dense_test = float(unpack_answers(dense_test_right, len(test[1])).mean())
     trial = Trial(
         seed=ws.cfg.seed, level=level, target=target, matched=matched, selection=why, dense_select=dense_select,
         dense_test=dense_test, candidates=len(summary.duplicates) + len(kept) + len(summary.skipped),
         screened=summary.evaluated, recovered=[cands[j].name for j in pool], methods=methods,
-        seconds=round(time.perf_counter() - t0, 1), pool=own,
+        seconds=round(time.perf_counter() - t0, 1), pool=own, dense_select_right=dense_select_right,
+        dense_test_right=dense_test_right,
     )  # fmt: skip
     return contain(trial, ws.cfg.range_baselines, s.pick)
 
@@ -538,7 +572,37 @@ def level_stats(m: ModelResult, k: int, key: str) -> dict[str, Any]:
         chosen = max(on_select, key=lambda b: on_select[b])
         out["best_on_selection"] = chosen
         out["not_worse_than_best_on_selection"] = not_worse(out["vs"][chosen])
+    if key == "test":  # schema /4: the same differences read per image, with their sampling errors
+        sizes = {split: split_size(m, name) for split, name in (("select", "selection"), ("test", "test"))}
+        images = {b: {split: image_diff(trials, b, split, n) for split, n in sizes.items() if n} for b in out["vs"]}
+        out["images"] = {b: v for b, v in images.items() if all(v.values()) and v}
     return out
+
+
+def image_diff(trials: list[Trial], method: str, split: str, n: int) -> dict[str, float] | None:
+    """Mix-and-Match minus ``method`` on ``split`` ("select" or "test", ``n`` images) from the per-image right
+    answers: the mean of the seeds' paired differences and its *sampling* error (each seed's `paired_images`
+    error, combined: how far the figure could move on other images, the models fixed). None when a trial has no
+    answers stored. Beside the seeds' paired s.e. (the issue's rule, which also holds the seeds' different
+    recoveries) it says whether a gap is larger than what the split's images alone can resolve."""
+    key = f"{split}_right"
+    diffs = []
+    for t in trials:
+        rows = {r.method: r for r in t.methods}
+        a, b = rows.get(MM), rows.get(method)
+        if a is None or b is None or not getattr(a, key) or not getattr(b, key):
+            return None
+        diffs.append(paired_images(unpack_answers(getattr(a, key), n), unpack_answers(getattr(b, key), n)))
+    if not diffs:
+        return None
+    mean = sum(d for d, _ in diffs) / len(diffs)
+    return {"mean": mean, "se": math.sqrt(sum(se**2 for _, se in diffs)) / len(diffs)}
+
+
+def split_size(m: ModelResult, split: str) -> int | None:
+    """The size of a split as the run recorded it ("4000 images, fashion-mnist test" -> 4000)."""
+    text = m.splits.get(split, "")
+    return int(text.split()[0]) if text[:1].isdigit() else None
 
 
 def auc_stats(m: ModelResult) -> dict[str, Any]:
@@ -715,10 +779,14 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
                     f"{_diff(ft['vs'].get(method))} | {steps} | {stuck}/{len(rows)} |"
                 )
             if "best_baseline" in ft:
-                L.append(f"| | *vs best ({ft['best_baseline']})* | | | | | {_verdict(ft['not_worse'])} | | |")
+                best = ft["best_baseline"]
+                L.append(f"| | *vs best ({best})* | | | | | {_verdict(ft['not_worse'])}{_images(ft, best)} | | |")
                 chosen, verdict = ft["best_on_selection"], _verdict(ft["not_worse_than_best_on_selection"])
                 diff = _diff(ft["vs"][chosen])
-                L.append(f"| | *vs the best on the selection split ({chosen})* | | | | | {diff}: {verdict} | | |")
+                L.append(
+                    f"| | *vs the best on the selection split ({chosen})* | | | | | {diff}: {verdict}"
+                    f"{_images(ft, chosen)} | | |"
+                )
         a = auc_stats(m)
         if a:
             L += ["", "Area under recovered test accuracy vs sparsity over the levels (mean accuracy over the span):",
@@ -746,6 +814,14 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
         "",
     ]
     return "\n".join(L)
+
+
+def _images(stats: dict[str, Any], method: str) -> str:
+    """The per-image reading of Mix-and-Match minus ``method`` (schema /4), for a verdict's cell."""
+    v = stats.get("images", {}).get(method)
+    if not v:
+        return ""
+    return f"; per image (sampling s.e.): test {_diff(v['test'])}, selection {_diff(v['select'])}"
 
 
 def write_atomic(path: Path, text: str) -> None:
