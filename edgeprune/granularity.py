@@ -27,7 +27,7 @@ from torch import nn
 
 from .cluster import Executor
 from .deliver import BenchDevice, deliver
-from .evaluation import accuracy
+from .evaluation import accuracy, right_answers
 from .recover import ResultStore
 from .report import (
     Candidate,
@@ -40,6 +40,7 @@ from .report import (
     render_markdown,
     versions,
 )
+from .selection import evidence_note, pick_evidence
 from .stages import FINAL_EVALUATION, Progress, Timings
 from .targets import Target, threads_note
 
@@ -84,6 +85,10 @@ class Found:
     markdown: Callable[[Report], str] | None = None  # the granularity's sections after report.md's common ones
     plot_axes: tuple[str, ...] = ("sparsity",)  # `report.plot_pareto`'s x axes
     plot_dense_x: dict | None = None  # dense's x per plot axis (else a line)
+    # the pick's closest rival on the same goal (`selection.runner_up`) and how to build any candidate (recovered
+    # when it was): the rival is built after the ``on_test`` ones (or is one of them) and before ``ship``
+    runner_up: int | None = None
+    build: Callable[[int], nn.Module] | None = None
 
 
 class Search(Protocol):
@@ -94,21 +99,41 @@ class Search(Protocol):
 
 def finish(inp: SearchInputs, found: Found, check_images: int = 64) -> Report:
     """The shared end of `compress`: the sealed test split opened once (dense, every ``on_test`` candidate,
-    the pick), the deliver step (when ``cfg.export``) and the report, ``report.md`` and ``pareto.png`` written
-    into the staging folder. Returns the report (the caller writes ``report.json``)."""
+    the pick), the pick's evidence on the selection split (`report.PickEvidence`), the deliver step (when
+    ``cfg.export``) and the report, ``report.md`` and ``pareto.png`` written into the staging folder. Returns
+    the report (the caller writes ``report.json``)."""
     cfg, data, t = inp.cfg, inp.data, inp.t
     chosen = found.candidates[found.chosen]
     chosen.selected = True
+    # the pick against dense and its runner-up, re-read per selection image (`selection.pick_evidence`) while
+    # each model is built anyway: a candidate may share the pick's module, so none is built twice
+    select = (data.eval_x, data.eval_y)
+    rival = None
     test = data.test_split(FINAL_EVALUATION)
     dense_test = accuracy(found.dense_model, *test, cfg.batch_size)
     for i, build in found.on_test:
         if i != found.chosen:
-            found.candidates[i].test_accuracy = accuracy(build(), *test, cfg.batch_size)
+            m = build()
+            found.candidates[i].test_accuracy = accuracy(m, *test, cfg.batch_size)
+            if i == found.runner_up:
+                rival = right_answers(m, *select, cfg.batch_size)
+    if found.runner_up is not None and rival is None and found.build is not None:
+        rival = right_answers(found.build(found.runner_up), *select, cfg.batch_size)
     model = found.ship()
     chosen.test_accuracy = accuracy(model, *test, cfg.batch_size)
     model.eval()
+    evidence = pick_evidence(
+        right_answers(model, *select, cfg.batch_size),
+        right_answers(found.dense_model, *select, cfg.batch_size),
+        rival,
+        None if rival is None else found.candidates[found.runner_up].name,
+    )
+    note = evidence_note(evidence)
+    if note:
+        found.notes.append(note)
 
     selected = SelectedSummary.of(chosen, found.why, found.dense.accuracy, dense_test)
+    selected.evidence = evidence
     found.dense.test_accuracy = dense_test
     delivery = None
     if cfg.export:

@@ -48,7 +48,7 @@ from .screening import (
     screening_warning,
     share_results,
 )
-from .selection import Point, pareto_mask, select_index
+from .selection import Point, pareto_mask, runner_up, select_index
 from .sensitivity import SIGNALS, compute_sensitivity, signal_scores
 from .stages import FINAL_EVALUATION, Progress, Timings, config_dict  # noqa: F401 - re-exported for benchmarks
 from .strategies import LayerStats, reachable, search_plans
@@ -782,6 +782,8 @@ def search_unstructured(inp: SearchInputs) -> Found:
         metadata=metadata,
         layers=layer_reports,
         on_test=[(i, lambda i=i: build(i)) for i in baselines],
+        runner_up=runner_up(cands, idx, cfg),
+        build=build,
         screening=asdict(screening),
         config=config_dict(cfg, threads=inp.threads, finetune_batch=recovery_batch(cfg, len(ws.data.calib_x))),
     )

@@ -82,6 +82,21 @@ class Candidate:
 
 
 @dataclass
+class PickEvidence:
+    """How firmly the selection split backs the pick, read per image (both models on the same images, so only
+    the images they disagree on carry error: `selection.paired_points`). A gap under one standard error is one
+    the split's images cannot resolve."""
+
+    images: int  # the selection split's size
+    drop: float  # points the pick is below dense on it
+    drop_se: float  # its standard error
+    runner_up: str | None = None  # the most accurate other candidate that meets the same goal (None: the goal
+    # ranks by something else than accuracy, e.g. --max-drop's sparsest or fastest, or no other one meets it)
+    margin: float | None = None  # points the pick is ahead of the runner-up
+    margin_se: float | None = None
+
+
+@dataclass
 class SelectedSummary:
     name: str
     signal: str
@@ -102,6 +117,7 @@ class SelectedSummary:
     test_accuracy: float | None = None  # on the test split: the reported figure
     test_accuracy_drop: float | None = None  # points, dense - selected, on the test split
     shipping: dict | None = None  # INT8 / packing / ORT files and their sizes (edgeprune.export.ship)
+    evidence: PickEvidence | None = None  # the pick against dense and its runner-up, per selection image
 
     @classmethod
     def of(cls, c: Candidate, why: str, dense_accuracy: float, dense_test: float) -> SelectedSummary:
@@ -306,6 +322,14 @@ def versions() -> dict[str, str]:
     }
 
 
+def evidence_line(e: PickEvidence) -> str:
+    """report.md's sentence on `PickEvidence`."""
+    line = f"On the {e.images} selection images, paired per image: {e.drop:.2f} ± {e.drop_se:.2f} points below dense"
+    if e.runner_up is not None and e.margin is not None:
+        line += f"; {e.margin:+.2f} ± {e.margin_se:.2f} points against the runner-up `{e.runner_up}`"
+    return line + " (± one standard error)."
+
+
 def _pct(v: float | None) -> str:
     return "—" if v is None else f"{v * 100:.2f}"
 
@@ -439,6 +463,8 @@ def render_markdown(report: Report) -> str:
         )
     elif s.accuracy_drop is not None:
         lines.append(f"Accuracy drop: **{s.accuracy_drop:.2f} points**. ")
+    if s.evidence is not None:
+        lines.append(evidence_line(s.evidence))
     if s.parity_max_abs_diff is not None:
         lines.append(
             f"ONNX check: max |ONNX − PyTorch| = {s.parity_max_abs_diff:.2e}; zeros in the ONNX weights: "

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from edgeprune.benchmarks.lab import paper_protocol as pp
 
+from edgeprune.selection import paired_points
+
 
 def test_level_interpolates_between_the_ladder_points_that_bracket_the_drop():
     curve = [(0.5, -0.2), (0.8, 0.5), (0.9, 2.5), (0.95, 6.5)]
@@ -212,21 +214,6 @@ def test_right_answers_pack_and_unpack_exactly():
         assert (pp.unpack_answers(packed, n) == right).all()
 
 
-def test_paired_images_error_comes_from_the_images_the_two_disagree_on():
-    a = np.ones(1000, dtype=bool)
-    assert pp.paired_images(a, a) == (0.0, 0.0)  # same answers: no sampling error, whatever the accuracy
-    b = a.copy()
-    b[:20] = False  # b misses 20 images a gets right: a is 2 points ahead
-    diff, se = pp.paired_images(a, b)
-    assert diff == pytest.approx(2.0)
-    assert se == pytest.approx(math.sqrt(0.02 * 0.98 / 999) * 100)  # sd of the per-image difference / sqrt(n)
-    c = b.copy()
-    c[20:40] = False
-    c[:20] = True  # the same accuracy as b on other images: 0 apart, but the disagreements carry an error
-    diff, se = pp.paired_images(b, c)
-    assert diff == 0.0 and se > pp.paired_images(a, b)[1]
-
-
 def test_image_diff_combines_each_seeds_sampling_error_and_is_read_off_a_level():
     n = 400
     a = np.ones(n, dtype=bool)
@@ -240,7 +227,7 @@ def test_image_diff_combines_each_seeds_sampling_error_and_is_read_off_a_level()
             row = pp.MethodResult(method, method, 0.5, 0.9, 0.9, acc, acc, select_right=packed, test_right=packed)
             rows.append(row)
         trials.append(pp.Trial(seed, 0, 0.5, True, "", 0.95, 0.95, 1, 1, [], rows, 0.0))
-    one = pp.paired_images(a, b)
+    one = paired_points(a, b)
     got = pp.image_diff(trials, "mag", "test", n)
     assert got["mean"] == pytest.approx(2.0) and got["se"] == pytest.approx(one[1] / math.sqrt(2))
     m = pp.ModelResult("toy", 1, levels=[pp.Level(1.0, 0.5)], trials=trials)

@@ -33,6 +33,20 @@ def test_report_json_round_trips_to_the_dataclass_tree(mode):
         hinted = [n for n in back.notes if "--calib-size, --finetune-epochs" in n]
         bound = max(BUDGET_HINT_POINTS, back.config.get("max_drop") or 0.0)
         assert bool(hinted) == (drop > bound + 1e-9 and back.config["finetune_epochs"] > 0), (drop, hinted)
+    # the pick re-read per selection image: the same drop the search saw (to an image), a runner-up on the same
+    # goal (the 80 % default ranks by accuracy), a note exactly when the split cannot tell the two apart
+    ev, sel = back.selected.evidence, back.selected
+    assert ev is not None and ev.images == next(s["size"] for s in back.splits if s["name"] == "selection")
+    assert abs(ev.drop - sel.accuracy_drop) <= 100 / ev.images + 1e-9 and ev.drop_se > 0
+    if mode == "unstructured":
+        assert ev.runner_up is not None
+    if ev.runner_up is not None:
+        rival = next(c for c in back.strategies if c.name == ev.runner_up)
+        assert rival.name != sel.name and rival.sparsity >= back.sparsity_target - 1e-6
+        assert abs(ev.margin - (sel.accuracy - rival.final_accuracy) * 100) <= 100 / ev.images + 1e-9
+    tied = ev.runner_up is not None and ev.margin <= ev.margin_se and (ev.margin != 0 or ev.margin_se > 0)
+    assert bool([n for n in back.notes if "does not tell them apart" in n]) == tied
+    assert "paired per image" in (out / "report.md").read_text()
     units = {"unstructured": {"weight"}, "channel": {"channel", "head"}}[mode]
     for layer in back.layers:
         assert isinstance(layer, LayerReport) and layer.unit in units

@@ -79,6 +79,7 @@ from edgeprune.pipeline import SCREEN_PROBE, CompressConfig, Workspace, load_wor
 from edgeprune.recover import Job, MaskBuild, RecoveryOutcome, recover
 from edgeprune.report import versions
 from edgeprune.screening import screen_candidates
+from edgeprune.selection import paired_points
 
 SCHEMA = "edgeprune.paper-protocol/4"
 # /1 picked Mix-and-Match's model among its top screened candidates only; /2 adds the range baselines' own runs
@@ -156,7 +157,7 @@ class MethodResult:
     improved: bool = True  # recovery beat the start weights on the selection split
     select_loglik: float | None = None  # after recovery: mean log-probability of the right class, selection split
     # after recovery, per image of the selection / test split: right (1) or not, `pack_answers` (schema /4); the
-    # paired difference of two methods within a seed, and its sampling error, are read off them (`image_pairs`)
+    # paired difference of two methods within a seed, and its sampling error, are read off them (`image_diff`)
     select_right: str = ""
     test_right: str = ""
 
@@ -246,15 +247,6 @@ def pack_answers(right: np.ndarray) -> str:
 def unpack_answers(packed: str, n: int) -> np.ndarray:
     """`pack_answers` undone: the first ``n`` images' right answers (bool)."""
     return np.unpackbits(np.frombuffer(base64.b64decode(packed), dtype=np.uint8))[:n].astype(bool)
-
-
-def paired_images(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
-    """Accuracy of ``a`` minus ``b`` on the same images (points) and its sampling standard error: the images
-    on which the two disagree carry all of it (a paired, McNemar-style error, not two independent ones)."""
-    d = a.astype(float) - b.astype(float)
-    n = len(d)
-    se = float(d.std(ddof=1) / math.sqrt(n)) if n > 1 else 0.0
-    return float(d.mean()) * 100, se * 100
 
 
 def auc(sparsities: list[float], accuracies: list[float]) -> float:
@@ -581,7 +573,7 @@ def level_stats(m: ModelResult, k: int, key: str) -> dict[str, Any]:
 
 def image_diff(trials: list[Trial], method: str, split: str, n: int) -> dict[str, float] | None:
     """Mix-and-Match minus ``method`` on ``split`` ("select" or "test", ``n`` images) from the per-image right
-    answers: the mean of the seeds' paired differences and its *sampling* error (each seed's `paired_images`
+    answers: the mean of the seeds' paired differences and its *sampling* error (each seed's `selection.paired_points`
     error, combined: how far the figure could move on other images, the models fixed). None when a trial has no
     answers stored. Beside the seeds' paired s.e. (the issue's rule, which also holds the seeds' different
     recoveries) it says whether a gap is larger than what the split's images alone can resolve."""
@@ -592,7 +584,7 @@ def image_diff(trials: list[Trial], method: str, split: str, n: int) -> dict[str
         a, b = rows.get(MM), rows.get(method)
         if a is None or b is None or not getattr(a, key) or not getattr(b, key):
             return None
-        diffs.append(paired_images(unpack_answers(getattr(a, key), n), unpack_answers(getattr(b, key), n)))
+        diffs.append(paired_points(unpack_answers(getattr(a, key), n), unpack_answers(getattr(b, key), n)))
     if not diffs:
         return None
     mean = sum(d for d, _ in diffs) / len(diffs)

@@ -72,6 +72,7 @@ from ..selection import (  # noqa: F401 - meets, eligible, select_structured, ..
     mac_pareto,
     meets,
     pareto_mask,
+    runner_up,
     select_structured,
 )
 from ..stages import config_dict
@@ -800,14 +801,18 @@ class ChannelSearch:
             "group_widths": json.dumps(chosen.widths),
         }
         final = self.final
+        index = next(i for i, cc in enumerate(self.cands) if cc is chosen)
+        plain = [cc.candidate for cc in self.cands]
         return Found(
             dense=DenseSummary(accuracy=self.dense_acc, params=self.params, macs=self.macs),
             dense_model=self.model,
             dense_exported=True,
             candidates=[cc.candidate for cc in self.cands],
-            chosen=next(i for i, cc in enumerate(self.cands) if cc is chosen),
+            chosen=index,
             why=self.why,
             ship=lambda: final,
+            runner_up=runner_up(plain, index, cfg, self.dense_ms),
+            build=lambda i: self.finetuned.get(i) or self._rebuild(self.cands[i]),
             metadata=metadata,
             layers=layer_reports,
             structured=self.structured_report(),
