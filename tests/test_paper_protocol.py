@@ -219,22 +219,44 @@ def test_image_diff_combines_each_seeds_sampling_error_and_is_read_off_a_level()
     a = np.ones(n, dtype=bool)
     b = a.copy()
     b[:8] = False  # 2 points behind in every seed
-    trials = []
-    for seed in (0, 1):
-        rows = []
-        for method, x in ((pp.MM, a), ("mag", b)):
-            acc, packed = float(x.mean()), pp.pack_answers(x)
-            row = pp.MethodResult(method, method, 0.5, 0.9, 0.9, acc, acc, select_right=packed, test_right=packed)
-            rows.append(row)
-        trials.append(pp.Trial(seed, 0, 0.5, True, "", 0.95, 0.95, 1, 1, [], rows, 0.0))
+    m = _answer_model({pp.MM: a, "mag": b}, (0, 1))
     one = paired_points(a, b)
-    got = pp.image_diff(trials, "mag", "test", n)
+    got = pp.image_diff(m.trials, "mag", "test", n)
     assert got["mean"] == pytest.approx(2.0) and got["se"] == pytest.approx(one[1] / math.sqrt(2))
-    m = pp.ModelResult("toy", 1, levels=[pp.Level(1.0, 0.5)], trials=trials)
-    m.splits = {"selection": f"{n} images, x", "test": f"{n} images, x"}
     st = pp.level_stats(m, 0, "test")
     assert st["images"]["mag"]["test"]["mean"] == pytest.approx(2.0)
     assert st["vs"]["mag"]["se"] == 0.0  # the seeds agree exactly; the images still carry an error
     # a trial stored before answers were recorded (schema /3): no per-image reading, nothing made up
-    trials[1].methods[1].test_right = ""
-    assert pp.image_diff(trials, "mag", "test", n) is None and pp.level_stats(m, 0, "test")["images"] == {}
+    m.trials[1].methods[1].test_right = ""
+    assert pp.image_diff(m.trials, "mag", "test", n) is None and pp.level_stats(m, 0, "test")["images"] == {}
+
+
+def test_a_gap_the_seeds_call_worse_can_sit_within_the_test_images_error():
+    # M&M one image behind MAG in both seeds (400 images), the two disagreeing on 9: the seeds agree exactly
+    # (s.e. 0), so the issue's rule reads "worse"; the images alone leave ± 0.37 points, so the reference does not
+    mm = np.ones(400, dtype=bool)
+    mm[:5] = False
+    mag = np.ones(400, dtype=bool)
+    mag[5:9] = False
+    m = _answer_model({pp.MM: mm, "mag": mag}, (0, 1))
+    st = pp.level_stats(m, 0, "test")
+    assert st["vs"]["mag"]["mean"] == pytest.approx(-0.25) and st["vs"]["mag"]["se"] == 0.0
+    assert not st["not_worse"] and st["not_worse_either_se"]
+    c = pp.checks([m], pp.Settings(seeds=(0, 1), drops=(1.0,)))
+    assert c["not_worse_everywhere"] == {"toy": False} and c["not_worse_either_se"] == {"toy": True}
+
+
+def _answer_model(answers: dict[str, np.ndarray], seeds: tuple[int, ...]) -> pp.ModelResult:
+    """One level whose trials (one per seed) hold each method's per-image answers, the same on both splits."""
+    n = len(next(iter(answers.values())))
+    trials = []
+    for seed in seeds:
+        rows = []
+        for method, x in answers.items():
+            acc, packed = float(x.mean()), pp.pack_answers(x)
+            row = pp.MethodResult(method, method, 0.5, 0.9, 0.9, acc, acc, select_right=packed, test_right=packed)
+            rows.append(row)
+        trials.append(pp.Trial(seed, 0, 0.5, True, "", 0.95, 0.95, 1, 1, [], rows, 0.0))
+    m = pp.ModelResult("toy", 1, levels=[pp.Level(1.0, 0.5)], trials=trials)
+    m.splits = {"selection": f"{n} images, x", "test": f"{n} images, x"}
+    return m

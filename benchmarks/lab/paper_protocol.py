@@ -568,6 +568,12 @@ def level_stats(m: ModelResult, k: int, key: str) -> dict[str, Any]:
         sizes = {split: split_size(m, name) for split, name in (("select", "selection"), ("test", "test"))}
         images = {b: {split: image_diff(trials, b, split, n) for split, n in sizes.items() if n} for b in out["vs"]}
         out["images"] = {b: v for b, v in images.items() if all(v.values()) and v}
+        if out.get("best_baseline") in out["images"]:
+            # For reference, not the rule: three seeds estimate their s.e. from two degrees of freedom and
+            # can read far below what the test images alone leave (ResNet-18 at 85 %: 0.04 against 0.08), so the
+            # verdict is also given against the larger of the two errors.
+            diff, img = out["vs"][out["best_baseline"]], out["images"][out["best_baseline"]]["test"]
+            out["not_worse_either_se"] = not_worse({"mean": diff["mean"], "se": max(diff["se"] or 0.0, img["se"])})
     return out
 
 
@@ -638,6 +644,7 @@ def checks(results: list[ModelResult], s: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {
         "not_worse_everywhere": {},
         "not_worse_than_selection_best": {},
+        "not_worse_either_se": {},  # against the larger of the seeds' and the test images' s.e. (schema /4 runs)
         "better_at_highest": {},
         "degradation_cut": {},
     }
@@ -646,6 +653,8 @@ def checks(results: list[ModelResult], s: Settings) -> dict[str, Any]:
             continue
         stats = [level_stats(m, k, "test") for k in range(len(m.levels))]
         out["not_worse_everywhere"][m.model] = all(st.get("not_worse", False) for st in stats)
+        if all("not_worse_either_se" in st for st in stats):
+            out["not_worse_either_se"][m.model] = all(st["not_worse_either_se"] for st in stats)
         out["not_worse_than_selection_best"][m.model] = all(
             st.get("not_worse_than_best_on_selection", False) for st in stats
         )
@@ -653,6 +662,7 @@ def checks(results: list[ModelResult], s: Settings) -> dict[str, Any]:
         out["degradation_cut"][m.model] = degradation_cut(m)
     out["models_not_worse"] = sum(out["not_worse_everywhere"].values())
     out["models_not_worse_than_selection_best"] = sum(out["not_worse_than_selection_best"].values())
+    out["models_not_worse_either_se"] = sum(out["not_worse_either_se"].values())
     out["models_better_at_highest"] = sum(out["better_at_highest"].values())
     out["models_cut_40"] = sum(c is not None and c >= 0.4 for c in out["degradation_cut"].values())
     out["complete_models"] = len(out["better_at_highest"])
@@ -796,6 +806,16 @@ def render_markdown(results: list[ModelResult], s: Settings, meta: dict[str, Any
         f"- For reference, not the issue's rule: not worse at every level than the baseline best on the selection "
         f"split (the one a user could pick without the test split): {c['models_not_worse_than_selection_best']}/"
         f"{c['complete_models']} ({_yes_no(c['not_worse_than_selection_best'])}).",
+        *(
+            [
+                "- For reference, not the issue's rule: not worse than the best baseline by more than the larger of "
+                "the seeds' paired s.e. and the test images' sampling s.e. at every level: "
+                f"{c['models_not_worse_either_se']}/{len(c['not_worse_either_se'])} "
+                f"({_yes_no(c['not_worse_either_se'])})."
+            ]
+            if c["not_worse_either_se"]
+            else []
+        ),
         f"- Strictly better than the best baseline at the highest level: {c['models_better_at_highest']}/"
         f"{c['complete_models']} ({_yes_no(c['better_at_highest'])}); "
         "target: at least 3 of 5.",
