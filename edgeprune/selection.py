@@ -152,19 +152,19 @@ def mac_pareto(cands: list[Candidate]) -> list[bool]:
     return pareto_mask([Point(c.final_accuracy, -(c.macs or 0)) for c in cands])
 
 
-def runner_up(cands: list[Candidate], chosen: int, cfg, dense_ms: float | None = None) -> int | None:
+def runner_up(cands: list[Candidate], chosen: int, cfg, dense_ms: float = 0.0) -> int | None:
     """The pick's closest rival where the goal ranks by accuracy (``--sparsity``, ``--speedup``,
     ``--latency-budget``): the most accurate other candidate that meets the same goal, among the recovered ones
     once recovery ran; None under ``--max-drop`` (it ranks by sparsity or speed) or when no other one meets it."""
     if cfg.max_drop is not None and cfg.speedup is None and cfg.latency_budget_ms is None:
         return None
-    if not meets(cands[chosen], cfg, dense_ms or 0.0):
+    if not meets(cands[chosen], cfg, dense_ms):
         return None  # the pick is the closest to a goal nobody met: there is no rival on the same terms
     recovered = any(c.finetuned_accuracy is not None for c in cands)
     rivals = [
         i
         for i, c in enumerate(cands)
-        if i != chosen and meets(c, cfg, dense_ms or 0.0) and (c.finetuned_accuracy is not None or not recovered)
+        if i != chosen and meets(c, cfg, dense_ms) and (c.finetuned_accuracy is not None or not recovered)
     ]
     return max(rivals, key=lambda i: (cands[i].final_accuracy, i), default=None)
 

@@ -426,13 +426,14 @@ def run_trial(ws: Workspace, s: Settings, level: int, target: float, executor: E
     jobs += [Job(b, MaskBuild(build_masks(cp.scores, cp.plan))) for b, cp in zip(s.baselines, base)]
     outcomes = recover_all(ws, jobs, s, executor)
 
-    def answers(model: torch.nn.Module) -> tuple[str, str]:  # per image, selection then test
-        return tuple(pack_answers(right_answers(model, *xy, ws.cfg.batch_size)) for xy in (select, test))
+    def answers(model: torch.nn.Module) -> tuple[str, str, float]:  # packed per image (selection, test), test acc.
+        on_select, on_test = (right_answers(model, *xy, ws.cfg.batch_size) for xy in (select, test))
+        return pack_answers(on_select), pack_answers(on_test), float(on_test.mean())
 
     def recovered(r: MethodResult, o: RecoveryOutcome) -> MethodResult:
         ws.model.load_state_dict(o.state)
-        r.select_right, r.test_right = answers(ws.model)
-        r.select, r.test = o.accuracy, float(unpack_answers(r.test_right, len(test[1])).mean())
+        r.select_right, r.test_right, r.test = answers(ws.model)
+        r.select = o.accuracy
         r.select_loglik = o.loglik
         r.steps = sum(g.steps for g in o.rungs)
         r.improved = o.accuracy > o.rungs[0].start_accuracy
@@ -444,8 +445,7 @@ def run_trial(ws: Workspace, s: Settings, level: int, target: float, executor: E
     zero = (mm_zero.zero_shot_select, mm_zero.zero_shot_test)
     own = [recovered(MethodResult(MM, cands[j].name, cands[j].sparsity, *zero), o) for j, o in zip(pool, outcomes)]
     methods = [mm_zero] + [recovered(r, o) for r, o in zip(methods, outcomes[len(pool) :], strict=True)]
-    dense_select_right, dense_test_right = answers(_dense(ws))
-    dense_test = float(unpack_answers(dense_test_right, len(test[1])).mean())
+    dense_select_right, dense_test_right, dense_test = answers(_dense(ws))
     trial = Trial(
         seed=ws.cfg.seed, level=level, target=target, matched=matched, selection=why, dense_select=dense_select,
         dense_test=dense_test, candidates=len(summary.duplicates) + len(kept) + len(summary.skipped),

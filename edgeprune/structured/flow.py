@@ -807,7 +807,7 @@ class ChannelSearch:
             dense=DenseSummary(accuracy=self.dense_acc, params=self.params, macs=self.macs),
             dense_model=self.model,
             dense_exported=True,
-            candidates=[cc.candidate for cc in self.cands],
+            candidates=plain,
             chosen=index,
             why=self.why,
             ship=lambda: final,
