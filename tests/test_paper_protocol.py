@@ -260,3 +260,31 @@ def _answer_model(answers: dict[str, np.ndarray], seeds: tuple[int, ...]) -> pp.
     m = pp.ModelResult("toy", 1, levels=[pp.Level(1.0, 0.5)], trials=trials)
     m.splits = {"selection": f"{n} images, x", "test": f"{n} images, x"}
     return m
+
+
+def test_choosing_among_the_mixed_baselines_per_seed_splits_the_gap_into_the_choice_and_the_mixing():
+    # SNIP is best on test every seed; selection prefers LAMP on seeds 0 and 2 (0.3 points behind SNIP on test),
+    # and Mix-and-Match shipped exactly what that choice ships (its pool holds those runs): worse than SNIP, level
+    # with the per-seed choice, whose whole cost is choosing without the test split. Uniform is not mixed (it
+    # leads on selection and is never chosen).
+    m = pp.ModelResult("toy", 1, levels=[pp.Level(1.0, 0.8)])
+    sel = [("lamp", 0.93), ("snip", 0.92), ("lamp", 0.94)]
+    for seed, (pick, top) in enumerate(sel):
+        on_test = {"snip": 0.903, "lamp": 0.900, "mag": 0.895, "grasp": 0.5, "erk": 0.89, "uniform": 0.80}
+        on_select = {b: 0.90 for b in on_test} | {pick: top, "uniform": 0.99}
+        rows = [pp.MethodResult(pp.MM, f"baseline:{pick}", 0.8, 0.5, 0.5, top, on_test[pick])]
+        rows += [pp.MethodResult(b, b, 0.8, 0.5, 0.5, on_select[b], on_test[b]) for b in on_test]
+        m.trials.append(pp.Trial(seed, 0, 0.8, True, "", 0.95, 0.95, 1, 1, ["a/b"], rows, 1.0))
+    st = pp.level_stats(m, 0, "test")
+    assert st["best_baseline"] == "snip" and st["not_worse"] is False
+    sel_st = st["selector"]
+    assert sel_st["picks"] == ["lamp", "snip", "lamp"] and st["not_worse_than_selector"] is True
+    assert sel_st["mm_minus"]["mean"] == pytest.approx(0.0)
+    assert sel_st["minus_best"]["mean"] == pytest.approx(-0.2)  # -0.3 on two seeds of three
+    c = pp.checks([m], pp.Settings(seeds=(0, 1, 2), drops=(1.0,)))
+    assert c["not_worse_than_selector"] == {"toy": True} and c["models_not_worse"] == 0
+    meta = {"command": "x", "versions": {"torch": "t"}, "cpu_minutes": 1.0,
+            "machine": {"platform": "p", "cpu": "c", "cores": 2, "load_average": [1.0]}}  # fmt: skip
+    text = pp.render_markdown([m], pp.Settings(seeds=(0, 1, 2), drops=(1.0,)), meta)
+    row = "per seed (lamp, snip, lamp)* | | | | | +0.00 ± 0.00: not worse; that choice minus snip: -0.20 ± 0.10 |"
+    assert row in text
