@@ -128,7 +128,7 @@ def finish(inp: SearchInputs, found: Found, check_images: int = 64) -> Report:
         rival,
         None if rival is None else found.candidates[found.runner_up].name,
     )
-    note = evidence_note(evidence)
+    note = evidence_note(evidence, cfg.max_drop)
     if note:
         found.notes.append(note)
 

@@ -192,9 +192,17 @@ def pick_evidence(
     return ev
 
 
-def evidence_note(ev: PickEvidence) -> str | None:
-    """A note when the selection split cannot tell the pick from its runner-up (a lead under one standard
-    error): the choice between them is as good as a coin on these images; None otherwise."""
+def evidence_note(ev: PickEvidence, max_drop: float | None = None) -> str | None:
+    """A note when the selection split cannot resolve the choice: the pick leads its runner-up by under one
+    standard error (as good as a coin on these images), or, under ``--max-drop D``, its drop is within D by
+    under one standard error (on other images it may well exceed D: a pick at the bound on 1000 images does
+    about half the time); None otherwise."""
+    if max_drop is not None and ev.drop <= max_drop + 1e-9 < ev.drop + ev.drop_se:
+        return (
+            f"the pick's drop, {ev.drop:.2f} ± {ev.drop_se:.2f} points on the {ev.images} selection images (paired "
+            f"per image), is within --max-drop {max_drop:g} by less than one standard error: on other images it "
+            "may exceed it (--eval-size sets the split's size; a smaller --max-drop leaves a margin)"
+        )
     if ev.runner_up is None or ev.margin is None or ev.margin > (ev.margin_se or 0.0):
         return None
     if ev.margin == 0 and not ev.margin_se:

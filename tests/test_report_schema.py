@@ -75,3 +75,26 @@ def test_schema_errors_name_the_field():
         _build(LayerReport, {**good, "units": "10"}, "layer")
     with pytest.raises(SchemaError, match=r"layer: missing key\(s\) \['kept'\]"):
         _build(LayerReport, {k: v for k, v in good.items() if k != "kept"}, "layer")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", sorted(RUNS))
+def test_inspect_reads_a_finished_run_back(mode, capsys):
+    # `edgeprune inspect OUT` prints what the run shipped and how firmly the selection split backs the pick,
+    # from report.json alone, wherever the folder has moved to; --json is the report itself
+    from edgeprune.cli import main
+
+    def ok(argv: list[str]) -> None:
+        with pytest.raises(SystemExit) as done:
+            main(argv)
+        assert done.value.code == 0
+
+    report, out = RUNS[mode]()
+    ok(["inspect", str(out)])
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps lines at the terminal's width
+    assert "model.int8.onnx" in text and f"selected {report.selected.name}" in text
+    ev = report.selected.evidence
+    assert f"On the {ev.images} selection images, paired per image: {ev.drop:.2f} ± {ev.drop_se:.2f}" in text
+    assert f"artifacts in {out.resolve()}" in text
+    ok(["inspect", str(out / "report.json"), "--json"])
+    assert json.loads(capsys.readouterr().out) == json.loads((out / "report.json").read_text())

@@ -109,3 +109,15 @@ def test_pick_evidence_and_its_note_when_the_split_cannot_tell_pick_and_runner_u
     # no runner-up (e.g. --max-drop): the drop alone, no note
     ev = pick_evidence(pick, dense)
     assert ev.runner_up is None and ev.margin is None and evidence_note(ev) is None
+
+
+def test_a_max_drop_pick_within_one_standard_error_of_the_bound_gets_a_note():
+    dense = np.ones(1000, dtype=bool)
+    pick = dense.copy()
+    pick[:6] = False  # 0.6 ± 0.24 points below dense
+    ev = pick_evidence(pick, dense)
+    assert ev.drop == pytest.approx(0.6) and ev.drop_se == pytest.approx(0.245, abs=1e-3)
+    note = evidence_note(ev, max_drop=0.7)  # 0.6 + 0.245 > 0.7: the bound is not resolved
+    assert "--max-drop 0.7" in note and "0.60 ± 0.24" in note and "1000 selection images" in note
+    assert evidence_note(ev, max_drop=1.0) is None  # 0.845 < 1.0: within the bound by more than one s.e.
+    assert evidence_note(ev, max_drop=0.5) is None  # over the bound: the pick's own note says none met it

@@ -11,7 +11,7 @@ from rich.table import Table
 from ..baselines import RANGE_BASELINES
 from ..pipeline import METHODS, CompressConfig, compress
 from ..recovery import RECIPES
-from ..report import SHIPPED_COLUMNS, Report, shipped_rows, split_line
+from ..report import SHIPPED_COLUMNS, Report, evidence_line, shipped_rows, split_line
 from ..sensitivity import SIGNALS
 from ._app import CheckpointOpt, InChansOpt, ModelOpt, NumClassesOpt, PretrainedOpt, TargetOpt, app
 from .progress import RichProgress
@@ -185,8 +185,9 @@ def _points(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f} points"
 
 
-def print_summary(report: Report, console: Console) -> None:
-    """What ships first (every file against dense.onnx: size, accuracy, latency, speedup), then the pick."""
+def print_summary(report: Report, console: Console, folder: Path | None = None) -> None:
+    """What ships first (every file against dense.onnx: size, accuracy, latency, speedup), then the pick and how
+    firmly the selection split backs it; ``folder``: where the artifacts are (default: the run's --out)."""
     d, s = report.dense, report.selected
     title = f"edgeprune: {report.model} → {report.target} ({report.method}, {report.granularity})"
     if report.shipped:
@@ -211,6 +212,9 @@ def print_summary(report: Report, console: Console) -> None:
         f"{_pct(s.accuracy)} % (drop {_points(s.accuracy_drop)})"
     )
     console.print(split_line(report))
+    if s.evidence is not None:
+        console.print(evidence_line(s.evidence))
     if s.parity_max_abs_diff is not None:
         console.print(f"ONNX verified: max |ONNX − PyTorch| = {s.parity_max_abs_diff:.2e}, zeros kept: {s.onnx_zeros}")
-    console.print(f"total {report.timings.get('total', 0):.1f} s; artifacts in {Path(report.config['out']).resolve()}")
+    where = (folder or Path(report.config["out"])).resolve()
+    console.print(f"total {report.timings.get('total', 0):.1f} s; artifacts in {where}")

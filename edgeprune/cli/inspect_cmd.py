@@ -1,4 +1,5 @@
-"""`edgeprune inspect`: the layer table of a model (roles and rule ranges), or what an ONNX artifact holds."""
+"""`edgeprune inspect`: the layer table of a model (roles and rule ranges), what an ONNX artifact holds, or what
+a `compress` run shipped (its ``--out`` folder or report.json)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,11 @@ from ._app import app
 
 @app.command("inspect")
 def inspect_cmd(
-    artifact: Path | None = typer.Argument(None, help="an exported .onnx artifact (omit to inspect --model)"),
+    artifact: Path | None = typer.Argument(
+        None,
+        help="an exported .onnx / .ort artifact, or a compress --out folder or its report.json (omit to inspect "
+        "--model)",
+    ),
     model: str = typer.Option("demo", help="model spec, as for `compress`"),
     checkpoint: Path | None = typer.Option(None, help="state_dict to load"),
     num_classes: int | None = typer.Option(None),
@@ -25,9 +30,22 @@ def inspect_cmd(
     rules: Path | None = typer.Option(None, help="extra rules file, to see its effect on the ranges"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
-    """Print every weight tensor's role, shape, size and allowed sparsity range (from the rules)."""
+    """Print every weight tensor's role, shape, size and allowed sparsity range (from the rules); with an
+    artifact, what it holds; with a run's folder, what it shipped and how firmly its data backed the pick."""
     console = Console()
     check_image_size(image_size)
+    if artifact is not None:
+        given = {"--model": model != "demo", "--checkpoint": checkpoint, "--num-classes": num_classes,
+                 "--in-chans": in_chans, "--image-size": image_size, "--rules": rules}  # fmt: skip
+        extra = [flag for flag, value in given.items() if value]
+        if extra:
+            raise EdgepruneError(
+                f"{', '.join(extra)}: a model's options, which do not apply to {artifact}; drop "
+                f"{'them' if len(extra) > 1 else 'it'}, or drop the path to inspect the model"
+            )
+    if artifact is not None and (artifact.is_dir() or artifact.suffix == ".json"):
+        _inspect_run(artifact, console, as_json)
+        return
     if artifact is not None:
         _inspect_artifact(artifact, console, as_json)
         return
@@ -84,3 +102,25 @@ def _inspect_artifact(path: Path, console: Console, as_json: bool) -> None:
         text = json.dumps(value, default=str) if isinstance(value, (dict, list)) else str(value)
         table.add_row(key, text if len(text) < 200 else text[:197] + "...")
     console.print(table)
+
+
+def _inspect_run(path: Path, console: Console, as_json: bool) -> None:
+    """A finished run: its report.json read back into the report schema, summarized as `compress` printed it."""
+    from ..report import Report, SchemaError
+    from ..schema import read_json_file
+    from .compress import print_summary
+
+    file = path / "report.json" if path.is_dir() else path
+    if path.is_dir() and not file.exists():
+        raise EdgepruneError(f"{path} has no report.json; pass the --out folder of a finished `edgeprune compress`")
+    raw = read_json_file(file, "report")
+    try:
+        report = Report.from_dict(raw)
+    except SchemaError as exc:
+        raise EdgepruneError(
+            f"{file} is not an edgeprune report this version reads ({exc}); inspect it with a JSON viewer"
+        ) from None
+    if as_json:
+        print(report.to_json())
+        return
+    print_summary(report, console, file.parent)

@@ -273,6 +273,24 @@ CASES = [
         argv=lambda s: ["inspect", _write(s, "model.onnx", "hello, I am not a model\n")],
     ),
     Case(
+        name="input-inspect-run-without-report",
+        what="`inspect` on a folder that is no compress --out (no report.json)",
+        expect="has no report.json",
+        argv=lambda s: ["inspect", str(s)],
+    ),
+    Case(
+        name="input-inspect-foreign-report",
+        what="`inspect` on a JSON file that is not an edgeprune report",
+        expect="is not an edgeprune report this version reads",
+        argv=lambda s: ["inspect", _write(s, "report.json", json.dumps({"model": "x", "accuracy": 0.9}))],
+    ),
+    Case(
+        name="input-inspect-model-flags-on-a-path",
+        what="`inspect PATH --model resnet18` (model flags do not apply to an artifact or a run)",
+        expect="--model: a model's options, which do not apply to",
+        argv=lambda s: ["inspect", _write(s, "model.onnx", b""), "--model", "resnet18"],
+    ),
+    Case(
         name="input-bench-empty-file",
         what="`bench` on a 0-byte .onnx",
         expect="is empty (0 bytes)",
