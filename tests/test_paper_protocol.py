@@ -166,6 +166,38 @@ def test_contain_picks_from_the_stored_pool_by_either_rule_and_picks_again_witho
     assert pp.from_dict(json.loads(json.dumps(dataclasses.asdict(m)))) == m
 
 
+def test_one_se_keeps_the_best_baseline_run_unless_an_own_candidate_leads_it_by_more_than_one_se():
+    # 1000 selection images. MAG's run is right on the first 900; own candidate s1 on 904 (6 images MAG misses, 2
+    # the other way: lead 0.4 ± 0.28), s2 on 901 (lead 0.1 ± 0.1)
+    def row(method, name, right, test):
+        answers = np.zeros(1000, dtype=bool)
+        answers[right] = True
+        return pp.MethodResult(method, name, 0.8, 0.85, 0.84, answers.mean(), test, steps=30,
+                               select_right=pp.pack_answers(answers))  # fmt: skip
+
+    mag = row("mag", "mag", np.r_[0:900], 0.91)
+    lamp = row("lamp", "lamp", np.r_[0:890], 0.95)  # behind MAG on selection: not the incumbent
+    s1 = row(pp.MM, "magnitude/s1", np.r_[2:906], 0.90)
+    s2 = row(pp.MM, "product/s2", np.r_[0:901], 0.93)
+    lead, se = paired_points(pp.unpack_answers(s1.select_right, 1000), pp.unpack_answers(mag.select_right, 1000))
+    assert (lead, se) == (pytest.approx(0.4), pytest.approx(0.28, abs=0.01)) and lead > se
+
+    def trial(pool):
+        t = _trial(0.0, {"mag": (0.0, 0.0)})
+        t.recovered, t.pool = [r.candidate for r in pool], pool
+        t.methods = [pp.MethodResult(pp.MM, pool[0].candidate, 0.8, 0.85, 0.84), mag, lamp]
+        return t
+
+    # s1 leads MAG's run by more than one s.e.: it ships, as under top-1
+    assert pp.contain(trial([s1, s2]), ("mag", "lamp"), "one-se", 1000).methods[0].test == 0.90
+    # s2 alone leads by one image, under one s.e. (top-1 would take it): MAG's run ships
+    picked = pp.contain(trial([s2]), ("mag", "lamp"), "one-se", 1000).methods[0]
+    assert picked.candidate.startswith("baseline:mag") and picked.test == 0.91
+    assert pp.contain(trial([s2]), ("mag", "lamp"), "top1", 1000).methods[0].test == 0.93
+    with pytest.raises(pp.EdgepruneError, match="per image"):  # runs stored without answers cannot be re-picked
+        pp.contain(trial([dataclasses.replace(s2, select_right="")]), ("mag", "lamp"), "one-se", 1000)
+
+
 def test_a_grown_ladder_moves_only_the_levels_it_changes_and_drops_their_trials():
     before = [pp.Level(1.0, 0.6, "clamped"), pp.Level(3.0, 0.6, "clamped"), pp.Level(5.0, 0.615)]
     after = [pp.Level(1.0, 0.5), pp.Level(3.0, 0.57), pp.Level(5.0, 0.615)]
