@@ -35,8 +35,12 @@ test images (disjoint, stratified, drawn by the seed):
 
 Targets (issue #15): Mix-and-Match not worse than the best baseline by more than one paired s.e. at any level
 on any model; strictly better than it at the highest level on at least 3 of 5.
+Beside them, for reference: Mix-and-Match against the baseline best on the selection split, against choosing per
+seed among the baselines it mixes (`choose_per_seed`: the issue's gap split into that choice's cost and what mixing
+adds), and each gap read per image with its sampling error (`image_diff`).
 Writes ``paper_protocol.json`` / ``.md`` into ``--out`` after every trial (``--resume`` continues a run with
-the same settings, or adds seeds to it: ``--seeds 0,1,2,3,4`` on a 3-seed run runs seeds 3 and 4 only).
+the same settings, or adds seeds to it: ``--seeds 0,1,2,3,4`` on a 3-seed run runs seeds 3 and 4 only;
+``--resume --pick RULE`` picks a stored run's trials again by another rule without training: `PICK_RULES`).
 """
 
 from __future__ import annotations
