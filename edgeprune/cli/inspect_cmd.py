@@ -35,9 +35,9 @@ def inspect_cmd(
     console = Console()
     check_image_size(image_size)
     if artifact is not None:
-        given = {"--model": model != "demo", "--checkpoint": checkpoint, "--num-classes": num_classes,
-                 "--in-chans": in_chans, "--image-size": image_size, "--rules": rules}  # fmt: skip
-        extra = [flag for flag, value in given.items() if value]
+        given = {"--checkpoint": checkpoint, "--num-classes": num_classes, "--in-chans": in_chans,
+                 "--image-size": image_size, "--rules": rules}  # fmt: skip
+        extra = ["--model"] * (model != "demo") + [flag for flag, value in given.items() if value is not None]
         if extra:
             raise EdgepruneError(
                 f"{', '.join(extra)}: a model's options, which do not apply to {artifact}; drop "
