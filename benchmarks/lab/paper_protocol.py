@@ -616,6 +616,8 @@ def choose_per_seed(trials: list[Trial], key: str, best: str) -> dict[str, Any] 
     baseline (``best``), into this choice's cost (``minus_best``: the regret of choosing without the test
     split, which any chooser pays) and what mixing adds (``mm_minus``), each paired by seed. None without runs
     of a range baseline."""
+    if not trials:
+        return None
     ran = [{r.method for r in t.methods} for t in trials]
     entrants = [b for b in CompressConfig().range_baselines if all(b in x for x in ran)]  # what `contain` mixes
     if not entrants or not all({MM, best} <= x for x in ran):
@@ -628,8 +630,6 @@ def choose_per_seed(trials: list[Trial], key: str, best: str) -> dict[str, Any] 
         mm.append(getattr(rows[MM], key) * 100)
         chosen.append(getattr(rows[pick], key) * 100)
         top.append(getattr(rows[best], key) * 100)
-    if not picks:
-        return None
     return {
         "picks": picks,
         "mm_minus": dict(zip(("mean", "se"), mean_se([a - b for a, b in zip(mm, chosen)]))),

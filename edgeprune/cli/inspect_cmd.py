@@ -43,11 +43,10 @@ def inspect_cmd(
                 f"{', '.join(extra)}: a model's options, which do not apply to {artifact}; drop "
                 f"{'them' if len(extra) > 1 else 'it'}, or drop the path to inspect the model"
             )
-    if artifact is not None and (artifact.is_dir() or artifact.suffix == ".json"):
-        _inspect_run(artifact, console, as_json)
-        return
-    if artifact is not None:
-        _inspect_artifact(artifact, console, as_json)
+        if artifact.is_dir() or artifact.suffix == ".json":
+            _inspect_run(artifact, console, as_json)
+        else:
+            _inspect_artifact(artifact, console, as_json)
         return
     from ..inventory import build_inventory
     from ..models import load_model, model_family
